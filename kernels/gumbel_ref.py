@@ -1,0 +1,46 @@
+"""Counter-based Gumbel(0, 1) noise: a pure function of (seed, layer, step, head, row, col).
+
+The Triton kernels compute the same 32-bit hash in registers, so the torch and Triton backends draw identical
+noise without storing it. The hash mixes each coordinate in with the `lowbias32` finalizer shape (xor-shift,
+multiply by an odd constant below 2**31 so products fit in int64 here, xor-shift).
+
+    u = (hash >> 8 + 0.5) / 2**24 in (0, 1);  g = -log(-log(u))
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+MUL1 = 0x7FEB352D
+MUL2 = 0x2C1B3C6D
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """One round of the 32-bit finalizer on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MUL2) & MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_coords(seed, layer, step, head, row, col) -> torch.Tensor:
+    """Hash of broadcastable integer coordinates (tensors or ints, each taken mod 2**32) -> int64 in [0, 2**32)."""
+    h = None
+    for c in (col, row, head, step, layer, seed):
+        c = torch.as_tensor(c, dtype=torch.int64) & MASK32
+        h = mix32(c if h is None else (c ^ h))
+    return h
+
+
+def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """int64 hash in [0, 2**32) -> float32 uniform in (0, 1), never 0 or 1."""
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def gumbel(seed, layer, step, head, row, col) -> torch.Tensor:
+    """Gumbel(0, 1) noise, float32, of the broadcast shape of the coordinates."""
+    u = uniform_from_hash(hash_coords(seed, layer, step, head, row, col))
+    return -torch.log(-torch.log(u))
