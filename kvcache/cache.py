@@ -1,0 +1,241 @@
+"""CompressedCache: a transformers `Cache` whose layers keep a compressed, slot-based KV store.
+
+    cache = CompressedCache(CacheConfig(policy="keyformer", budget=0.5, quant="kivi2"), model.config)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+The cache registers the "kvstream" attention function with transformers' `AttentionInterface` and sets it on
+the model config it is given. That function attends over the compressed storage (and accumulates the scores
+eviction needs) when the key it receives came from a CompressedCache, and is plain SDPA otherwise, so the model
+keeps working with any other cache. Prefill attends over the whole prompt (SDPA with the padding mask), scores it
+in chunks, then keeps each sequence's budget; decode steps append, attend, then evict or quantize.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvcache.backend import ops, resolve_backend
+from kvcache.config import CacheConfig
+from kvcache.policies import get_policy
+from kvcache.storage import LayerStore, SeqPlan
+
+log = logging.getLogger(__name__)
+ATTN_NAME = "kvstream"
+SUPPORTED_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo", "olmo2", "phi3")
+_TAG = "_kvstream_layer"
+
+
+class _Layer(CacheLayerMixin):
+    """Book-keeping of one layer for transformers (sequence length, mask sizes); the data is in `store`."""
+
+    def __init__(self):
+        super().__init__()
+        self.store: LayerStore | None = None
+        self.seen = 0  # tokens seen, padding included (positions transformers counts)
+
+    def lazy_initialization(self, key_states, value_states):  # buffers are built at prefill
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - CompressedCache.update
+        raise RuntimeError("use CompressedCache.update")
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store, self.seen = None, 0
+
+
+class CompressedCache(Cache):
+    """A compressed KV cache for `model.generate` (see the module docstring).
+
+    cfg: a CacheConfig (or dict). model_config: the model's transformers config (its attention implementation is
+    set to "kvstream"). seeds: per-sequence Keyformer noise seeds (default: derived from cfg.seed and the row).
+    """
+
+    def __init__(self, cfg: CacheConfig | dict, model_config, seeds: list[int] | None = None):
+        cfg = cfg if isinstance(cfg, CacheConfig) else CacheConfig.from_dict(cfg)
+        mc = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        check_model_config(cfg, mc)
+        self.cfg, self.policy = cfg, get_policy(cfg)
+        self.num_layers = mc.num_hidden_layers
+        self.n_kv = mc.num_key_value_heads or mc.num_attention_heads
+        self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.user_seeds = seeds
+        self.plan: SeqPlan | None = None
+        self.backend: str | None = None
+        super().__init__(layers=[_Layer() for _ in range(self.num_layers)])
+        install_attention(model_config)
+        if cfg.policy == "keyformer" and cfg.max_new_tokens is None:
+            log.warning("CacheConfig.max_new_tokens is None: Keyformer's tau schedule assumes T=128 new tokens")
+
+    # ---- transformers Cache API ------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store the new tokens of `layer_idx`; returns them tagged so the kvstream attention finds this cache."""
+        layer = self.layers[layer_idx]
+        q_len = key_states.shape[2]
+        if layer.store is not None:
+            if q_len != 1:
+                raise NotImplementedError(
+                    f"CompressedCache decodes one token per step; got {q_len} new tokens after the prompt "
+                    "(chunked prefill, assisted or speculative decoding are not supported)"
+                )
+            layer.store.append(key_states, value_states)
+        layer.seen += q_len
+        setattr(key_states, _TAG, (self, layer_idx))
+        return key_states, value_states
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("CompressedCache does not support beam search; use greedy or sampling")
+
+    def crop(self, max_length):
+        raise NotImplementedError("CompressedCache cannot be cropped (evicted tokens are gone)")
+
+    def reset(self):
+        super().reset()
+        self.plan = None
+
+    # ---- attention -------------------------------------------------------------------------------------------
+    def attend(self, layer_idx: int, module, query, key, value, attention_mask, scaling: float):
+        """query (B, Hq, q_len, D); key/value (B, H, q_len, D) -> attention output (B, q_len, Hq, D)."""
+        layer = self.layers[layer_idx]
+        decode_fn, prefill_fn = ops(self.backend or resolve_backend(self.cfg.backend, query.device))
+        if layer.store is None:
+            return self._prefill(layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn)
+        store = layer.store
+        step = store.t + 1
+        score_mode = 0 if not self.policy.scored else (2 if self.policy.noisy else 1)
+        out = decode_fn(query[:, :, 0], store.slots(), scaling, score_mode, store.scores, self.plan.seeds,
+                        layer_idx, step, self.cfg.tau(step))
+        store.after_attend()
+        return out.unsqueeze(1)
+
+    def _prefill(self, layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn):
+        B, _, T, _ = key.shape
+        valid = padding_valid(attention_mask, B, T, key.device)
+        if self.plan is None:
+            self.backend = resolve_backend(self.cfg.backend, key.device)
+            self.plan = self._make_plan(valid)
+        # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
+        scores = None
+        if self.policy.scored:
+            scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
+                                layer_idx, self.cfg.prefill_chunk)
+        store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device)
+        store.prefill(key, value, scores)
+        self.layers[layer_idx].store = store
+        return out
+
+    def _make_plan(self, valid: torch.Tensor) -> SeqPlan:
+        n = valid.sum(-1).tolist()  # the one host read of a generation
+        if min(n) == 0:
+            raise ValueError("CompressedCache: a sequence in the batch has an empty prompt (all padding)")
+        k = [self.policy.budget(x) for x in n]
+        w = [self.policy.recent_window(x) for x in k]
+        cap = [x - y for x, y in zip(k, w)]
+        if self.cfg.max_new_tokens is not None:  # a window that can never fill needs no more ring slots
+            w = [min(x, m + self.cfg.max_new_tokens) for x, m in zip(w, n)]
+        B = len(n)
+        if self.user_seeds is not None:
+            if len(self.user_seeds) != B:
+                raise ValueError(f"CompressedCache: {len(self.user_seeds)} seeds for a batch of {B} sequences")
+            seeds = list(self.user_seeds)
+        else:
+            seeds = [(self.cfg.seed * 1_000_003 + b) & 0x7FFFFFFF for b in range(B)]
+        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+        return SeqPlan(n=n, k=k, w=w, cap=cap, order=order, max_new=self.cfg.max_new_tokens,
+                       seeds=torch.tensor(seeds, dtype=torch.int64, device=valid.device))
+
+    # ---- accounting ------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Bytes and tokens the cache holds (batch totals and per sequence)."""
+        stores = [layer.store for layer in self.layers if layer.store is not None]
+        if not stores:
+            return {"kv_bytes": 0, "kv_bytes_full": 0, "tokens_kept": 0, "tokens_seen": 0,
+                    "kv_bytes_per_seq": [], "kv_bytes_full_per_seq": []}
+        B = stores[0].B
+        held = sum(s.nbytes() for s in stores)
+        seen = [n + stores[0].t for n in self.plan.n]
+        per_tok = 2 * self.n_kv * self.head_dim * stores[0].win_k.element_size()  # K and V, one layer
+        full = [len(stores) * per_tok * x for x in seen]
+        return {
+            "kv_bytes": held,
+            "kv_bytes_full": sum(full),
+            "tokens_kept": sum(stores[0].tokens_kept()),
+            "tokens_seen": sum(seen),
+            "kv_bytes_per_seq": [held // B] * B,
+            "kv_bytes_full_per_seq": full,
+        }
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (what `stats()["kv_bytes"]` counts)."""
+        return [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]
+
+
+def padding_valid(attention_mask, B: int, T: int, device) -> torch.Tensor:
+    """(B, T) bool of real (non-padding) tokens from the mask transformers passes to the attention function."""
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    m = attention_mask
+    if m.dim() == 4:  # (B, 1, q, kv): the last query row sees every real key
+        m = m[:, 0, -1, -T:]
+        return (m if m.dtype == torch.bool else m == 0).to(device)
+    return m[:, -T:].to(device=device).bool()
+
+
+def check_model_config(cfg: CacheConfig, mc) -> None:
+    """Clear errors for models and shapes the cache does not support."""
+    mtype = getattr(mc, "model_type", None)
+    if mtype not in SUPPORTED_MODELS:
+        raise NotImplementedError(
+            f"CompressedCache does not support model type {mtype!r}; supported: {', '.join(SUPPORTED_MODELS)}"
+        )
+    if getattr(mc, "attn_logit_softcapping", None):
+        raise NotImplementedError(f"CompressedCache does not support attention logit soft-capping ({mtype})")
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    if cfg.quant != "none":
+        if head_dim % cfg.group_size:
+            raise ValueError(
+                f"head_dim {head_dim} is not a multiple of CacheConfig.group_size={cfg.group_size}: choose a group "
+                f"size that divides {head_dim}"
+            )
+        per_word = 32 // cfg.bits
+        if cfg.residual % per_word:
+            raise ValueError(f"CacheConfig.residual={cfg.residual} must be a multiple of {per_word} at {cfg.bits} bits")
+
+
+def kvstream_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: compressed attention when `key` came from a CompressedCache, else SDPA."""
+    tag = getattr(key, _TAG, None)
+    if tag is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cache, layer_idx = tag
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return cache.attend(layer_idx, module, query, key, value, attention_mask, scaling), None
+
+
+AttentionInterface.register(ATTN_NAME, kvstream_attention)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)  # prefill gets SDPA's (B, 1, q, kv) padding-aware mask
+
+
+def install_attention(model_config) -> None:
+    """Route the model's attention through kvstream_attention (SDPA for any other cache)."""
+    model_config._attn_implementation = ATTN_NAME
+    sub = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
+    if sub is not None and sub is not model_config:
+        sub._attn_implementation = ATTN_NAME

@@ -1,0 +1,376 @@
+"""Slot storage of one layer: preallocated buffers sized by the budget, lengths on the device, no per-step cat.
+
+Two regions per (sequence, KV head), read by the decode kernels as `kernels.slots.KVSlots`:
+- the ring W: the most recent tokens in full precision. With an evicting policy it holds the recent window
+  (w + 1 slots: the window plus the new token); ring slot of position p is p % (w + 1).
+- the kept store S: older tokens that stay, in the model dtype or quantized (KIVI layouts).
+
+Two modes:
+- `evict` (every policy except full+kivi): after each decode step the token leaving the recent window moves to S
+  while S has room; once S holds its budget, it competes with S's tokens (scored policies: the lowest accumulated
+  score is evicted; window/sink: the leaving token is). Writing into a quantized S re-quantizes the touched key
+  group(s) from their dequantized members (per-channel keys) or encodes just that token (per-token layouts); the
+  freed slot is reused at once, so memory stays at the budget.
+- `kivi` (policy full with kivi2/kivi4): KIVI's own rules. S slot = position. Prefill quantizes keys
+  [0, T - T % R) and values [0, T - R); the ring (R slots) holds the last R tokens; during decode the value of
+  the token that is R positions old leaves the ring into S (FIFO), and keys are flushed a block of R at a time
+  when R keys wait in full precision (after the step that used the newest one in full precision).
+Host-side counters mirror the lengths (each decode step adds exactly one token to every sequence), so no step
+reads a device value back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.kivi_quant_ref import dequantize_keys, quantize_keys, quantize_values
+from kernels.slots import KVSlots
+from kvcache.config import CacheConfig
+from kvcache.policies import Policy
+
+_GROWTH = 64
+
+
+@dataclass
+class SeqPlan:
+    """Per-sequence facts fixed at prefill, shared by all layers."""
+
+    n: list[int]  # unpadded prompt lengths
+    k: list[int]  # token budgets
+    w: list[int]  # recent windows
+    cap: list[int]  # slots of S per sequence (k - w, or unbounded)
+    order: torch.Tensor  # (B, T) int64: gathers each row's valid tokens first, in position order
+    seeds: torch.Tensor  # (B,) int64 Keyformer noise seeds
+    max_new: int | None
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class LayerStore:
+    """Compressed K/V of one layer for a batch: see the module docstring."""
+
+    def __init__(self, cfg: CacheConfig, policy: Policy, plan: SeqPlan, n_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.cfg, self.policy, self.plan = cfg, policy, plan
+        self.B, self.H, self.D, self.dtype, self.device = len(plan.n), n_heads, head_dim, dtype, device
+        self.kivi = cfg.policy == "full" and cfg.quant in ("kivi2", "kivi4")
+        self.quant = {"none": "none", "kivi2": "channel", "kivi4": "channel", "token2": "token"}[cfg.quant]
+        self.bits = cfg.bits or 16
+        self.G = cfg.group_size
+        self.unit = max(self.G, 32 // self.bits) if self.quant == "channel" else 1  # slots re-encoded together
+        self.scored = policy.scored
+        self.bidx = torch.arange(self.B, device=device)
+        self.s_cnt = [0] * self.B  # S slots in use (keys), host mirror of s_len
+        self.sv_cnt = [0] * self.B  # S slots whose value is in S (kivi mode), host mirror of sv_len
+        self.t = 0  # decode tokens appended so far
+
+    # ---- allocation ------------------------------------------------------------------------------------------
+    def _alloc_s(self, cs: int) -> dict[str, torch.Tensor]:
+        B, H, D, dt, dev = self.B, self.H, self.D, self.dtype, self.device
+        if self.quant == "none":
+            return {"s_k": torch.zeros(B, H, cs, D, dtype=dt, device=dev),
+                    "s_v": torch.zeros(B, H, cs, D, dtype=dt, device=dev)}
+        P, G = 32 // self.bits, self.G
+        wd = -(-D // P)  # words per token along channels
+        t = {"s_vc": torch.zeros(B, H, cs, wd, dtype=torch.int32, device=dev),
+             "s_vs": torch.zeros(B, H, cs, D // G, dtype=dt, device=dev),
+             "s_vm": torch.zeros(B, H, cs, D // G, dtype=dt, device=dev)}
+        if self.quant == "channel":
+            t.update(s_kc=torch.zeros(B, H, cs // P, D, dtype=torch.int32, device=dev),
+                     s_ks=torch.zeros(B, H, cs // G, D, dtype=dt, device=dev),
+                     s_km=torch.zeros(B, H, cs // G, D, dtype=dt, device=dev))
+        else:
+            t.update(s_kc=torch.zeros(B, H, cs, wd, dtype=torch.int32, device=dev),
+                     s_ks=torch.zeros(B, H, cs, D // G, dtype=dt, device=dev),
+                     s_km=torch.zeros(B, H, cs, D // G, dtype=dt, device=dev))
+        return t
+
+    def _init_buffers(self, cs: int, cw: int) -> None:
+        B, H, D, dev = self.B, self.H, self.D, self.device
+        self.cs = _round_up(cs, self.unit)
+        self.S = self._alloc_s(self.cs)
+        self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
+        self.win_v = torch.zeros_like(self.win_k)
+        self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
+        self.win_lo = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.s_len = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.sv_len = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.scores = torch.zeros(B, H, self.cs + cw, dtype=torch.float32, device=dev) if self.scored else None
+
+    def _grow(self, need: int) -> None:
+        """Enlarge S to hold `need` slots (unbounded budgets only; rare, amortized by _GROWTH)."""
+        new_cs = _round_up(max(need, self.cs + max(_GROWTH, self.cs // 2)), self.unit)
+        old, old_cs = self.S, self.cs
+        self.S = self._alloc_s(new_cs)
+        for name, t in old.items():
+            self.S[name][:, :, : t.shape[2]] = t
+        if self.scores is not None:
+            s = torch.zeros(self.B, self.H, new_cs + self.cw, dtype=torch.float32, device=self.device)
+            s[:, :, :old_cs] = self.scores[:, :, :old_cs]
+            s[:, :, new_cs:] = self.scores[:, :, old_cs:]
+            self.scores = s
+        self.cs = new_cs
+
+    @property
+    def cw(self) -> int:
+        return self.win_k.shape[2]
+
+    # ---- S codecs --------------------------------------------------------------------------------------------
+    def _encode_full_store(self, ks: torch.Tensor, vs: torch.Tensor, k_valid: torch.Tensor) -> None:
+        """Fill S from full-precision (B, H, Cs, D) tensors; k_valid (B, H, Cs) marks the slots in use."""
+        if self.quant == "none":
+            self.S["s_k"].copy_(ks)
+            self.S["s_v"].copy_(vs)
+            return
+        if self.cs == 0:
+            return
+        if self.quant == "channel":
+            kc, ksc, kmn = quantize_keys(ks, self.bits, self.G, valid=k_valid)
+        else:
+            kc, ksc, kmn = quantize_values(ks, self.bits, self.G)
+        vc, vsc, vmn = quantize_values(vs, self.bits, self.G)
+        for name, t in zip(("s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm"), (kc, ksc, kmn, vc, vsc, vmn)):
+            self.S[name].copy_(t)
+
+    def _put_rows(self, name: str, idx: torch.Tensor, new: torch.Tensor, do: torch.Tensor) -> None:
+        """S[name][b, h, idx[b, h, i]] = new[b, h, i] where do[b, h]; idx (B, H, L), new (B, H, L, ...)."""
+        buf = self.S[name]
+        tail = buf.shape[3:]
+        gidx = idx.view(*idx.shape, *([1] * len(tail))).expand(*idx.shape, *tail)
+        old = buf.gather(2, gidx)
+        mask = do.view(*do.shape, *([1] * (new.dim() - 2)))
+        buf.scatter_(2, gidx, torch.where(mask, new.to(buf.dtype), old))
+
+    def _write_values(self, slot: torch.Tensor, do: torch.Tensor, v: torch.Tensor) -> None:
+        """Value of one token per (b, h) into S slot `slot` (B, H); v (B, H, D)."""
+        idx = slot.unsqueeze(-1)
+        if self.quant == "none":
+            self._put_rows("s_v", idx, v.unsqueeze(2), do)
+            return
+        vc, vsc, vmn = quantize_values(v.unsqueeze(2), self.bits, self.G)
+        for name, t in (("s_vc", vc), ("s_vs", vsc), ("s_vm", vmn)):
+            self._put_rows(name, idx, t, do)
+
+    def _write_keys(self, slot: torch.Tensor, do: torch.Tensor, k: torch.Tensor, n_valid: torch.Tensor) -> None:
+        """Key of one token per (b, h) into S slot `slot` (B, H); n_valid (B,) slots in use after the write."""
+        idx = slot.unsqueeze(-1)
+        if self.quant == "none":
+            self._put_rows("s_k", idx, k.unsqueeze(2), do)
+            return
+        if self.quant == "token":
+            kc, ksc, kmn = quantize_values(k.unsqueeze(2), self.bits, self.G)
+            for name, t in (("s_kc", kc), ("s_ks", ksc), ("s_km", kmn)):
+                self._put_rows(name, idx, t, do)
+            return
+        # per-channel keys: re-quantize the span of `unit` slots holding the target (whole words and groups)
+        L, P, G = self.unit, 32 // self.bits, self.G
+        start = (slot // L) * L  # (B, H)
+        members = start.unsqueeze(-1) + torch.arange(L, device=self.device)  # (B, H, L)
+        widx = (start // P).unsqueeze(-1) + torch.arange(L // P, device=self.device)
+        gidx = (start // G).unsqueeze(-1) + torch.arange(L // G, device=self.device)
+        gat = lambda name, i: self.S[name].gather(2, i.unsqueeze(-1).expand(*i.shape, self.D))  # noqa: E731
+        span = dequantize_keys(gat("s_kc", widx), gat("s_ks", gidx), gat("s_km", gidx), self.bits, G)
+        hit = members == slot.unsqueeze(-1)  # (B, H, L)
+        span = torch.where(hit.unsqueeze(-1), k.unsqueeze(2).to(span.dtype), span)
+        valid = members < n_valid.view(-1, 1, 1)
+        kc, ksc, kmn = quantize_keys(span, self.bits, G, valid=valid)
+        self._put_rows("s_kc", widx, kc, do)
+        self._put_rows("s_ks", gidx, ksc, do)
+        self._put_rows("s_km", gidx, kmn, do)
+
+    # ---- prefill ---------------------------------------------------------------------------------------------
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None) -> None:
+        """k, v (B, H, T, D) post-RoPE, left padded; scores (B, H, T) float32 prefill scores or None."""
+        order = self.plan.order
+        gi = order.view(self.B, 1, -1, 1).expand(-1, self.H, -1, self.D)
+        kc, vc = k.gather(2, gi), v.gather(2, gi)  # valid tokens first, in position order
+        sc = None if scores is None else scores.gather(2, order.view(self.B, 1, -1).expand(-1, self.H, -1))
+        if self.kivi:
+            self._prefill_kivi(kc, vc)
+        else:
+            self._prefill_evict(kc, vc, sc)
+
+    def _prefill_evict(self, kc, vc, sc) -> None:
+        plan, B, H, D, dev = self.plan, self.B, self.H, self.D, self.device
+        older = [max(0, n - w) for n, w in zip(plan.n, plan.w)]
+        cs_need = [min(c, m + (plan.max_new or 0)) if plan.max_new is not None else min(c, m) + _GROWTH
+                   for c, m in zip(plan.cap, older)]
+        self._init_buffers(max([0, *cs_need]), max(plan.w) + 1)
+        ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
+        vs = torch.zeros_like(ks)
+        k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        for b in range(B):
+            n, w, m = plan.n[b], plan.w[b], older[b]
+            sel = self.policy.select(None if sc is None else sc[b, :, :m], m, plan.cap[b], H, dev)  # (H, c)
+            c = sel.shape[1]
+            self.s_cnt[b] = self.sv_cnt[b] = c
+            if c:
+                gi = sel.unsqueeze(-1).expand(H, c, D)
+                ks[b, :, :c], vs[b, :, :c] = kc[b].gather(1, gi), vc[b].gather(1, gi)
+                k_valid[b, :, :c] = True
+                if sc is not None:
+                    self.scores[b, :, :c] = sc[b].gather(1, sel)
+            pos = torch.arange(m, n, device=dev)  # the recent window
+            ring = pos % (w + 1)
+            self.win_k[b, :, ring], self.win_v[b, :, ring] = kc[b, :, m:n], vc[b, :, m:n]
+            self.win_pos[b, ring] = pos.to(torch.int32)
+            self.win_lo[b] = m
+            if sc is not None:
+                self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
+        self._encode_full_store(ks, vs, k_valid)
+        self._sync_lengths()
+
+    def _prefill_kivi(self, kc, vc) -> None:
+        plan, R, B, H, D, dev = self.plan, self.cfg.residual, self.B, self.H, self.D, self.device
+        span = max(plan.n) + (plan.max_new if plan.max_new is not None else _GROWTH)
+        self._init_buffers(_round_up(span, R), R)
+        ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
+        vs = torch.zeros_like(ks)
+        k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        for b, n in enumerate(plan.n):
+            nq_k, nq_v = n - n % R, max(0, n - R)
+            ks[b, :, :nq_k], vs[b, :, :nq_v] = kc[b, :, :nq_k], vc[b, :, :nq_v]
+            k_valid[b, :, :nq_k] = True
+            self.s_cnt[b], self.sv_cnt[b] = nq_k, nq_v
+            pos = torch.arange(max(0, n - R), n, device=dev)
+            self.win_k[b, :, pos % R], self.win_v[b, :, pos % R] = kc[b, :, pos], vc[b, :, pos]
+            self.win_pos[b, pos % R] = pos.to(torch.int32)
+            self.win_lo[b] = nq_k
+        self._encode_full_store(ks, vs, k_valid)
+        self._sync_lengths()
+
+    def _sync_lengths(self) -> None:
+        self.s_len.copy_(torch.tensor(self.s_cnt, dtype=torch.int32))
+        self.sv_len.copy_(torch.tensor(self.sv_cnt, dtype=torch.int32))
+
+    # ---- decode ----------------------------------------------------------------------------------------------
+    def positions(self) -> list[int]:
+        """Position of the token being decoded, per sequence."""
+        return [n + self.t for n in self.plan.n]
+
+    def append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        """Write the new token's k, v (B, H, 1, D) into the ring before attention."""
+        p = self.positions()
+        if self.kivi:
+            R = self.cw
+            leaving = [b for b in range(self.B) if p[b] - R >= 0]  # its value leaves the ring (FIFO)
+            if leaving:
+                need = max(p) - R + 1
+                if need > self.cs:
+                    self._grow(need)
+                slot = torch.tensor([max(0, q - R) for q in p], device=self.device).view(-1, 1).expand(-1, self.H)
+                do = torch.zeros(self.B, dtype=torch.bool)
+                do[leaving] = True
+                do = do.to(self.device).view(-1, 1).expand(-1, self.H)
+                self._write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
+                for b in leaving:
+                    self.sv_cnt[b] = p[b] - R + 1
+            ring = [q % R for q in p]
+        else:
+            ring = [q % (w + 1) for q, w in zip(p, self.plan.w)]
+        r = torch.tensor(ring, device=self.device)
+        self.win_k[self.bidx, :, r] = k1[:, :, 0]
+        self.win_v[self.bidx, :, r] = v1[:, :, 0]
+        self.win_pos[self.bidx, r] = torch.tensor(p, dtype=torch.int32, device=self.device)
+        if self.scores is not None:
+            self.scores[self.bidx, :, self.cs + r] = 0.0
+        if not self.kivi:
+            self.win_lo.copy_(torch.tensor([max(0, q - w) for q, w in zip(p, self.plan.w)], dtype=torch.int32))
+        self._sync_lengths()
+
+    def after_attend(self) -> None:
+        """After the step's attention: KIVI key flush, or the leaving token's move/eviction."""
+        if self.kivi:
+            self._flush_keys()
+        else:
+            self._leave()
+        self.t += 1
+        self._sync_lengths()
+
+    def _flush_keys(self) -> None:
+        R, p = self.cw, self.positions()
+        for b in range(self.B):
+            nq = self.s_cnt[b]
+            if p[b] + 1 - nq < R:
+                continue
+            if nq + R > self.cs:
+                self._grow(nq + R)
+            kq, ksc, kmn = quantize_keys(self.win_k[b : b + 1], self.bits, self.G)  # ring slots 0..R-1 = block
+            P, G = 32 // self.bits, self.G
+            self.S["s_kc"][b, :, nq // P : (nq + R) // P] = kq[0]
+            self.S["s_ks"][b, :, nq // G : (nq + R) // G] = ksc[0]
+            self.S["s_km"][b, :, nq // G : (nq + R) // G] = kmn[0]
+            self.s_cnt[b] = nq + R
+            self.win_lo[b] = nq + R
+
+    def _leave(self) -> None:
+        plan, p = self.plan, self.positions()
+        act, tgt_host = [], []
+        for b in range(self.B):
+            left = p[b] - plan.w[b]
+            if left < 0:
+                act.append("none")
+            elif self.s_cnt[b] < plan.cap[b]:
+                act.append("insert")
+            elif plan.cap[b] > 0 and self.scored:
+                act.append("compete")
+            else:
+                act.append("drop")
+            tgt_host.append(self.s_cnt[b])
+        if all(a in ("none", "drop") for a in act):
+            self.win_lo += torch.tensor([int(a != "none") for a in act], dtype=torch.int32, device=self.device)
+            return
+        need = max(c + 1 for c, a in zip(self.s_cnt, act) if a == "insert") if "insert" in act else 0
+        if need > self.cs:
+            self._grow(need)
+        src = torch.tensor([(q - w) % (w + 1) if q - w >= 0 else 0 for q, w in zip(p, plan.w)], device=self.device)
+        k, v = self.win_k[self.bidx, :, src], self.win_v[self.bidx, :, src]  # (B, H, D)
+        a_ins = torch.tensor([a == "insert" for a in act], device=self.device).view(-1, 1)
+        a_cmp = torch.tensor([a == "compete" for a in act], device=self.device).view(-1, 1)
+        tgt = torch.tensor(tgt_host, device=self.device).view(-1, 1).expand(-1, self.H)
+        do = a_ins.expand(-1, self.H)
+        if self.scored:
+            leave_score = self.scores[self.bidx, :, self.cs + src]  # (B, H)
+            if a_cmp.any():
+                s = self.scores[:, :, : self.cs]
+                in_use = torch.arange(self.cs, device=self.device).view(1, 1, -1) < self.s_len.view(-1, 1, 1)
+                low, arg = torch.where(in_use, s, torch.inf).min(-1)  # (B, H)
+                win = a_cmp & (leave_score > low)
+                tgt = torch.where(a_cmp, arg, tgt)
+                do = do | win
+        n_valid = torch.tensor([c + (a == "insert") for c, a in zip(self.s_cnt, act)], device=self.device)
+        tgt = tgt.clamp(max=max(self.cs - 1, 0))
+        self._write_keys(tgt, do, k, n_valid)
+        self._write_values(tgt, do, v)
+        if self.scored:
+            old = self.scores[:, :, : self.cs].gather(2, tgt.unsqueeze(-1)).squeeze(-1)
+            self.scores[:, :, : self.cs].scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_score, old).unsqueeze(-1))
+        for b, a in enumerate(act):
+            if a == "insert":
+                self.s_cnt[b] += 1
+                self.sv_cnt[b] += 1
+        self.win_lo += torch.tensor([int(a != "none") for a in act], dtype=torch.int32, device=self.device)
+
+    # ---- views and accounting --------------------------------------------------------------------------------
+    def slots(self) -> KVSlots:
+        return KVSlots(quant=self.quant, bits=self.bits, group_size=self.G, s_len=self.s_len, sv_len=self.sv_len,
+                       win_k=self.win_k, win_v=self.win_v, win_pos=self.win_pos, win_lo=self.win_lo, **self.S)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this layer holds."""
+        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, *self.S.values()]
+        return ts + ([self.scores] if self.scores is not None else [])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tokens_kept(self) -> list[int]:
+        """Tokens held per sequence (S plus the valid part of the ring)."""
+        p = [n + self.t - 1 for n in self.plan.n]  # last appended position
+        if self.kivi:
+            return [q + 1 for q in p]
+        return [self.s_cnt[b] + min(p[b] + 1, self.plan.w[b]) for b in range(self.B)]
