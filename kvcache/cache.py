@@ -180,6 +180,11 @@ class CompressedCache(Cache):
             "kv_bytes_full_per_seq": full,
         }
 
+    def kept_positions(self, layer_idx: int = 0) -> list[list[list[int]]]:
+        """Positions layer `layer_idx` holds, [sequence][KV head] -> sorted list (reads the device)."""
+        store = self.layers[layer_idx].store
+        return [] if store is None else store.kept_positions()
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (what `stats()["kv_bytes"]` counts)."""
         return [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]

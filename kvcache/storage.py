@@ -93,6 +93,7 @@ class LayerStore:
         B, H, D, dev = self.B, self.H, self.D, self.device
         self.cs = _round_up(cs, self.unit)
         self.S = self._alloc_s(self.cs)
+        self.s_pos = torch.full((B, H, self.cs), -1, dtype=torch.int32, device=dev)  # position held by each S slot
         self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
@@ -108,6 +109,9 @@ class LayerStore:
         self.S = self._alloc_s(new_cs)
         for name, t in old.items():
             self.S[name][:, :, : t.shape[2]] = t
+        s_pos = torch.full((self.B, self.H, new_cs), -1, dtype=torch.int32, device=self.device)
+        s_pos[:, :, :old_cs] = self.s_pos
+        self.s_pos = s_pos
         if self.scores is not None:
             s = torch.zeros(self.B, self.H, new_cs + self.cw, dtype=torch.float32, device=self.device)
             s[:, :, :old_cs] = self.scores[:, :, :old_cs]
@@ -212,6 +216,7 @@ class LayerStore:
                 gi = sel.unsqueeze(-1).expand(H, c, D)
                 ks[b, :, :c], vs[b, :, :c] = kc[b].gather(1, gi), vc[b].gather(1, gi)
                 k_valid[b, :, :c] = True
+                self.s_pos[b, :, :c] = sel.to(torch.int32)
                 if sc is not None:
                     self.scores[b, :, :c] = sc[b].gather(1, sel)
             pos = torch.arange(m, n, device=dev)  # the recent window
@@ -235,6 +240,7 @@ class LayerStore:
             nq_k, nq_v = n - n % R, max(0, n - R)
             ks[b, :, :nq_k], vs[b, :, :nq_v] = kc[b, :, :nq_k], vc[b, :, :nq_v]
             k_valid[b, :, :nq_k] = True
+            self.s_pos[b, :, :nq_k] = torch.arange(nq_k, dtype=torch.int32, device=dev)
             self.s_cnt[b], self.sv_cnt[b] = nq_k, nq_v
             pos = torch.arange(max(0, n - R), n, device=dev)
             self.win_k[b, :, pos % R], self.win_v[b, :, pos % R] = kc[b, :, pos], vc[b, :, pos]
@@ -304,6 +310,7 @@ class LayerStore:
             self.S["s_kc"][b, :, nq // P : (nq + R) // P] = kq[0]
             self.S["s_ks"][b, :, nq // G : (nq + R) // G] = ksc[0]
             self.S["s_km"][b, :, nq // G : (nq + R) // G] = kmn[0]
+            self.s_pos[b, :, nq : nq + R] = torch.arange(nq, nq + R, dtype=torch.int32, device=self.device)
             self.s_cnt[b] = nq + R
             self.win_lo[b] = nq + R
 
@@ -346,6 +353,9 @@ class LayerStore:
         tgt = tgt.clamp(max=max(self.cs - 1, 0))
         self._write_keys(tgt, do, k, n_valid)
         self._write_values(tgt, do, v)
+        leave_pos = torch.tensor([q - w for q, w in zip(p, plan.w)], dtype=torch.int32, device=self.device)
+        old_pos = self.s_pos.gather(2, tgt.unsqueeze(-1)).squeeze(-1)
+        self.s_pos.scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_pos.view(-1, 1), old_pos).unsqueeze(-1))
         if self.scored:
             old = self.scores[:, :, : self.cs].gather(2, tgt.unsqueeze(-1)).squeeze(-1)
             self.scores[:, :, : self.cs].scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_score, old).unsqueeze(-1))
@@ -362,11 +372,23 @@ class LayerStore:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every device tensor this layer holds."""
-        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, *self.S.values()]
+        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.s_pos, *self.S.values()]
         return ts + ([self.scores] if self.scores is not None else [])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def kept_positions(self) -> list[list[list[int]]]:
+        """Sorted positions held, [sequence][KV head] -> list (for tests and inspection; reads the device)."""
+        win_pos, win_lo, s_pos = self.win_pos.tolist(), self.win_lo.tolist(), self.s_pos.tolist()
+        out = []
+        for b in range(self.B):
+            ring = [q for q in win_pos[b] if q >= win_lo[b]]
+            if self.kivi:  # keys of positions >= s_len are read from the ring, the rest from S
+                out.append([sorted(set(s_pos[b][h][: self.s_cnt[b]]) | set(ring)) for h in range(self.H)])
+            else:
+                out.append([sorted(s_pos[b][h][: self.s_cnt[b]] + ring) for h in range(self.H)])
+        return out
 
     def tokens_kept(self) -> list[int]:
         """Tokens held per sequence (S plus the valid part of the ring)."""
