@@ -137,6 +137,8 @@ class CompressedCache(Cache):
         store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device)
         store.prefill(key, value, scores)
         self.layers[layer_idx].store = store
+        if all(layer.store is not None for layer in self.layers):
+            self.plan.order = None  # only prefill needs it
         return out
 
     def _make_plan(self, valid: torch.Tensor) -> SeqPlan:
@@ -167,7 +169,7 @@ class CompressedCache(Cache):
             return {"kv_bytes": 0, "kv_bytes_full": 0, "tokens_kept": 0, "tokens_seen": 0,
                     "kv_bytes_per_seq": [], "kv_bytes_full_per_seq": []}
         B = stores[0].B
-        held = sum(s.nbytes() for s in stores)
+        held = sum(t.numel() * t.element_size() for t in self.tensors())
         seen = [n + stores[0].t for n in self.plan.n]
         per_tok = 2 * self.n_kv * self.head_dim * stores[0].win_k.element_size()  # K and V, one layer
         full = [len(stores) * per_tok * x for x in seen]
@@ -187,7 +189,8 @@ class CompressedCache(Cache):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (what `stats()["kv_bytes"]` counts)."""
-        return [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]
+        held = [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]
+        return held + ([self.plan.seeds] if self.plan is not None else [])
 
 
 def padding_valid(attention_mask, B: int, T: int, device) -> torch.Tensor:

@@ -28,6 +28,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, cache: CacheConfig | dict | None = None):
+        if not (hasattr(model, "can_generate") and model.can_generate()):
+            raise ValueError(f"model {type(model).__name__} cannot generate text: pass a causal LM (e.g. a "
+                             f"*ForCausalLM), its path or hub id, or a llama2.c checkpoint")
         self.model = model
         self.tokenizer = tokenizer
         self.cache_config = _cache_config(cache)
@@ -169,8 +172,8 @@ class Engine:
         raise ValueError(f"CacheConfig(policy={cfg.policy!r}, quant={cfg.quant!r}) needs kvcache.cache."
                          f"CompressedCache, which this checkout lacks; use policy='full', quant='none'")
 
-    def _rng_devices(self) -> list:
-        return [self.device] if self.device.type == "cuda" else []
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
 
 
 def _cache_config(cache) -> CacheConfig:
@@ -233,10 +236,11 @@ class StopStrings(StoppingCriteria):
         self.window = max(len(s.encode("utf-8")) for s in stops) + 2  # a token holds >= 1 byte of text
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        tail = max(self.start, input_ids.shape[1] - self.window)  # generated tokens that may end a stop string
         done = []
-        for row in input_ids.tolist():
-            tail = max(self.start, len(row) - self.window)
-            text = decode_continuation(self.tokenizer, row[:tail], row[tail:])
+        for row in input_ids[:, max(0, tail - 4):].tolist():
+            split = len(row) - (input_ids.shape[1] - tail)
+            text = decode_continuation(self.tokenizer, row[:split], row[split:])
             done.append(any(s in text for s in self.stops))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

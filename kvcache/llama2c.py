@@ -11,6 +11,7 @@ per head (even rows first, then odd rows) makes the two compute the same attenti
 
 from __future__ import annotations
 
+import heapq
 import os
 import struct
 from dataclasses import dataclass
@@ -203,27 +204,50 @@ class Llama2cTokenizer:
         return self.vocab_size
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """run.c's encode: a dummy-prefix space, per-codepoint lookup with byte fallback, then greedy merges of
-        the adjacent pair whose merged piece has the best score (the leftmost pair on ties)."""
-        ids = [self.bos_token_id] if bos else []
+        """run.c's encode: a dummy-prefix space, per-codepoint lookup with byte fallback, then greedy merges: while
+        any adjacent pair forms a token, merge the pair whose token scores best (the leftmost on ties).
+
+        run.c rescans all pairs per merge (O(n^2)); a heap of candidate pairs gives the same merges in O(n log n).
+        """
+        ids = []
         if text:
             ids.append(self._ids[b" "])
             for ch in text:
                 b = ch.encode("utf-8")
                 ids.extend([self._ids[b]] if b in self._ids else [x + 3 for x in b])
-        start = 1 if bos else 0
-        while True:
-            best, best_i, best_id = -1e10, -1, -1
-            for i in range(start, len(ids) - 1):
-                j = self._ids.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
-                if j is not None and self.scores[j] > best:
-                    best, best_i, best_id = self.scores[j], i, j
-            if best_i < 0:
-                break
-            ids[best_i:best_i + 2] = [best_id]
-        if eos:
-            ids.append(self.eos_token_id)
-        return ids
+        ids = self._merge(ids)
+        return ([self.bos_token_id] if bos else []) + ids + ([self.eos_token_id] if eos else [])
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        n = len(ids)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        version = [0] * n  # bumped whenever a symbol changes, to invalidate its stale heap entries
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:  # the pair (i, nxt[i]), keyed by (-score, position of its left symbol)
+            j = nxt[i]
+            if j < n:
+                t = self._ids.get(self.pieces[ids[i]] + self.pieces[ids[j]])
+                if t is not None:
+                    heapq.heappush(heap, (-self.scores[t], i, version[i], version[j], t))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, vi, vj, t = heapq.heappop(heap)
+            j = nxt[i]
+            if j >= n or version[i] != vi or version[j] != vj or ids[i] < 0:
+                continue
+            ids[i], ids[j] = t, -1  # i takes the merged token, j leaves the list
+            version[i] += 1
+            version[j] += 1
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        return [t for t in ids if t >= 0]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Bytes of each piece (byte tokens as their byte), BOS/EOS dropped, the leading space of a piece that

@@ -372,7 +372,8 @@ class LayerStore:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every device tensor this layer holds."""
-        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.s_pos, *self.S.values()]
+        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.s_pos, self.bidx,
+              *self.S.values()]
         return ts + ([self.scores] if self.scores is not None else [])
 
     def nbytes(self) -> int:

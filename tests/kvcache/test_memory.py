@@ -1,0 +1,65 @@
+"""Memory is real: stats() counts the bytes of every tensor held, and compression shrinks them."""
+
+import pytest
+import torch
+
+from kvcache import CacheConfig, CompressedCache
+from tests.kvcache.tiny import build_model, padded_batch
+
+
+def _tensors_reachable(obj, seen=None) -> dict[int, torch.Tensor]:
+    """Every tensor reachable from obj through attributes, lists and dicts (found independently of stats())."""
+    seen = {} if seen is None else seen
+    stack, visited = [obj], set()
+    while stack:
+        o = stack.pop()
+        if id(o) in visited:
+            continue
+        visited.add(id(o))
+        if isinstance(o, torch.Tensor):
+            seen[id(o)] = o
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and type(o).__module__.startswith("kvcache"):
+            stack.extend(vars(o).values())
+        elif hasattr(o, "__dict__") and type(o).__name__ == "_Layer":
+            stack.extend(vars(o).values())
+    return seen
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("llama", hidden=256, heads=2, kv_heads=2, layers=1)  # head_dim 128, MHA
+
+
+def _run(model, cfg, n=2048, new=2):
+    ids, mask = padded_batch([n], vocab=128, seed=0)
+    cache = CompressedCache(cfg, model.config)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
+                   pad_token_id=0)
+    model.config._attn_implementation = "sdpa"
+    return cache
+
+
+@pytest.mark.parametrize("cfg, bound", [
+    (CacheConfig(policy="keyformer", budget=0.5, max_new_tokens=2), 0.56),
+    (CacheConfig(policy="full", quant="kivi2", max_new_tokens=2), 0.30),
+    (CacheConfig(policy="keyformer", budget=0.5, quant="kivi2", max_new_tokens=2), 0.25),
+], ids=["keyformer0.5", "kivi2", "keyformer0.5+kivi2"])
+def test_compressed_bytes_at_2048_tokens(model, cfg, bound):
+    cache = _run(model, cfg)
+    st = cache.stats()
+    held = _tensors_reachable(cache)
+    assert st["kv_bytes"] == sum(t.numel() * t.element_size() for t in held.values())
+    ratio = st["kv_bytes"] / st["kv_bytes_full"]
+    assert ratio <= bound, ratio
+    assert st["kv_bytes_full"] == 1 * 2 * 2 * 128 * 4 * 2049  # layers x K,V x heads x head_dim x fp32 x tokens
+
+
+def test_full_cache_bytes_are_the_tokens(model):
+    cache = _run(model, CacheConfig(policy="full", max_new_tokens=2), n=300)
+    st = cache.stats()
+    # 301 tokens in S plus one ring slot, K and V, plus small per-slot metadata
+    assert st["kv_bytes_full"] <= st["kv_bytes"] <= st["kv_bytes_full"] * 1.05
