@@ -12,7 +12,6 @@ import hashlib
 import time
 
 import torch
-
 from transformers import StoppingCriteria
 
 from kvcache.config import CacheConfig

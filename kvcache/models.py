@@ -40,7 +40,8 @@ def resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device: use None, 'cpu', 'cuda' or 'cuda:N' ({e})") from None
+        raise ValueError(f"device={device!r} is not a torch device: use None, 'cpu', 'cuda' or 'cuda:N' ({e})") \
+            from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here: use device=None or 'cpu'")
     return dev

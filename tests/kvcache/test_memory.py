@@ -31,7 +31,8 @@ def _tensors_reachable(obj, seen=None) -> dict[int, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model("llama", hidden=256, heads=2, kv_heads=2, layers=1)  # head_dim 128, MHA
+    # head_dim 128, MHA, bf16 as served
+    return build_model("llama", hidden=256, heads=2, kv_heads=2, layers=1).to(torch.bfloat16)
 
 
 def _run(model, cfg, n=2048, new=2):
@@ -55,7 +56,7 @@ def test_compressed_bytes_at_2048_tokens(model, cfg, bound):
     assert st["kv_bytes"] == sum(t.numel() * t.element_size() for t in held.values())
     ratio = st["kv_bytes"] / st["kv_bytes_full"]
     assert ratio <= bound, ratio
-    assert st["kv_bytes_full"] == 1 * 2 * 2 * 128 * 4 * 2049  # layers x K,V x heads x head_dim x fp32 x tokens
+    assert st["kv_bytes_full"] == 1 * 2 * 2 * 128 * 2 * 2049  # layers x K,V x heads x head_dim x bf16 x tokens
 
 
 def test_full_cache_bytes_are_the_tokens(model):
