@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kivi_quant_ref import dequantize_keys, quantize_keys, quantize_values
 from kernels.slots import KVSlots
 from kvcache.config import CacheConfig
+from kvcache.kept_store import KeptStore, round_up
 from kvcache.policies import Policy
 
 _GROWTH = 64
@@ -46,10 +46,6 @@ class SeqPlan:
     max_new: int | None
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 class LayerStore:
     """Compressed K/V of one layer for a batch: see the module docstring."""
 
@@ -61,7 +57,6 @@ class LayerStore:
         self.quant = {"none": "none", "kivi2": "channel", "kivi4": "channel", "token2": "token"}[cfg.quant]
         self.bits = cfg.bits or 16
         self.G = cfg.group_size
-        self.unit = max(self.G, 32 // self.bits) if self.quant == "channel" else 1  # slots re-encoded together
         self.scored = policy.scored
         self.bidx = torch.arange(self.B, device=device)
         self.s_cnt = [0] * self.B  # S slots in use (keys), host mirror of s_len
@@ -69,31 +64,9 @@ class LayerStore:
         self.t = 0  # decode tokens appended so far
 
     # ---- allocation ------------------------------------------------------------------------------------------
-    def _alloc_s(self, cs: int) -> dict[str, torch.Tensor]:
-        B, H, D, dt, dev = self.B, self.H, self.D, self.dtype, self.device
-        if self.quant == "none":
-            return {"s_k": torch.zeros(B, H, cs, D, dtype=dt, device=dev),
-                    "s_v": torch.zeros(B, H, cs, D, dtype=dt, device=dev)}
-        P, G = 32 // self.bits, self.G
-        wd = -(-D // P)  # words per token along channels
-        t = {"s_vc": torch.zeros(B, H, cs, wd, dtype=torch.int32, device=dev),
-             "s_vs": torch.zeros(B, H, cs, D // G, dtype=dt, device=dev),
-             "s_vm": torch.zeros(B, H, cs, D // G, dtype=dt, device=dev)}
-        if self.quant == "channel":
-            t.update(s_kc=torch.zeros(B, H, cs // P, D, dtype=torch.int32, device=dev),
-                     s_ks=torch.zeros(B, H, cs // G, D, dtype=dt, device=dev),
-                     s_km=torch.zeros(B, H, cs // G, D, dtype=dt, device=dev))
-        else:
-            t.update(s_kc=torch.zeros(B, H, cs, wd, dtype=torch.int32, device=dev),
-                     s_ks=torch.zeros(B, H, cs, D // G, dtype=dt, device=dev),
-                     s_km=torch.zeros(B, H, cs, D // G, dtype=dt, device=dev))
-        return t
-
     def _init_buffers(self, cs: int, cw: int) -> None:
         B, H, D, dev = self.B, self.H, self.D, self.device
-        self.cs = _round_up(cs, self.unit)
-        self.S = self._alloc_s(self.cs)
-        self.s_pos = torch.full((B, H, self.cs), -1, dtype=torch.int32, device=dev)  # position held by each S slot
+        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs)
         self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
@@ -102,89 +75,27 @@ class LayerStore:
         self.sv_len = torch.zeros(B, dtype=torch.int32, device=dev)
         self.scores = torch.zeros(B, H, self.cs + cw, dtype=torch.float32, device=dev) if self.scored else None
 
-    def _grow(self, need: int) -> None:
-        """Enlarge S to hold `need` slots (unbounded budgets only; rare, amortized by _GROWTH)."""
-        new_cs = _round_up(max(need, self.cs + max(_GROWTH, self.cs // 2)), self.unit)
-        old, old_cs = self.S, self.cs
-        self.S = self._alloc_s(new_cs)
-        for name, t in old.items():
-            self.S[name][:, :, : t.shape[2]] = t
-        s_pos = torch.full((self.B, self.H, new_cs), -1, dtype=torch.int32, device=self.device)
-        s_pos[:, :, :old_cs] = self.s_pos
-        self.s_pos = s_pos
-        if self.scores is not None:
-            s = torch.zeros(self.B, self.H, new_cs + self.cw, dtype=torch.float32, device=self.device)
-            s[:, :, :old_cs] = self.scores[:, :, :old_cs]
-            s[:, :, new_cs:] = self.scores[:, :, old_cs:]
-            self.scores = s
-        self.cs = new_cs
+    @property
+    def cs(self) -> int:
+        return self.kept.cs
 
     @property
     def cw(self) -> int:
         return self.win_k.shape[2]
 
-    # ---- S codecs --------------------------------------------------------------------------------------------
-    def _encode_full_store(self, ks: torch.Tensor, vs: torch.Tensor, k_valid: torch.Tensor) -> None:
-        """Fill S from full-precision (B, H, Cs, D) tensors; k_valid (B, H, Cs) marks the slots in use."""
-        if self.quant == "none":
-            self.S["s_k"].copy_(ks)
-            self.S["s_v"].copy_(vs)
-            return
-        if self.cs == 0:
-            return
-        if self.quant == "channel":
-            kc, ksc, kmn = quantize_keys(ks, self.bits, self.G, valid=k_valid)
-        else:
-            kc, ksc, kmn = quantize_values(ks, self.bits, self.G)
-        vc, vsc, vmn = quantize_values(vs, self.bits, self.G)
-        for name, t in zip(("s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm"), (kc, ksc, kmn, vc, vsc, vmn)):
-            self.S[name].copy_(t)
+    @property
+    def s_pos(self) -> torch.Tensor:
+        return self.kept.s_pos
 
-    def _put_rows(self, name: str, idx: torch.Tensor, new: torch.Tensor, do: torch.Tensor) -> None:
-        """S[name][b, h, idx[b, h, i]] = new[b, h, i] where do[b, h]; idx (B, H, L), new (B, H, L, ...)."""
-        buf = self.S[name]
-        tail = buf.shape[3:]
-        gidx = idx.view(*idx.shape, *([1] * len(tail))).expand(*idx.shape, *tail)
-        old = buf.gather(2, gidx)
-        mask = do.view(*do.shape, *([1] * (new.dim() - 2)))
-        buf.scatter_(2, gidx, torch.where(mask, new.to(buf.dtype), old))
-
-    def _write_values(self, slot: torch.Tensor, do: torch.Tensor, v: torch.Tensor) -> None:
-        """Value of one token per (b, h) into S slot `slot` (B, H); v (B, H, D)."""
-        idx = slot.unsqueeze(-1)
-        if self.quant == "none":
-            self._put_rows("s_v", idx, v.unsqueeze(2), do)
-            return
-        vc, vsc, vmn = quantize_values(v.unsqueeze(2), self.bits, self.G)
-        for name, t in (("s_vc", vc), ("s_vs", vsc), ("s_vm", vmn)):
-            self._put_rows(name, idx, t, do)
-
-    def _write_keys(self, slot: torch.Tensor, do: torch.Tensor, k: torch.Tensor, n_valid: torch.Tensor) -> None:
-        """Key of one token per (b, h) into S slot `slot` (B, H); n_valid (B,) slots in use after the write."""
-        idx = slot.unsqueeze(-1)
-        if self.quant == "none":
-            self._put_rows("s_k", idx, k.unsqueeze(2), do)
-            return
-        if self.quant == "token":
-            kc, ksc, kmn = quantize_values(k.unsqueeze(2), self.bits, self.G)
-            for name, t in (("s_kc", kc), ("s_ks", ksc), ("s_km", kmn)):
-                self._put_rows(name, idx, t, do)
-            return
-        # per-channel keys: re-quantize the span of `unit` slots holding the target (whole words and groups)
-        L, P, G = self.unit, 32 // self.bits, self.G
-        start = (slot // L) * L  # (B, H)
-        members = start.unsqueeze(-1) + torch.arange(L, device=self.device)  # (B, H, L)
-        widx = (start // P).unsqueeze(-1) + torch.arange(L // P, device=self.device)
-        gidx = (start // G).unsqueeze(-1) + torch.arange(L // G, device=self.device)
-        gat = lambda name, i: self.S[name].gather(2, i.unsqueeze(-1).expand(*i.shape, self.D))  # noqa: E731
-        span = dequantize_keys(gat("s_kc", widx), gat("s_ks", gidx), gat("s_km", gidx), self.bits, G)
-        hit = members == slot.unsqueeze(-1)  # (B, H, L)
-        span = torch.where(hit.unsqueeze(-1), k.unsqueeze(2).to(span.dtype), span)
-        valid = members < n_valid.view(-1, 1, 1)
-        kc, ksc, kmn = quantize_keys(span, self.bits, G, valid=valid)
-        self._put_rows("s_kc", widx, kc, do)
-        self._put_rows("s_ks", gidx, ksc, do)
-        self._put_rows("s_km", gidx, kmn, do)
+    def _grow(self, need: int) -> None:
+        """Enlarge S to hold `need` slots (unbounded budgets only; rare, amortized by _GROWTH)."""
+        old_cs = self.cs
+        new_cs = self.kept.grow(need, max(_GROWTH, old_cs // 2))
+        if self.scores is not None:
+            s = torch.zeros(self.B, self.H, new_cs + self.cw, dtype=torch.float32, device=self.device)
+            s[:, :, :old_cs] = self.scores[:, :, :old_cs]
+            s[:, :, new_cs:] = self.scores[:, :, old_cs:]
+            self.scores = s
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def prefill(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None) -> None:
@@ -226,13 +137,13 @@ class LayerStore:
             self.win_lo[b] = m
             if sc is not None:
                 self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
-        self._encode_full_store(ks, vs, k_valid)
+        self.kept.encode_all(ks, vs, k_valid)
         self._sync_lengths()
 
     def _prefill_kivi(self, kc, vc) -> None:
         plan, R, B, H, D, dev = self.plan, self.cfg.residual, self.B, self.H, self.D, self.device
         span = max(plan.n) + (plan.max_new if plan.max_new is not None else _GROWTH)
-        self._init_buffers(_round_up(span, R), R)
+        self._init_buffers(round_up(span, R), R)
         ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
         vs = torch.zeros_like(ks)
         k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
@@ -246,7 +157,7 @@ class LayerStore:
             self.win_k[b, :, pos % R], self.win_v[b, :, pos % R] = kc[b, :, pos], vc[b, :, pos]
             self.win_pos[b, pos % R] = pos.to(torch.int32)
             self.win_lo[b] = nq_k
-        self._encode_full_store(ks, vs, k_valid)
+        self.kept.encode_all(ks, vs, k_valid)
         self._sync_lengths()
 
     def _sync_lengths(self) -> None:
@@ -272,7 +183,7 @@ class LayerStore:
                 do = torch.zeros(self.B, dtype=torch.bool)
                 do[leaving] = True
                 do = do.to(self.device).view(-1, 1).expand(-1, self.H)
-                self._write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
+                self.kept.write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
                 for b in leaving:
                     self.sv_cnt[b] = p[b] - R + 1
             ring = [q % R for q in p]
@@ -305,12 +216,7 @@ class LayerStore:
                 continue
             if nq + R > self.cs:
                 self._grow(nq + R)
-            kq, ksc, kmn = quantize_keys(self.win_k[b : b + 1], self.bits, self.G)  # ring slots 0..R-1 = block
-            P, G = 32 // self.bits, self.G
-            self.S["s_kc"][b, :, nq // P : (nq + R) // P] = kq[0]
-            self.S["s_ks"][b, :, nq // G : (nq + R) // G] = ksc[0]
-            self.S["s_km"][b, :, nq // G : (nq + R) // G] = kmn[0]
-            self.s_pos[b, :, nq : nq + R] = torch.arange(nq, nq + R, dtype=torch.int32, device=self.device)
+            self.kept.write_key_block(b, nq, self.win_k[b])  # ring slots 0..R-1 hold positions nq..nq+R-1
             self.s_cnt[b] = nq + R
             self.win_lo[b] = nq + R
 
@@ -351,11 +257,9 @@ class LayerStore:
                 do = do | win
         n_valid = torch.tensor([c + (a == "insert") for c, a in zip(self.s_cnt, act)], device=self.device)
         tgt = tgt.clamp(max=max(self.cs - 1, 0))
-        self._write_keys(tgt, do, k, n_valid)
-        self._write_values(tgt, do, v)
-        leave_pos = torch.tensor([q - w for q, w in zip(p, plan.w)], dtype=torch.int32, device=self.device)
-        old_pos = self.s_pos.gather(2, tgt.unsqueeze(-1)).squeeze(-1)
-        self.s_pos.scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_pos.view(-1, 1), old_pos).unsqueeze(-1))
+        self.kept.write_keys(tgt, do, k, n_valid)
+        self.kept.write_values(tgt, do, v)
+        self.kept.write_pos(tgt, do, torch.tensor([q - w for q, w in zip(p, plan.w)], device=self.device))
         if self.scored:
             old = self.scores[:, :, : self.cs].gather(2, tgt.unsqueeze(-1)).squeeze(-1)
             self.scores[:, :, : self.cs].scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_score, old).unsqueeze(-1))
@@ -368,12 +272,12 @@ class LayerStore:
     # ---- views and accounting --------------------------------------------------------------------------------
     def slots(self) -> KVSlots:
         return KVSlots(quant=self.quant, bits=self.bits, group_size=self.G, s_len=self.s_len, sv_len=self.sv_len,
-                       win_k=self.win_k, win_v=self.win_v, win_pos=self.win_pos, win_lo=self.win_lo, **self.S)
+                       win_k=self.win_k, win_v=self.win_v, win_pos=self.win_pos, win_lo=self.win_lo, **self.kept.S)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every device tensor this layer holds."""
-        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.s_pos, self.bidx,
-              *self.S.values()]
+        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.bidx]
+        ts += self.kept.tensors()
         return ts + ([self.scores] if self.scores is not None else [])
 
     def nbytes(self) -> int:

@@ -1,6 +1,5 @@
 """Tiny models of several families, built from configs (no hub), and batched left-padded prompts."""
 
-import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
