@@ -111,7 +111,7 @@ class CompressedCache(Cache):
     def attend(self, layer_idx: int, module, query, key, value, attention_mask, scaling: float):
         """query (B, Hq, q_len, D); key/value (B, H, q_len, D) -> attention output (B, q_len, Hq, D)."""
         layer = self.layers[layer_idx]
-        decode_fn, prefill_fn = ops(self.backend or resolve_backend(self.cfg.backend, query.device))
+        decode_fn, prefill_fn = ops(self.backend or self._resolve_backend(query.device))
         if layer.store is None:
             return self._prefill(layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn)
         store = layer.store
@@ -126,7 +126,7 @@ class CompressedCache(Cache):
         B, _, T, _ = key.shape
         valid = padding_valid(attention_mask, B, T, key.device)
         if self.plan is None:
-            self.backend = resolve_backend(self.cfg.backend, key.device)
+            self.backend = self._resolve_backend(key.device)
             self.plan = self._make_plan(valid)
         # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
@@ -140,6 +140,9 @@ class CompressedCache(Cache):
         if all(layer.store is not None for layer in self.layers):
             self.plan.order = None  # only prefill needs it
         return out
+
+    def _resolve_backend(self, device) -> str:
+        return resolve_backend(self.cfg.backend, device, self.head_dim, self.cfg.group_size, self.cfg.bits)
 
     def _make_plan(self, valid: torch.Tensor) -> SeqPlan:
         n = valid.sum(-1).tolist()  # the one host read of a generation
@@ -163,7 +166,13 @@ class CompressedCache(Cache):
 
     # ---- accounting ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Bytes and tokens the cache holds (batch totals and per sequence)."""
+        """Bytes and tokens the cache holds.
+
+        kv_bytes: every byte of every tensor held (the allocation, slack and per-slot metadata included);
+        kv_bytes_full: what a full-precision cache of every token seen would hold; tokens_kept / tokens_seen:
+        batch totals (per layer). kv_bytes_per_seq: the bytes of the slots each sequence uses (its tokens, their
+        scales and metadata), so a short row in a batch of long ones is not charged for their slots.
+        """
         stores = [layer.store for layer in self.layers if layer.store is not None]
         if not stores:
             return {"kv_bytes": 0, "kv_bytes_full": 0, "tokens_kept": 0, "tokens_seen": 0,
@@ -178,7 +187,7 @@ class CompressedCache(Cache):
             "kv_bytes_full": sum(full),
             "tokens_kept": sum(stores[0].tokens_kept()),
             "tokens_seen": sum(seen),
-            "kv_bytes_per_seq": [held // B] * B,
+            "kv_bytes_per_seq": [sum(s.row_bytes()[b] for s in stores) for b in range(B)],
             "kv_bytes_full_per_seq": full,
         }
 

@@ -14,6 +14,7 @@ import time
 import torch
 from transformers import StoppingCriteria
 
+from kvcache.cache import CompressedCache, check_model_config
 from kvcache.config import CacheConfig
 from kvcache.models import decode_continuation, load_model, max_context
 
@@ -33,6 +34,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.cache_config = _cache_config(cache)
+        check_model_config(self.cache_config, model.config.get_text_config())  # unsupported family: a clear error
         self.device = next(model.parameters()).device
         self.max_context = max_context(model.config)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -95,7 +97,7 @@ class Engine:
         num_generated_tokens (== len(token_ids)), time_taken_llm (s, the batch's generate wall time), kv_bytes and
         kv_bytes_full (the row's KV cache bytes held vs a full-precision cache of the same tokens).
         """
-        _check_sampling(max_new_tokens, temperature, top_p)
+        _check_sampling(max_new_tokens, temperature, top_p, seed)
         stops = _stop_list(stop)
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
@@ -109,7 +111,7 @@ class Engine:
             input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
             mask[i, width - len(x):] = 1
         cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
-        cache = self._new_cache(cfg, [_row_seed(cfg.seed, seed, x) for x in ids])
+        cache = CompressedCache(cfg, self.model.config, seeds=[_row_seed(cfg.seed, seed, x) for x in ids])
         criteria = [StopStrings(self.tokenizer, stops, width)] if stops else []
         t0 = time.perf_counter()
         with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
@@ -122,7 +124,8 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        held, full = _row_bytes(cache, mask)
+        stats = cache.stats()
+        held, full = stats["kv_bytes_per_seq"], stats["kv_bytes_full_per_seq"]
         rows = []
         for i, x in enumerate(ids):
             gen = out[i, width:].tolist()
@@ -157,20 +160,6 @@ class Engine:
             use_cache=True, **knobs,
         )
 
-    def _new_cache(self, cfg: CacheConfig, seeds: list[int]):
-        try:
-            from kvcache.cache import CompressedCache
-        except ImportError:
-            CompressedCache = None
-        if CompressedCache is not None:
-            return CompressedCache(cfg, self.model.config, seeds=seeds)
-        if cfg.policy == "full" and cfg.quant == "none":  # until kvcache.cache lands (see the lead's issue)
-            from transformers import DynamicCache
-
-            return DynamicCache(config=self.model.config)
-        raise ValueError(f"CacheConfig(policy={cfg.policy!r}, quant={cfg.quant!r}) needs kvcache.cache."
-                         f"CompressedCache, which this checkout lacks; use policy='full', quant='none'")
-
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
 
@@ -186,13 +175,18 @@ def _cache_config(cache) -> CacheConfig:
         raise ValueError(f"cache={cache!r}: pass a CacheConfig or a dict of its fields ({e})") from None
 
 
-def _check_sampling(max_new_tokens, temperature, top_p) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def _check_sampling(max_new_tokens, temperature, top_p, seed) -> None:
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")
+    if not is_int(seed):
+        raise ValueError(f"seed={seed!r} must be an int")
 
 
 def _stop_list(stop) -> list[str]:
@@ -213,18 +207,6 @@ def _cut_at_eos(gen: list[int], eos_ids: list[int]) -> list[int]:
         if t in eos_ids:
             return gen[:j + 1]
     return gen
-
-
-def _row_bytes(cache, mask: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Per-row (bytes held, bytes of a full-precision cache of the same tokens)."""
-    if hasattr(cache, "stats"):
-        s = cache.stats()
-        return list(s["kv_bytes_per_seq"]), list(s["kv_bytes_full_per_seq"])
-    # DynamicCache (policy full until CompressedCache lands): every unpadded token in full precision.
-    per_token = sum(layer.keys[0, :, 0].nbytes + layer.values[0, :, 0].nbytes for layer in cache.layers)
-    pad = (mask == 0).sum(dim=1)
-    n = [int(cache.get_seq_length() - p) * per_token for p in pad.tolist()]
-    return n, n
 
 
 class StopStrings(StoppingCriteria):

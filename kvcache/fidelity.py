@@ -80,9 +80,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
     processors = LogitsProcessorList([ForceTokens(force, input_ids.shape[1])] if force is not None else [])
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) or 0
     gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=0, do_sample=False, num_beams=1,
                            repetition_penalty=1.0, output_logits=True, return_dict_in_generate=True,
-                           eos_token_id=eos, pad_token_id=pad if pad is not None else (eos or 0))
+                           eos_token_id=eos, pad_token_id=pad)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

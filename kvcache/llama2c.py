@@ -172,7 +172,7 @@ class Llama2cTokenizer:
     bos_token_id = 1
     eos_token_id = 2
     pad_token_id = 2
-    has_chat_template = False
+    chat_template = None
 
     def __init__(self, path: str):
         with open(path, "rb") as f:

@@ -3,7 +3,7 @@ or objects already built; dtype and device handling; one tokenizer protocol over
 
 Tokenizer protocol (what `Engine.tokenizer` offers): `encode(text) -> list[int]` (BOS included where the model
 uses one), `decode(ids) -> str` (special tokens dropped), `bos_token_id`, `eos_token_id`, `pad_token_id`,
-`has_chat_template`, `apply_chat_template(messages) -> list[int]` (raises ValueError without a template).
+`chat_template` (None without one), `apply_chat_template(messages) -> list[int]` (ValueError without a template).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class HFTokenizer:
         self.bos_token_id = tok.bos_token_id
         self.eos_token_id = tok.eos_token_id
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.has_chat_template = bool(getattr(tok, "chat_template", None))
+        self.chat_template = getattr(tok, "chat_template", None) or None
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -68,7 +68,7 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` ([{role, content}, ...]) in the model's chat format, ready for the reply."""
-        if not self.has_chat_template:
+        if self.chat_template is None:
             raise ValueError(f"tokenizer {type(self.hf).__name__} has no chat template: build the prompt text "
                              f"yourself, or load a tokenizer that has one")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -295,6 +295,18 @@ class LayerStore:
                 out.append([sorted(s_pos[b][h][: self.s_cnt[b]] + ring) for h in range(self.H)])
         return out
 
+    def row_bytes(self) -> list[int]:
+        """Bytes of the slots each sequence uses: S slots in use and ring slots holding tokens."""
+        ring = [t for t in (self.win_k, self.win_v, self.win_pos)]
+        per_ring = sum(t.numel() * t.element_size() for t in ring) / (self.B * self.cw)
+        per_s = sum(t.numel() * t.element_size() for t in self.kept.tensors()) / max(1, self.B * self.cs)
+        if self.scores is not None:
+            per_ring += self.H * 4
+            per_s += self.H * 4
+        p = [n + self.t - 1 for n in self.plan.n]
+        in_ring = [min(q + 1, self.cw) if self.kivi else min(q + 1, w) for q, w in zip(p, self.plan.w)]
+        return [int(self.s_cnt[b] * per_s + in_ring[b] * per_ring) for b in range(self.B)]
+
     def tokens_kept(self) -> list[int]:
         """Tokens held per sequence (S plus the valid part of the ring)."""
         p = [n + self.t - 1 for n in self.plan.n]  # last appended position

@@ -90,3 +90,15 @@ def test_other_caches_still_use_sdpa_after_a_compressed_run():
                    past_key_values=CompressedCache(CacheConfig(policy="h2o", budget=0.5), model.config))
     assert model.config._attn_implementation == "kvstream"
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_auto_backend_falls_back_to_torch_for_shapes_the_kernels_do_not_take():
+    from kvcache.backend import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cpu, 128, 32, 2) == "torch"
+    assert resolve_backend("auto", cuda, 8, 8, 2) == "torch"  # stories260K: head_dim 8
+    assert resolve_backend("auto", cuda, 128, 8, 2) == "torch"  # groups smaller than a packed word
+    assert resolve_backend("auto", cuda, 96, None, None) == "torch"  # not a power of two
+    assert resolve_backend("auto", cuda, 128, 32, 2) == "triton"
+    assert resolve_backend("torch", cuda, 128, 32, 2) == "torch"

@@ -64,3 +64,17 @@ def test_full_cache_bytes_are_the_tokens(model):
     st = cache.stats()
     # 301 tokens in S plus one ring slot, K and V, plus small per-slot metadata
     assert st["kv_bytes_full"] <= st["kv_bytes"] <= st["kv_bytes_full"] * 1.05
+
+
+def test_per_sequence_bytes_follow_each_rows_tokens(model):
+    ids, mask = padded_batch([40, 400], vocab=128, seed=0)
+    cache = CompressedCache(CacheConfig(policy="h2o", budget=0.5, max_new_tokens=2), model.config)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, past_key_values=cache,
+                   pad_token_id=0)
+    model.config._attn_implementation = "sdpa"
+    st = cache.stats()
+    short, long = st["kv_bytes_per_seq"]
+    assert short < long / 5  # the short row is charged for its own 20 tokens, not the long row's 200
+    for held, full in zip(st["kv_bytes_per_seq"], st["kv_bytes_full_per_seq"]):
+        assert 0.45 < held / full < 0.56
+    assert sum(st["kv_bytes_per_seq"]) <= st["kv_bytes"]
