@@ -76,6 +76,7 @@ class CompressedCache(Cache):
         self.user_seeds = seeds
         self.plan: SeqPlan | None = None
         self.backend: str | None = None
+        self._workspace = None  # (shape key, kernels.decode_attention.DecodeWorkspace) for the triton backend
         super().__init__(layers=[_Layer() for _ in range(self.num_layers)])
         install_attention(model_config)
         if cfg.policy == "keyformer" and cfg.max_new_tokens is None:
@@ -117,8 +118,17 @@ class CompressedCache(Cache):
         store = layer.store
         step = store.t + 1
         score_mode = 0 if not self.policy.scored else (2 if self.policy.noisy else 1)
-        out = decode_fn(query[:, :, 0], store.slots(), scaling, score_mode, store.scores, self.plan.seeds,
-                        layer_idx, step, self.cfg.tau(step))
+        slots = store.slots()
+        extra = {}
+        if self.backend == "triton":  # one scratch for all layers (same shapes), so steps allocate nothing
+            key = (tuple(query.shape), slots.cs, slots.cw, score_mode)
+            if self._workspace is None or self._workspace[0] != key:
+                from kernels.decode_attention import decode_workspace
+
+                self._workspace = (key, decode_workspace(query[:, :, 0], slots, score_mode))
+            extra["workspace"] = self._workspace[1]
+        out = decode_fn(query[:, :, 0], slots, scaling, score_mode, store.scores, self.plan.seeds, layer_idx, step,
+                        self.cfg.tau(step), **extra)
         store.after_attend()
         return out.unsqueeze(1)
 

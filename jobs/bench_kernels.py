@@ -1,0 +1,319 @@
+"""Benchmark the Triton kernels on a GPU (issue 3): fused decode attention over bf16 / kivi4 / kivi2 storage,
+with and without eviction scores, against torch SDPA over a full bf16 cache, the unfused torch reference path
+(dequantize + matmul + softmax + P.V: `decode_attention_ref`) and the roofline (bytes the kernel must read /
+the device-to-device copy bandwidth measured in the same run); and the prefill score kernel against SDPA
+prefill attention. One layer, bf16, head_dim 128, 32 query heads.
+
+    python jobs/bench_kernels.py --out bench/kernels_h200.csv [--batches 1,16,32,64] [--contexts 4096,8192,32768]
+
+Writes a CSV (a `#` header with GPU, versions, date) and prints a Markdown table. Timing: CUDA events
+(`triton.testing.do_bench`, median, L2 flushed between calls), warm-up apart; shapes that OOM are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels import prefill_scores as prefill_mod  # noqa: E402
+from kernels.decode_attention import decode_attention, decode_workspace  # noqa: E402
+from kernels.decode_attention_ref import decode_attention_ref  # noqa: E402
+from kernels.prefill_scores import prefill_scores  # noqa: E402
+from kernels.slots import KVSlots  # noqa: E402
+
+D, HQ, R, G = 128, 32, 128, 32  # head_dim, query heads, full-precision residual (ring), KIVI group size
+DT = torch.bfloat16
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written (2 GiB buffers)."""
+    a = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    del a, b
+    return 2 * (2 << 30) / (ms * 1e-3)
+
+
+def make_slots(B, H, ctx, storage, K, V) -> KVSlots:
+    """One layer's slots at full fill: S = ctx - R slots (bf16 views of K/V, or random KIVI codes), ring = R."""
+    cs = ctx - R
+    dev = "cuda"
+    s = KVSlots(quant="none", bits=0, group_size=G,
+                s_len=torch.full((B,), cs, dtype=torch.int32, device=dev),
+                sv_len=torch.full((B,), cs, dtype=torch.int32, device=dev),
+                win_k=K[:, :, cs:], win_v=V[:, :, cs:],
+                win_pos=(cs + torch.arange(R, device=dev, dtype=torch.int32)).repeat(B, 1).contiguous(),
+                win_lo=torch.full((B,), cs, dtype=torch.int32, device=dev))
+    if storage == "bf16":
+        s.s_k, s.s_v = K[:, :, :cs], V[:, :, :cs]
+        return s
+    bits = 4 if storage == "kivi4" else 2
+    P = 32 // bits
+    s.quant, s.bits = "channel", bits
+    rint = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=dev)  # noqa: E731
+    small = lambda *shape: (torch.rand(*shape, device=dev) * 0.1).to(DT)  # noqa: E731
+    s.s_kc, s.s_ks, s.s_km = rint(B, H, cs // P, D), small(B, H, cs // G, D), small(B, H, cs // G, D)
+    s.s_vc, s.s_vs, s.s_vm = rint(B, H, cs, D // P), small(B, H, cs, D // G), small(B, H, cs, D // G)
+    return s
+
+
+def slot_bytes(s: KVSlots) -> int:
+    names = ("win_k", "win_v", "s_k", "s_v", "s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm")
+    return sum(getattr(s, n).numel() * getattr(s, n).element_size() for n in names if getattr(s, n) is not None)
+
+
+def time_ms(fn, heavy=False) -> float:
+    return do_bench(fn, warmup=5 if heavy else 25, rep=30 if heavy else 100, return_mode="median")
+
+
+TUNED: dict = {}  # (storage, kv_heads) -> decode_workspace kwargs, chosen by `tune_decode` in this run
+
+
+def tune_decode(H, storage, B=32, ctx=4096):
+    """Pick stage-1 (block_n, num_warps, num_stages, split factor) for a storage at one shape; returns a log line."""
+    q = torch.randn(B, HQ, D, device="cuda", dtype=DT)
+    K = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    V = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    s = make_slots(B, H, ctx, storage, K, V)
+    if storage == "bf16":
+        configs = [dict(block_n=bn, num_warps=nw, num_stages=ns, use_dot=ud)
+                   for ud in (False, True) for bn, nw, ns in ((64, 4, 1), (128, 4, 1), (64, 2, 3))]
+    else:
+        configs = [dict(block_n=32, num_warps=nw, num_stages=ns, use_dot=True) for nw, ns in ((2, 4), (4, 4))]
+        configs += [dict(block_n=32, num_warps=4, num_stages=4, use_dot=False, kivi_3d=False)]
+        if H == HQ:  # one query head per KV head: the 3-D register-tile path
+            configs += [dict(block_n=32, num_warps=nw, num_stages=ns, use_dot=False, kivi_3d=True)
+                        for nw in (1, 2, 4) for ns in (2, 3)]
+    best, log = None, []
+    for cfg in configs:
+        name = "/".join(f"{k}={v}" for k, v in cfg.items())
+        try:
+            ws = decode_workspace(q, s, 0, **cfg)
+            ms = time_ms(lambda: decode_attention(q, s, D ** -0.5, workspace=ws))
+        except Exception as e:  # a config that does not compile (shared memory) is skipped
+            log.append(f"{name}: {type(e).__name__}")
+            continue
+        log.append(f"{name}: {ms:.4f}")
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    base_splits = decode_workspace(q, s, 0).num_splits
+    cfg = dict(best[1])
+    for f in (2, 4):
+        ws = decode_workspace(q, s, 0, num_splits=base_splits * f, **cfg)
+        ms = time_ms(lambda: decode_attention(q, s, D ** -0.5, workspace=ws))
+        log.append(f"splits x{f}: {ms:.4f}")
+        if ms < best[0]:
+            best = (ms, {**cfg, "split_factor": f})
+    TUNED[(storage, H)] = best[1]
+    del q, K, V, s
+    torch.cuda.empty_cache()
+    return f"# tune {storage} H={H}: best {best[1]} {best[0]:.4f} ms | " + ", ".join(log)
+
+
+def workspace(q, s, mode, storage, H):
+    cfg = dict(TUNED.get((storage, H), {}))
+    f = cfg.pop("split_factor", 1)
+    if f > 1:
+        cfg["num_splits"] = decode_workspace(q, s, mode).num_splits * f
+    return decode_workspace(q, s, mode, **cfg)
+
+
+def bench_decode(B, ctx, H, bw, rows):
+    grp = HQ // H
+    q = torch.randn(B, HQ, D, device="cuda", dtype=DT)
+    K = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    V = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    scale = D ** -0.5
+    q4 = q.view(B, HQ, 1, D)
+    sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q4, K, V, scale=scale, enable_gqa=grp > 1))
+    full_bytes = 2 * K.numel() * 2
+    base = dict(batch=B, context=ctx, q_heads=HQ, kv_heads=H)
+    rows.append({**base, "impl": "sdpa", "storage": "bf16", "scores": 0, "ms": sdpa, "bytes": full_bytes,
+                 "roofline_ms": full_bytes / bw * 1e3, "vs_sdpa": 1.0})
+    seed = torch.arange(B, device="cuda", dtype=torch.int64)
+    for storage in ("bf16", "kivi4", "kivi2"):
+        s = make_slots(B, H, ctx, storage, K, V)
+        nbytes = slot_bytes(s) + 2 * q.numel() * 2
+        roof = nbytes / bw * 1e3
+        acc = torch.zeros(B, H, s.cs + s.cw, device="cuda")
+        for mode in (0, 1, 2):
+            ws = workspace(q, s, mode, storage, H)
+            ms = time_ms(lambda: decode_attention(q, s, scale, mode, acc, seed, 0, 5, 1.5, workspace=ws))
+            rows.append({**base, "impl": "fused", "storage": storage, "scores": mode, "ms": ms, "bytes": nbytes,
+                         "roofline_ms": roof, "vs_sdpa": sdpa / ms})
+        try:
+            ms = time_ms(lambda: decode_attention_ref(q, s, scale, 2, acc, seed, 0, 5, 1.5), heavy=True)
+            rows.append({**base, "impl": "torch_ref", "storage": storage, "scores": 2, "ms": ms, "bytes": nbytes,
+                         "roofline_ms": roof, "vs_sdpa": sdpa / ms})
+        except torch.cuda.OutOfMemoryError:
+            rows.append({**base, "impl": "torch_ref", "storage": storage, "scores": 2, "ms": float("nan"),
+                         "bytes": nbytes, "roofline_ms": roof, "vs_sdpa": float("nan")})
+        del s, acc
+        torch.cuda.empty_cache()
+
+
+def check_graph_capture():
+    """A decode step with a workspace and device step/tau captures in a CUDA graph and replays correctly."""
+    B, H, ctx = 4, 8, 1024
+    K = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    V = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    s = make_slots(B, H, ctx, "kivi2", K, V)
+    q = torch.randn(B, HQ, D, device="cuda", dtype=DT)
+    seed = torch.arange(B, device="cuda")
+    step = torch.tensor([3], device="cuda", dtype=torch.int32)
+    tau = torch.tensor([1.5], device="cuda")
+    acc = torch.zeros(B, H, s.cs + s.cw, device="cuda")
+    ws = decode_workspace(q, s, 2)
+    for _ in range(2):
+        decode_attention(q, s, D ** -0.5, 2, acc, seed, 0, step, tau, workspace=ws)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_attention(q, s, D ** -0.5, 2, acc, seed, 0, step, tau, workspace=ws)
+    acc.zero_()
+    step.fill_(9)
+    g.replay()
+    torch.cuda.synchronize()
+    ref_acc = torch.zeros_like(acc)
+    ref = decode_attention_ref(q, s, D ** -0.5, 2, ref_acc, seed, 0, 9, 1.5)
+    e_out = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    e_acc = ((acc - ref_acc).norm() / ref_acc.norm()).item()
+    return e_out, e_acc
+
+
+def bench_prefill(T, H, rows):
+    q = torch.randn(1, HQ, T, D, device="cuda", dtype=DT)
+    k = torch.randn(1, H, T, D, device="cuda", dtype=DT)
+    v = torch.randn(1, H, T, D, device="cuda", dtype=DT)
+    valid = torch.ones(1, T, dtype=torch.bool, device="cuda")
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    attn = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H < HQ))
+    base = dict(batch=1, context=T, q_heads=HQ, kv_heads=H, bytes=0, roofline_ms=float("nan"))
+    rows.append({**base, "impl": "sdpa_prefill", "storage": "bf16", "scores": 0, "ms": attn, "vs_sdpa": 1.0})
+    best = None
+    for bm, bn, nw in ((64, 64, 4), (128, 64, 8), (128, 32, 4), (64, 32, 4), (128, 128, 8)):
+        prefill_mod.CONFIG.update(block_m=bm, block_n=bn, num_warps=nw)
+        try:
+            ms = time_ms(lambda: prefill_scores(q, k, valid, D ** -0.5, 1.0, False, seed))
+        except Exception:
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, (bm, bn, nw))
+    prefill_mod.CONFIG.update(block_m=best[1][0], block_n=best[1][1], num_warps=best[1][2])
+    print(f"# prefill T={T} H={H}: best (block_m, block_n, warps) {best[1]}", flush=True)
+    for noise, mode in ((False, 1), (True, 2)):
+        ms = time_ms(lambda: prefill_scores(q, k, valid, D ** -0.5, 1.0, noise, seed))
+        rows.append({**base, "impl": "prefill_scores", "storage": "bf16", "scores": mode, "ms": ms,
+                     "vs_sdpa": attn / ms})
+
+
+def write_csv(path, rows, gpu, bw):
+    for r in rows:
+        r["frac_roofline"] = r["roofline_ms"] / r["ms"] if r["ms"] == r["ms"] else float("nan")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cols = ["impl", "storage", "scores", "batch", "context", "q_heads", "kv_heads", "ms", "bytes", "roofline_ms",
+            "frac_roofline", "vs_sdpa"]
+    with open(path, "w", newline="") as f:
+        f.write(f"# gpu={gpu}; torch={torch.__version__}; triton={triton.__version__}; copy_bw_TBps={bw / 1e12:.3f}; "
+                f"date={datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def markdown(rows) -> str:
+    """Compact table: one line per decode shape (ms; % of roofline; x vs SDPA), then the prefill lines."""
+    def get(r0, impl, storage, scores):
+        for r in rows:
+            if (r["impl"], r["storage"], r["scores"], r["batch"], r["context"], r["kv_heads"]) == \
+                    (impl, storage, scores, r0["batch"], r0["context"], r0["kv_heads"]):
+                return r
+        return None
+
+    out = ["| KV heads | B | ctx | SDPA bf16 ms | fused bf16 ms | fused kivi4 ms | fused kivi2 ms (% roofline, x SDPA) "
+           "| kivi2 + H2O scores | kivi2 + Keyformer scores | torch ref kivi2 ms |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda r: "n/a" if r is None or r["ms"] != r["ms"] else f"{r['ms']:.3f}"  # noqa: E731
+    for r0 in rows:
+        if r0["impl"] != "sdpa":
+            continue
+        k2 = get(r0, "fused", "kivi2", 0)
+        k2s = f"{fmt(k2)} ({100 * k2['frac_roofline']:.0f}%, {k2['vs_sdpa']:.2f}x)" if k2 else "n/a"
+        out.append(f"| {r0['kv_heads']} | {r0['batch']} | {r0['context']} | {fmt(r0)} "
+                   f"| {fmt(get(r0, 'fused', 'bf16', 0))} "
+                   f"| {fmt(get(r0, 'fused', 'kivi4', 0))} | {k2s} | {fmt(get(r0, 'fused', 'kivi2', 1))} "
+                   f"| {fmt(get(r0, 'fused', 'kivi2', 2))} | {fmt(get(r0, 'torch_ref', 'kivi2', 2))} |")
+    out += ["", "| KV heads | prompt | SDPA causal prefill ms | H2O scores ms (fraction) "
+                 "| Keyformer scores ms (fraction) |",
+            "| --- | --- | --- | --- | --- |"]
+    for r0 in rows:
+        if r0["impl"] == "sdpa_prefill":
+            h2o, kf = get(r0, "prefill_scores", "bf16", 1), get(r0, "prefill_scores", "bf16", 2)
+            out.append(f"| {r0['kv_heads']} | {r0['context']} | {r0['ms']:.3f} "
+                       f"| {h2o['ms']:.3f} ({h2o['ms'] / r0['ms']:.2f}) "
+                       f"| {kf['ms']:.3f} ({kf['ms'] / r0['ms']:.2f}) |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/kernels.csv")
+    ap.add_argument("--batches", default="1,16,32,64")
+    ap.add_argument("--contexts", default="4096,8192,32768")
+    ap.add_argument("--kv-heads", default="32,8")
+    ap.add_argument("--tune-only", action="store_true", help="only pick and print the launch configurations")
+    ap.add_argument("--profile", default="", help="storage: run 20 decode steps at B=32, ctx=4096, MHA (for ncu)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels: needs a CUDA GPU (the kernels are timed on the device)")
+    torch.manual_seed(0)
+    if args.profile:
+        q = torch.randn(32, HQ, D, device="cuda", dtype=DT)
+        K, V = (torch.randn(32, 32, 4096, D, device="cuda", dtype=DT) for _ in range(2))
+        s = make_slots(32, 32, 4096, args.profile, K, V)
+        ws = decode_workspace(q, s, 0, block_n=32 if args.profile != "bf16" else 128, num_warps=2, num_stages=3,
+                              use_dot=False, kivi_3d=True)
+        for _ in range(20):
+            decode_attention(q, s, D ** -0.5, workspace=ws)
+        torch.cuda.synchronize()
+        return
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s",
+          flush=True)
+    e_out, e_acc = check_graph_capture()
+    print(f"# CUDA graph replay vs reference (kivi2, Keyformer scores): out rel err {e_out:.2e}, scores {e_acc:.2e}",
+          flush=True)
+    rows: list[dict] = []
+    for H in [int(x) for x in args.kv_heads.split(",")]:
+        for storage in ("bf16", "kivi4", "kivi2"):
+            print(tune_decode(H, storage), flush=True)
+        if args.tune_only:
+            continue
+        for ctx in [int(x) for x in args.contexts.split(",")]:
+            for B in [int(x) for x in args.batches.split(",")]:
+                try:
+                    bench_decode(B, ctx, H, bw, rows)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"# skipped B={B} ctx={ctx} H={H}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                write_csv(args.out, rows, gpu, bw)  # progressively: a cut-off run keeps what it measured
+                print(f"# done B={B} ctx={ctx} kv_heads={H}", flush=True)
+        for T in (4096, 8192):
+            bench_prefill(T, H, rows)
+    write_csv(args.out, rows, gpu, bw)
+    print(markdown(rows))
+    print(f"# wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,592 @@
+"""Fused split-K decode attention over compressed KV storage (`KVSlots`), with eviction scores.
+
+Same signature and semantics as `kernels.decode_attention_ref.decode_attention_ref`. Flash-decoding
+(SGLang `decode_attention` shape), three launches:
+- stage 1, one program per (sequence b, KV head h, split): the split takes a contiguous share of the
+  sequence's own held tokens (the S slots [0, s_len[b]) then the Cw ring slots) and reads each tile ONCE for all
+  GRP query heads of h. Packed KIVI codes + scale/min are dequantized in registers: per-channel keys use
+  q.(c * s + m) = (q * s).c + q.m (one group per tile, so the key tile is never dequantized); per-token values
+  are unpacked along channels. Free and evicted slots are masked; an online softmax keeps the running max, sum
+  and un-normalized P.V. Three inner paths, picked per launch: tensor-core tl.dot (GQA), CUDA-core
+  multiply-reduce (few query heads), and for MHA over KIVI a 3-D register-tile path that never changes layout
+  and reduces P.V over tokens once per split. With scores, stage 1 also writes each held token's scaled logit
+  into a (B, Hq, Cs + Cw) fp32 scratch (no noise here: the cache loop stays lean).
+- stage 2, one program per (b, query head): merges the splits by log-sum-exp and writes the output; for
+  Keyformer it also takes the row max/sum of (x + g) / tau over the scratch, the Gumbel noise g hashed in
+  registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`).
+- stage 3 (score_mode > 0), one program per (b, KV head, column block): normalizes the (noisy) logits and adds
+  the sum over the group's query heads into scores_acc. The cache is read once; only the small logit scratch
+  is passed over again.
+Ragged lengths (s_len, sv_len, win_pos >= win_lo) are read from device tensors: no host sync. With a
+`DecodeWorkspace` (from `decode_workspace`) nothing is allocated inside, so a step is CUDA-graph capturable
+(pass `step` and `tau` as device tensors then, so their values are not baked into the graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gumbel import gumbel_noise
+from kernels.slots import KVSlots
+from kernels.triton_util import check_device, dot, interpreting, to_dtype_rne, u32_to_f32
+
+_QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
+SPLIT_TARGET = 8  # stage-1 programs per SM to aim for (memory-level parallelism)
+MIN_SPLIT_TOKENS = 256  # fewest tokens per split
+# running-max floor: finite, so a fully masked tile gives exp(-inf - floor) = 0, never NaN
+_MASKED = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _leaf(w, BASE: tl.constexpr, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    """Code at bit offset BASE of every word -> fp32 (times sc plus mn when AFFINE)."""
+    c = u32_to_f32((w >> BASE) & ((1 << BITS) - 1))
+    if AFFINE:
+        c = c * sc + mn
+    return c
+
+
+@triton.jit
+def _tree2(w, BASE: tl.constexpr, STEP: tl.constexpr, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    return tl.interleave(_leaf(w, BASE, sc, mn, BITS, AFFINE), _leaf(w, BASE + STEP, sc, mn, BITS, AFFINE))
+
+
+@triton.jit
+def _tree4(w, BASE: tl.constexpr, STEP: tl.constexpr, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    return tl.interleave(_tree2(w, BASE, 2 * STEP, sc, mn, BITS, AFFINE),
+                         _tree2(w, BASE + STEP, 2 * STEP, sc, mn, BITS, AFFINE))
+
+
+@triton.jit
+def _tree8(w, BASE: tl.constexpr, STEP: tl.constexpr, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    return tl.interleave(_tree4(w, BASE, 2 * STEP, sc, mn, BITS, AFFINE),
+                         _tree4(w, BASE + STEP, 2 * STEP, sc, mn, BITS, AFFINE))
+
+
+@triton.jit
+def _tree16(w, BASE: tl.constexpr, STEP: tl.constexpr, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    return tl.interleave(_tree8(w, BASE, 2 * STEP, sc, mn, BITS, AFFINE),
+                         _tree8(w, BASE + STEP, 2 * STEP, sc, mn, BITS, AFFINE))
+
+
+@triton.jit
+def _unpack(words, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
+    """(R, W) int32 words -> (R, W * P) fp32 codes (code i of word w -> column w * P + i), as c * sc + mn when
+    AFFINE (sc, mn broadcast against (R, W)). A tree of interleaves: each level joins in registers, no shuffles."""
+    w = words.to(tl.uint32, bitcast=True)
+    if BITS == 2:
+        return _tree16(w, 0, 2, sc, mn, BITS, AFFINE)
+    else:
+        return _tree8(w, 0, 4, sc, mn, BITS, AFFINE)
+
+
+@triton.jit
+def _load_per_token(codes_ptr, scale_ptr, mn_ptr, row_off, s_row_off, mask, out_dtype: tl.constexpr,
+                    BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """Dequantize ROWS per-token-quantized rows -> (ROWS, D) out_dtype (0 where masked). row_off (ROWS, 1)
+    offsets of the rows' code words, s_row_off (ROWS, 1) offsets of their scale/min rows, mask (ROWS, 1)."""
+    P: tl.constexpr = 32 // BITS
+    wi = tl.arange(0, D // P)[None, :]
+    words = tl.load(codes_ptr + row_off + wi, mask=mask, other=0)  # (ROWS, D // P)
+    gi = wi // (G // P)  # the group of every code of word wi (G >= P)
+    sc = tl.load(scale_ptr + s_row_off + gi, mask=mask, other=0.0).to(tl.float32)  # (ROWS, D // P)
+    mn = tl.load(mn_ptr + s_row_off + gi, mask=mask, other=0.0).to(tl.float32)
+    return to_dtype_rne(_unpack(words, sc, mn, BITS, True), out_dtype)
+
+
+@triton.jit
+def _online_update(x, v, m_i, l_i, acc, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update with one tile: x (BLOCK_G, BLOCK_N) masked fp32 logits, v (BLOCK_N, D)."""
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(x - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_DOT:
+        pv = dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)  # few query heads: CUDA-core FMAs
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _qk(q, k_t, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """(BLOCK_G, D) queries x (D, BLOCK_N) keys -> (BLOCK_G, BLOCK_N) fp32."""
+    if USE_DOT:
+        return dot(q, k_t, DOT_PREC, UPCAST)
+    else:
+        return tl.sum(q.to(tl.float32)[:, :, None] * k_t.to(tl.float32)[None, :, :], 1)
+
+
+@triton.jit
+def _decode_stage1(
+    q_ptr, part_acc_ptr, part_ml_ptr, logit_ptr,
+    s_len_ptr, sv_len_ptr, win_pos_ptr, win_lo_ptr, wk_ptr, wv_ptr,
+    sk_ptr, sks_ptr, skm_ptr, sv_ptr, svs_ptr, svm_ptr,
+    sm_scale, H, Cs, Cw, NUM_SPLITS,
+    stride_qb, stride_qh,
+    stride_wkb, stride_wkh, stride_wkn, stride_wvb, stride_wvh, stride_wvn, stride_wpb,
+    stride_skb, stride_skh, stride_skn, stride_ksb, stride_ksh, stride_ksn,
+    stride_svb, stride_svh, stride_svn, stride_vsb, stride_vsh, stride_vsn,
+    stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    QUANT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    GRP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCORE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    KIVI_MHA: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)  # offsets can pass 2**31 elements (B=32, ctx=32768)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    dtype = q_ptr.dtype.element_ty
+    P: tl.constexpr = 32 // BITS
+    s_len = tl.load(s_len_ptr + b)
+    sv_len = tl.load(sv_len_ptr + b)
+    win_lo = tl.load(win_lo_ptr + b)
+    # this split's share [lo, hi) of the virtual index space: S slots [0, s_len) then ring slots
+    total = s_len + Cw
+    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, total)
+
+    g = tl.arange(0, BLOCK_G)
+    hq = h * GRP + g
+    gmask = g < GRP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    qf = q.to(tl.float32)
+    m_i = tl.full((BLOCK_G,), _MASKED, tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    logit_row = logit_ptr + b * stride_lb + hq[:, None] * stride_lh  # (BLOCK_G, 1)
+
+    # -- the kept store S: slots [lo, min(hi, s_len)), tiles aligned to BLOCK_N (within one key group)
+    s_hi = tl.minimum(hi, s_len)
+    if KIVI_MHA:
+        # one query head, KIVI storage: 3-D register tiles that never change layout. Keys (D, W, P): code i of
+        # word w is token s0 + w * P + i; values (BLOCK_N, D // P, P): code i of word w is channel w * P + i.
+        # P.V is accumulated per token (acc3) and reduced over tokens once, after the loop.
+        W: tl.constexpr = BLOCK_N // P
+        DW: tl.constexpr = D // P
+        sh = (tl.arange(0, P) * BITS).to(tl.uint32)
+        q1 = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)  # (D,)
+        wi = tl.arange(0, W)
+        vi = tl.arange(0, DW)
+        ii = tl.arange(0, P)
+        acc3 = tl.zeros((BLOCK_N, DW, P), tl.float32)
+        for s0 in range(lo, s_hi, BLOCK_N):
+            kw = tl.load(sk_ptr + b * stride_skb + h * stride_skh + (s0 // P + wi)[None, :, None] * stride_skn
+                         + d[:, None, None])  # (D, W, 1)
+            kc = u32_to_f32((kw.to(tl.uint32, bitcast=True) >> sh[None, None, :]) & ((1 << BITS) - 1))
+            srow = b * stride_ksb + h * stride_ksh + (s0 // G) * stride_ksn + d
+            sc = tl.load(sks_ptr + srow).to(tl.float32)
+            mn = tl.load(skm_ptr + srow).to(tl.float32)
+            t2 = s0 + wi[:, None] * P + ii[None, :]  # (W, P) token slots
+            x2 = tl.sum((q1 * sc)[:, None, None] * kc, 0) + tl.sum(q1 * mn, 0)
+            x2 = tl.where(t2 < s_hi, x2 * sm_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(tl.max(x2, 1), 0))  # (1,)
+            alpha = tl.exp(m_i - m_new)
+            p2 = tl.exp(x2 - tl.max(m_new, 0))
+            l_i = l_i * alpha + tl.sum(tl.sum(p2, 1), 0)
+            m_i = m_new
+            if SCORE:
+                tl.store(logit_ptr + b * stride_lb + h * stride_lh + t2, x2, mask=t2 < s_hi)
+            p1 = tl.reshape(p2, (BLOCK_N,))
+            n = s0 + tl.arange(0, BLOCK_N)
+            n3 = n[:, None, None]
+            from_s = (n3 < s_hi) & (n3 < sv_len)  # (BLOCK_N, 1, 1)
+            vw = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n3 * stride_svn + vi[None, :, None],
+                         mask=from_s, other=0)  # (BLOCK_N, DW, 1)
+            gi = vi[None, :, None] // (G // P)
+            vrow = b * stride_vsb + h * stride_vsh + n3 * stride_vsn + gi
+            vsc = tl.load(svs_ptr + vrow, mask=from_s, other=0.0).to(tl.float32)
+            vmn = tl.load(svm_ptr + vrow, mask=from_s, other=0.0).to(tl.float32)
+            v3 = u32_to_f32((vw.to(tl.uint32, bitcast=True) >> sh[None, None, :]) & ((1 << BITS) - 1)) * vsc + vmn
+            if s0 + BLOCK_N > sv_len:
+                from_w = (n3 < s_hi) & (n3 >= sv_len)
+                v3 += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n3 % Cw) * stride_wvn
+                              + (vi[None, :, None] * P + ii[None, None, :]), mask=from_w, other=0.0).to(tl.float32)
+            acc3 = acc3 * tl.max(alpha, 0) + p1[:, None, None] * v3
+        acc = tl.reshape(tl.sum(acc3, 0), (1, D))
+    else:
+        s_hi = tl.minimum(hi, s_len)
+        for s0 in range(lo, s_hi, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)
+            nmask = n < s_hi
+            n2 = n[:, None]
+            if QUANT == 1:
+                # KIVI per-channel keys, one group per tile: q.(c * s + m) = (q * s).c + q.m
+                w = s0 // P + tl.arange(0, BLOCK_N // P)
+                words_t = tl.load(sk_ptr + b * stride_skb + h * stride_skh + w[None, :] * stride_skn + d[:, None])
+                c_t = _unpack(words_t, 1.0, 0.0, BITS, False)  # (D, BLOCK_N) codes, tokens along columns
+                srow = b * stride_ksb + h * stride_ksh + (s0 // G) * stride_ksn + d
+                sc = tl.load(sks_ptr + srow).to(tl.float32)
+                mn = tl.load(skm_ptr + srow).to(tl.float32)
+                qm = tl.sum(qf * mn[None, :], 1)
+                if USE_DOT:
+                    x = dot((qf * sc[None, :]).to(dtype), c_t.to(dtype), DOT_PREC, UPCAST) + qm[:, None]
+                else:
+                    x = tl.sum((qf * sc[None, :])[:, :, None] * c_t[None, :, :], 1) + qm[:, None]
+            else:
+                if QUANT == 0:
+                    k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
+                                mask=nmask[:, None], other=0.0)
+                else:
+                    k = _load_per_token(sk_ptr, sks_ptr, skm_ptr, b * stride_skb + h * stride_skh + n2 * stride_skn,
+                                        b * stride_ksb + h * stride_ksh + n2 * stride_ksn, nmask[:, None], dtype,
+                                        BITS, G, BLOCK_N, D)
+                x = _qk(q, tl.trans(k), USE_DOT, DOT_PREC, UPCAST)
+            x = tl.where(nmask[None, :], x * sm_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
+            # values: slots < sv_len from S, slots in [sv_len, s_len) from the ring at slot % Cw
+            from_s = nmask & (n < sv_len)
+            if QUANT == 0:
+                v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
+                            mask=from_s[:, None], other=0.0)
+            else:
+                v = _load_per_token(sv_ptr, svs_ptr, svm_ptr, b * stride_svb + h * stride_svh + n2 * stride_svn,
+                                    b * stride_vsb + h * stride_vsh + n2 * stride_vsn, from_s[:, None], dtype,
+                                    BITS, G, BLOCK_N, D)
+            if s0 + BLOCK_N > sv_len:
+                from_w = nmask & (n >= sv_len)
+                v += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n2 % Cw) * stride_wvn + d[None, :],
+                             mask=from_w[:, None], other=0.0)
+            m_i, l_i, acc = _online_update(x, v, m_i, l_i, acc, USE_DOT, DOT_PREC, UPCAST)
+            if SCORE:
+                tl.store(logit_row + n[None, :], x, mask=gmask[:, None] & nmask[None, :])
+
+    # -- the full-precision ring: virtual [max(lo, s_len), hi) -> ring slots r = j - s_len
+    r_lo = tl.maximum(lo, s_len) - s_len
+    r_hi = hi - s_len
+    for r0 in range(r_lo, r_hi, BLOCK_N):
+        r = r0 + tl.arange(0, BLOCK_N)
+        rmask = r < r_hi
+        pos = tl.load(win_pos_ptr + b * stride_wpb + r, mask=rmask, other=-1)
+        valid = rmask & (pos >= win_lo)
+        r2 = r[:, None]
+        k = tl.load(wk_ptr + b * stride_wkb + h * stride_wkh + r2 * stride_wkn + d[None, :], mask=valid[:, None],
+                    other=0.0)
+        v = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + r2 * stride_wvn + d[None, :], mask=valid[:, None],
+                    other=0.0)
+        x = tl.where(valid[None, :], _qk(q, tl.trans(k), USE_DOT, DOT_PREC, UPCAST) * sm_scale, float("-inf"))
+        m_i, l_i, acc = _online_update(x, v, m_i, l_i, acc, USE_DOT, DOT_PREC, UPCAST)
+        if SCORE:
+            tl.store(logit_row + Cs + r[None, :], x, mask=gmask[:, None] & rmask[None, :])
+
+    # partial results of this split: un-normalized acc, and (m, l)
+    tl.store(part_acc_ptr + b * stride_ab + hq[:, None] * stride_ah + sp * stride_as + d[None, :], acc,
+             mask=gmask[:, None])
+    ml = part_ml_ptr + b * stride_mb + hq * stride_mh + sp * stride_ms
+    tl.store(ml + 0, m_i, mask=gmask)
+    tl.store(ml + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _score_logits(x, seed, layer, step, tau, hq, col, SCORE_MODE: tl.constexpr):
+    """The score's pre-softmax value: x (H2O) or (x + g) / tau with hash-Gumbel noise g (Keyformer)."""
+    if SCORE_MODE == 2:
+        return (x + gumbel_noise(seed, layer, step, hq, 0, col)) / tau
+    else:
+        return x
+
+
+@triton.jit
+def _decode_stage2(
+    part_acc_ptr, part_ml_ptr, out_ptr, stats_ptr, logit_ptr, s_len_ptr, seed_ptr, step_ptr, tau_ptr,
+    NUM_SPLITS, Cs, Cw, layer, step_val, tau_val,
+    stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, stride_lb, stride_lh,
+    D: tl.constexpr, SPLITS_P2: tl.constexpr, SCORE_MODE: tl.constexpr, STEP_PTR: tl.constexpr,
+    TAU_PTR: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # merge the splits of one (b, query head) by log-sum-exp; Keyformer: row max/sum of the noisy logits
+    b = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    s = tl.arange(0, SPLITS_P2)
+    smask = s < NUM_SPLITS
+    d = tl.arange(0, D)
+    ml = part_ml_ptr + b * stride_mb + hq * stride_mh + s * stride_ms
+    m = tl.load(ml + 0, mask=smask, other=_MASKED)
+    l = tl.load(ml + 1, mask=smask, other=0.0)
+    M = tl.max(m, 0)
+    w = tl.exp(m - M)
+    L = tl.sum(w * l, 0)
+    acc = tl.load(part_acc_ptr + b * stride_ab + hq * stride_ah + s[:, None] * stride_as + d[None, :],
+                  mask=smask[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, 0) / L
+    tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    st = stats_ptr + (b * tl.num_programs(1) + hq) * 2
+    if SCORE_MODE == 1:
+        tl.store(st, M)
+        tl.store(st + 1, L)
+    if SCORE_MODE == 2:
+        seed = tl.load(seed_ptr + b)
+        step = step_val
+        tau = tau_val
+        if STEP_PTR:
+            step = tl.load(step_ptr)
+        if TAU_PTR:
+            tau = tl.load(tau_ptr).to(tl.float32)
+        s_len = tl.load(s_len_ptr + b)
+        m2 = tl.full((BLOCK_C,), _MASKED, tl.float32)
+        l2 = tl.zeros((BLOCK_C,), tl.float32)
+        row = logit_ptr + b * stride_lb + hq * stride_lh
+        for c0 in range(0, Cs + Cw, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            ok = (c < s_len) | ((c >= Cs) & (c < Cs + Cw))  # ring logits were all written (-inf if free)
+            x = tl.load(row + c, mask=ok, other=float("-inf"))
+            y = tl.where(ok, _score_logits(x, seed, layer, step, tau, hq, c, SCORE_MODE), float("-inf"))
+            m_new = tl.maximum(m2, y)
+            l2 = l2 * tl.exp(m2 - m_new) + tl.exp(y - m_new)
+            m2 = m_new
+        M2 = tl.max(m2, 0)
+        tl.store(st, M2)
+        tl.store(st + 1, tl.sum(l2 * tl.exp(m2 - M2), 0))
+
+
+@triton.jit
+def _decode_stage3(
+    logit_ptr, stats_ptr, acc_ptr, s_len_ptr, win_pos_ptr, win_lo_ptr, seed_ptr, step_ptr, tau_ptr,
+    Hq, Cs, Cw, layer, step_val, tau_val,
+    stride_lb, stride_lh, stride_cb, stride_ch, stride_wpb,
+    GRP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, SCORE_MODE: tl.constexpr,
+    STEP_PTR: tl.constexpr, TAU_PTR: tl.constexpr,
+):
+    # scores_acc[b, h, c] += sum over the group's query heads of exp(y - M) / L, held columns only
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_len = tl.load(s_len_ptr + b)
+    win_lo = tl.load(win_lo_ptr + b)
+    in_w = (c >= Cs) & (c < Cs + Cw)
+    pos = tl.load(win_pos_ptr + b * stride_wpb + (c - Cs), mask=in_w, other=-1)
+    held = (c < s_len) | (in_w & (pos >= win_lo))
+    g = tl.arange(0, BLOCK_G)
+    hq = h * GRP + g
+    gmask = g < GRP
+    st = stats_ptr + (b * Hq + hq) * 2
+    M = tl.load(st, mask=gmask, other=0.0)
+    L = tl.load(st + 1, mask=gmask, other=1.0)
+    x = tl.load(logit_ptr + b * stride_lb + hq[:, None] * stride_lh + c[None, :],
+                mask=gmask[:, None] & held[None, :], other=float("-inf"))
+    seed = 0
+    step = step_val
+    tau = tau_val
+    if SCORE_MODE == 2:
+        seed = tl.load(seed_ptr + b)
+        if STEP_PTR:
+            step = tl.load(step_ptr)
+        if TAU_PTR:
+            tau = tl.load(tau_ptr).to(tl.float32)
+    y = _score_logits(x, seed, layer, step, tau, hq[:, None], c[None, :], SCORE_MODE)
+    y = tl.where(gmask[:, None] & held[None, :], y, float("-inf"))
+    f = tl.sum(tl.exp(y - M[:, None]) / L[:, None], 0)
+    a = acc_ptr + b * stride_cb + h * stride_ch + c
+    tl.store(a, tl.load(a, mask=held, other=0.0) + f, mask=held)
+
+
+@dataclass
+class DecodeWorkspace:
+    """Caller-allocated scratch for `decode_attention`; reuse it across steps (and inside a CUDA graph).
+
+    out (B, Hq, D) model dtype (returned by each call, overwritten by the next); part_acc (B, Hq, S, D) fp32;
+    part_ml (B, Hq, S, 2) fp32; stats (B, Hq, 2) fp32; logits (B, Hq, Cs + Cw) fp32 or None (score_mode 0).
+    S = num_splits; block_n, num_warps, num_stages: the stage-1 launch configuration.
+    """
+
+    out: torch.Tensor
+    part_acc: torch.Tensor
+    part_ml: torch.Tensor
+    stats: torch.Tensor
+    logits: torch.Tensor | None
+    num_splits: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+    kivi_3d: bool
+
+
+def default_config(slots: KVSlots, grp: int) -> dict:
+    """Stage-1 launch configuration picked by jobs/bench_kernels.py on an H200 (B=32, ctx=4096, head_dim 128)."""
+    if slots.quant == "channel":
+        if grp == 1:  # 3-D register-tile path
+            return dict(block_n=min(32, slots.group_size), num_warps=2, num_stages=2 if slots.bits == 2 else 3,
+                        use_dot=False)
+        return dict(block_n=min(32, slots.group_size), num_warps=2, num_stages=4, use_dot=True)
+    if slots.quant == "none":
+        return dict(block_n=128, num_warps=4, num_stages=1, use_dot=True)
+    return dict(block_n=64, num_warps=4, num_stages=2, use_dot=grp >= 4)
+
+
+def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     use_dot: bool | None = None, kivi_3d: bool = True) -> DecodeWorkspace:
+    """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
+
+    num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
+    at least MIN_SPLIT_TOKENS tokens each. block_n: tokens per tile (per-channel KIVI keys: <= group_size).
+    use_dot: tensor-core tl.dot for q.K and P.V, else CUDA-core broadcast-multiply-reduce (no 16-row padding
+    for MHA). kivi_3d: with one query head per KV head, per-channel KIVI storage and no dot, read the store with
+    3-D register tiles (no layout changes, P.V reduced once). None values come from `default_config`.
+    """
+    B, Hq, D = q.shape
+    H = slots.win_k.shape[1]
+    n = slots.cs + slots.cw
+    cfg = default_config(slots, Hq // H)
+    block_n = cfg["block_n"] if block_n is None else block_n
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    num_stages = cfg["num_stages"] if num_stages is None else num_stages
+    use_dot = cfg["use_dot"] if use_dot is None else use_dot
+    if block_n < 16 or block_n & (block_n - 1) or (slots.quant == "channel" and slots.group_size % block_n):
+        raise ValueError(f"decode_workspace: block_n={block_n} must be a power of two >= 16"
+                         + (f" dividing group_size {slots.group_size}" if slots.quant == "channel" else ""))
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        num_splits = max(1, min(triton.cdiv(SPLIT_TARGET * sms, B * H), triton.cdiv(n, MIN_SPLIT_TOKENS), 128))
+    dev = q.device
+    return DecodeWorkspace(
+        out=torch.empty(B, Hq, D, dtype=q.dtype, device=dev),
+        part_acc=torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev),
+        part_ml=torch.empty(B, Hq, num_splits, 2, dtype=torch.float32, device=dev),
+        stats=torch.empty(B, Hq, 2, dtype=torch.float32, device=dev),
+        logits=torch.empty(B, Hq, n, dtype=torch.float32, device=dev) if score_mode else None,
+        num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        use_dot=bool(use_dot), kivi_3d=bool(kivi_3d),
+    )
+
+
+def _check(q, slots, score_mode, scores_acc, seed, ws):
+    name = "decode_attention"
+    check_device(name, q)
+    if q.dim() != 3:
+        raise ValueError(f"{name}: q must be (B, Hq, D), got shape {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    if slots.quant not in _QUANT_IDS:
+        raise ValueError(f"{name}: slots.quant={slots.quant!r} is not one of {', '.join(_QUANT_IDS)}")
+    if slots.quant != "none" and slots.bits not in (2, 4):
+        raise ValueError(f"{name}: slots.bits={slots.bits} is not supported; use 2 or 4")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"{name}: head_dim {D} must be a power of two >= 16 for the Triton kernel")
+    Bw, H, Cw, Dw = slots.win_k.shape
+    if (Bw, Dw) != (B, D) or Hq % H:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not match the ring {tuple(slots.win_k.shape)} "
+                         f"(need the same B and D, and Hq a multiple of H)")
+    if Cw < 1:
+        raise ValueError(f"{name}: the ring must have at least one slot (win_k has Cw={Cw})")
+    if slots.quant != "none":
+        G, P = slots.group_size, 32 // slots.bits
+        if G < 16 or G & (G - 1) or G < P or D % G:
+            raise ValueError(f"{name}: group_size={G} must be a power of two >= 16 and >= {P} dividing head_dim {D}")
+        if slots.quant == "channel" and slots.cs % G:
+            raise ValueError(f"{name}: store capacity Cs={slots.cs} must be a multiple of group_size {G}")
+    tensors = [slots.win_k, slots.win_v] + ([slots.s_k, slots.s_v] if slots.quant == "none" and slots.s_k is not None
+                                            else [t for t in (slots.s_kc, slots.s_ks, slots.s_km, slots.s_vc,
+                                                              slots.s_vs, slots.s_vm) if t is not None])
+    for t in tensors + [q]:
+        if t.device != q.device or t.stride(-1) != 1:
+            raise ValueError(f"{name}: every cache tensor must be on {q.device} with a unit last-dim stride "
+                             f"(got one on {t.device} with strides {t.stride()})")
+    if slots.quant != "none" and (slots.s_ks.stride() != slots.s_km.stride()
+                                   or slots.s_vs.stride() != slots.s_vm.stride()):
+        raise ValueError(f"{name}: scale and min stores must share strides")
+    if slots.win_pos.stride(-1) != 1:
+        raise ValueError(f"{name}: win_pos must have a unit last-dim stride")
+    if score_mode not in (0, 1, 2):
+        raise ValueError(f"{name}: score_mode={score_mode} must be 0 (none), 1 (H2O) or 2 (Keyformer)")
+    if score_mode and scores_acc is not None:
+        want = (B, H, slots.cs + Cw)
+        if tuple(scores_acc.shape) != want or scores_acc.dtype != torch.float32 or scores_acc.stride(-1) != 1:
+            raise ValueError(f"{name}: scores_acc must be {want} float32 (unit last stride), got "
+                             f"{tuple(scores_acc.shape)} {scores_acc.dtype}")
+        if score_mode == 2 and (seed is None or seed.shape != (B,)):
+            got = None if seed is None else tuple(seed.shape)
+            raise ValueError(f"{name}: score_mode 2 needs seed (B,)={B} int64, got {got}")
+    if ws is not None:
+        ok = (ws.out.shape == q.shape and ws.out.dtype == q.dtype and ws.part_acc.shape[:2] == (B, Hq)
+              and (not score_mode or scores_acc is None
+                   or (ws.logits is not None and ws.logits.shape == (B, Hq, slots.cs + Cw))))
+        if not ok:
+            raise ValueError(f"{name}: workspace does not fit this call; build it with decode_workspace(q, slots, "
+                             f"score_mode={score_mode})")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    slots: KVSlots,
+    scale: float,
+    score_mode: int = 0,
+    scores_acc: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    layer: int = 0,
+    step: int | torch.Tensor = 0,
+    tau: float | torch.Tensor = 1.0,
+    *,
+    workspace: DecodeWorkspace | None = None,
+) -> torch.Tensor:
+    """Fused decode attention: q (B, Hq, D) model dtype -> out (B, Hq, D) model dtype.
+
+    slots: the layer's `KVSlots` (quant none / channel / token, bits 2 or 4); scale: the logit scale.
+    score_mode 1 (H2O) / 2 (Keyformer) adds into scores_acc (B, H, Cs + Cw) float32 in place; seed (B,) int64
+    for score_mode 2; step and tau: Python numbers or 1-element device tensors (int / float32).
+    workspace: from `decode_workspace`; then nothing is allocated and the returned tensor is workspace.out.
+    """
+    _check(q, slots, score_mode, scores_acc, seed, workspace)
+    if not score_mode or scores_acc is None:
+        score_mode = 0
+    ws = workspace if workspace is not None else decode_workspace(q, slots, score_mode)
+    B, Hq, D = q.shape
+    H, Cw = slots.win_k.shape[1], slots.cw
+    Cs = slots.cs
+    grp = Hq // H
+    qid = _QUANT_IDS[slots.quant]
+    if qid == 0:
+        sk = slots.s_k if slots.s_k is not None else slots.win_k
+        sv = slots.s_v if slots.s_v is not None else slots.win_v
+        sks = skm = svs = svm = sk
+    else:
+        sk, sks, skm, sv, svs, svm = slots.s_kc, slots.s_ks, slots.s_km, slots.s_vc, slots.s_vs, slots.s_vm
+    BLOCK_G = max(16, triton.next_power_of_2(grp)) if ws.use_dot else triton.next_power_of_2(grp)
+    step_is_ptr = isinstance(step, torch.Tensor)
+    tau_is_ptr = isinstance(tau, torch.Tensor)
+    seed_t = seed if seed is not None else slots.s_len
+    step_t = step if step_is_ptr else slots.s_len
+    tau_t = tau if tau_is_ptr else slots.s_len
+    step_v, tau_v = (0 if step_is_ptr else int(step)), (1.0 if tau_is_ptr else float(tau))
+    logits = ws.logits if score_mode else ws.stats
+    st3 = lambda t: (t.stride(0), t.stride(1), t.stride(2)) if t.dim() == 4 else (0, 0, 0)  # noqa: E731
+    NS = ws.num_splits
+    _decode_stage1[(B, H, NS)](
+        q, ws.part_acc, ws.part_ml, logits,
+        slots.s_len, slots.sv_len, slots.win_pos, slots.win_lo, slots.win_k, slots.win_v,
+        sk, sks, skm, sv, svs, svm,
+        float(scale), H, Cs, Cw, NS,
+        q.stride(0), q.stride(1),
+        *slots.win_k.stride()[:3], *slots.win_v.stride()[:3], slots.win_pos.stride(0),
+        *st3(sk), *st3(sks), *st3(sv), *st3(svs),
+        *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], logits.stride(0), logits.stride(1),
+        QUANT=qid, BITS=slots.bits if qid else 2, G=slots.group_size if qid else 16, D=D,
+        GRP=grp, BLOCK_G=BLOCK_G, BLOCK_N=ws.block_n, SCORE=score_mode > 0, USE_DOT=ws.use_dot,
+        KIVI_MHA=ws.kivi_3d and grp == 1 and qid == 1 and not ws.use_dot,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
+        num_warps=ws.num_warps, num_stages=ws.num_stages,
+    )
+    _decode_stage2[(B, Hq)](
+        ws.part_acc, ws.part_ml, ws.out, ws.stats, logits, slots.s_len, seed_t, step_t, tau_t,
+        NS, Cs, Cw, int(layer), step_v, tau_v,
+        *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], ws.out.stride(0), ws.out.stride(1),
+        logits.stride(0), logits.stride(1),
+        D=D, SPLITS_P2=triton.next_power_of_2(NS), SCORE_MODE=score_mode, STEP_PTR=step_is_ptr,
+        TAU_PTR=tau_is_ptr, BLOCK_C=256,
+    )
+    if score_mode:
+        BLOCK_C = 128
+        _decode_stage3[(B, H, triton.cdiv(Cs + Cw, BLOCK_C))](
+            ws.logits, ws.stats, scores_acc, slots.s_len, slots.win_pos, slots.win_lo, seed_t, step_t, tau_t,
+            Hq, Cs, Cw, int(layer), step_v, tau_v,
+            ws.logits.stride(0), ws.logits.stride(1), scores_acc.stride(0), scores_acc.stride(1),
+            slots.win_pos.stride(0), GRP=grp, BLOCK_G=triton.next_power_of_2(grp), BLOCK_C=BLOCK_C,
+            SCORE_MODE=score_mode, STEP_PTR=step_is_ptr, TAU_PTR=tau_is_ptr,
+        )
+    return ws.out

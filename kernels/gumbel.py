@@ -1,0 +1,89 @@
+"""Triton version of the counter-based Gumbel(0, 1) noise of `kernels.gumbel_ref`.
+
+`gumbel_noise(seed, layer, step, head, row, col)` is a `@triton.jit` helper that other kernels call on
+register tensors: it draws exactly the hash `kernels.gumbel_ref.hash_coords` defines (same 32-bit finalizer
+rounds, same mixing order col, row, head, step, layer, seed), so the noise is never stored and the torch and
+Triton backends agree to float32 rounding of the two logs.
+
+`gumbel_triton(seed, layer, step, head, row, col)` is a small public launcher over integer coordinate tensors
+(for tests and for callers that want a noise tensor outright).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_util import check_device
+
+
+@triton.jit
+def _mix32(x):
+    """One round of the lowbias32-shaped finalizer on uint32 (multiplications wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x2C1B3C6D, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _as_u32(c):
+    """Integer tensor or scalar -> uint32 holding its value mod 2**32 (two's complement for negatives)."""
+    return tl.cast(tl.cast(c, tl.int64), tl.uint32)
+
+
+@triton.jit
+def gumbel_hash(seed, layer, step, head, row, col):
+    """uint32 hash of broadcastable integer coordinates; equals `gumbel_ref.hash_coords`."""
+    h = _mix32(_as_u32(col))
+    h = _mix32(_as_u32(row) ^ h)
+    h = _mix32(_as_u32(head) ^ h)
+    h = _mix32(_as_u32(step) ^ h)
+    h = _mix32(_as_u32(layer) ^ h)
+    h = _mix32(_as_u32(seed) ^ h)
+    return h
+
+
+@triton.jit
+def gumbel_noise(seed, layer, step, head, row, col):
+    """Gumbel(0, 1) float32 noise of the broadcast shape of the coordinates; equals `gumbel_ref.gumbel`."""
+    h = gumbel_hash(seed, layer, step, head, row, col)
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _gumbel_kernel(seed_ptr, layer_ptr, step_ptr, head_ptr, row_ptr, col_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # flat elementwise map over n broadcast coordinates (int64 each)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    seed = tl.load(seed_ptr + offs, mask=m, other=0)
+    layer = tl.load(layer_ptr + offs, mask=m, other=0)
+    step = tl.load(step_ptr + offs, mask=m, other=0)
+    head = tl.load(head_ptr + offs, mask=m, other=0)
+    row = tl.load(row_ptr + offs, mask=m, other=0)
+    col = tl.load(col_ptr + offs, mask=m, other=0)
+    tl.store(out_ptr + offs, gumbel_noise(seed, layer, step, head, row, col), mask=m)
+
+
+def gumbel_triton(seed, layer, step, head, row, col, device=None) -> torch.Tensor:
+    """Gumbel(0, 1) noise, float32, of the broadcast shape of the integer coordinates (tensors or ints).
+
+    Same values as `kernels.gumbel_ref.gumbel` (to ~1e-6). Tensors must share one device (CUDA, or CPU under
+    TRITON_INTERPRET=1); `device` places plain-int-only calls.
+    """
+    coords = [torch.as_tensor(c, dtype=torch.int64, device=device) for c in (seed, layer, step, head, row, col)]
+    dev = next((c.device for c in coords if c.dim() > 0), coords[0].device)
+    coords = [c.to(dev) for c in coords]
+    shape = torch.broadcast_shapes(*(c.shape for c in coords))
+    flat = [c.expand(shape).contiguous().view(-1) for c in coords]
+    out = torch.empty(shape, dtype=torch.float32, device=dev)
+    check_device("gumbel_triton", out)
+    n = out.numel()
+    if n:
+        BLOCK = 1024
+        _gumbel_kernel[(triton.cdiv(n, BLOCK),)](*flat, out.view(-1), n, BLOCK=BLOCK)
+    return out

@@ -1,0 +1,177 @@
+"""Flash-style prefill score accumulation for Keyformer / H2O (same semantics as `prefill_scores_ref`).
+
+score[b, h, j] = sum over query heads of KV head h and causal valid rows i >= j of
+softmax_j((q_i . k_j * scale + g_ij) / tau),   g = 0 for H2O, Gumbel noise keyed by unpadded positions
+(`gumbel_ref.gumbel(seed[b], layer, 0, q_head, pos_i, pos_j)`, hashed in registers) for Keyformer.
+
+Never holds the T x T matrix, in two passes over (q, k) tiles:
+- pass 1, one program per (b, query head, BLOCK_M rows): online row max m_i and sum l_i over the row's allowed
+  columns (causal, both tokens valid: left padding never counts) -> stats (B, Hq, T, 2) fp32;
+- pass 2, one program per (b, KV head, BLOCK_N columns): for every query head of the group and every row block
+  at or below the diagonal, recompute the logits, p = exp(y - m_i) / l_i, and accumulate the column sums.
+Pass 2 recomputes q.k, so the scoring costs about two QK^T products (no P.V), plus the noise hash.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gumbel import gumbel_noise
+from kernels.triton_util import check_device, dot, interpreting
+
+# launch configuration (block sizes are capped to the sequence for short prompts); jobs/bench_kernels.py tunes it
+CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
+            NOISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """(BM, BN) masked scaled logits y = (q.k * scale + g) / tau and the allowed mask."""
+    x = dot(q, tl.trans(k), DOT_PREC, UPCAST) * sm_scale
+    if NOISE:
+        x = x + gumbel_noise(seed, layer, 0, hq, pi[:, None], pj[None, :])
+    y = x * inv_tau
+    allowed = (j[None, :] <= i[:, None]) & vi[:, None] & vj[None, :] & (j[None, :] < T) & (i[:, None] < T)
+    return tl.where(allowed, y, float("-inf")), allowed
+
+
+@triton.jit
+def _prefill_row_stats(
+    q_ptr, k_ptr, valid_ptr, pos_ptr, seed_ptr, stats_ptr,
+    sm_scale, inv_tau, layer, Hq, T,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
+    GRP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NOISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // Hq).to(tl.int64)
+    hq = pid % Hq
+    h = hq // GRP
+    i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = i < T
+    d = tl.arange(0, D)
+    vi = tl.load(valid_ptr + b * stride_vb + i, mask=imask, other=0) != 0
+    pi = tl.load(pos_ptr + b * T + i, mask=imask, other=0)
+    seed = 0
+    if NOISE:
+        seed = tl.load(seed_ptr + b)
+    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + i[:, None] * stride_qt + d[None, :], mask=imask[:, None],
+                other=0.0)
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    j_end = tl.minimum((tl.program_id(1) + 1) * BLOCK_M, T)  # causal: columns <= the block's last row
+    for j0 in range(0, j_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jmask = j < T
+        vj = tl.load(valid_ptr + b * stride_vb + j, mask=jmask, other=0) != 0
+        pj = tl.load(pos_ptr + b * T + j, mask=jmask, other=0)
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
+                    other=0.0)
+        y, allowed = _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
+                             NOISE, DOT_PREC, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(y, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(y - m_new[:, None]), 1)
+        m_i = m_new
+    st = stats_ptr + ((b * Hq + hq) * T + i) * 2
+    tl.store(st, m_i, mask=imask)
+    tl.store(st + 1, l_i, mask=imask)
+
+
+@triton.jit
+def _prefill_col_sums(
+    q_ptr, k_ptr, valid_ptr, pos_ptr, seed_ptr, stats_ptr, out_ptr,
+    sm_scale, inv_tau, layer, H, T,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
+    GRP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NOISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jmask = j < T
+    d = tl.arange(0, D)
+    vj = tl.load(valid_ptr + b * stride_vb + j, mask=jmask, other=0) != 0
+    pj = tl.load(pos_ptr + b * T + j, mask=jmask, other=0)
+    seed = 0
+    if NOISE:
+        seed = tl.load(seed_ptr + b)
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
+                other=0.0)
+    col = tl.zeros((BLOCK_N,), tl.float32)
+    i_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: rows >= the block's first column
+    for g in range(GRP):
+        hq = h * GRP + g
+        for i0 in range(i_start, T, BLOCK_M):
+            i = i0 + tl.arange(0, BLOCK_M)
+            imask = i < T
+            vi = tl.load(valid_ptr + b * stride_vb + i, mask=imask, other=0) != 0
+            pi = tl.load(pos_ptr + b * T + i, mask=imask, other=0)
+            q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + i[:, None] * stride_qt + d[None, :],
+                        mask=imask[:, None], other=0.0)
+            st = stats_ptr + ((b * H * GRP + hq) * T + i) * 2
+            m = tl.load(st, mask=imask, other=0.0)
+            l = tl.load(st + 1, mask=imask, other=1.0)
+            l = tl.where(l > 0.0, l, 1.0)  # rows with no allowed column (padding) contribute 0
+            y, allowed = _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
+                                 NOISE, DOT_PREC, UPCAST)
+            p = tl.exp(y - m[:, None]) / l[:, None]
+            col += tl.sum(tl.where(allowed, p, 0.0), 0)
+    tl.store(out_ptr + (b * H + h) * T + j, col, mask=jmask)
+
+
+def prefill_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+    tau: float = 1.0,
+    noise: bool = False,
+    seed: torch.Tensor | None = None,
+    layer: int = 0,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """q (B, Hq, T, D), k (B, H, T, D) model dtype, valid (B, T) bool (left padding False) -> (B, H, T) float32.
+
+    Per key token: the column sum over causal valid query rows (and the query heads sharing its KV head) of
+    softmax((q.k * scale + g) / tau); g Gumbel noise from seed (B,) int64 when noise=True. `chunk` is accepted
+    for signature parity with the reference; the kernel tiles by its own block sizes and never holds T x T.
+    """
+    name = "prefill_scores"
+    check_device(name, q)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{name}: q and k must be (B, Hq, T, D) and (B, H, T, D); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, Hq, T, D = q.shape
+    H = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or Hq % H:
+        raise ValueError(f"{name}: k {tuple(k.shape)} does not match q {tuple(q.shape)} (same B, T, D; Hq % H == 0)")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"{name}: head_dim {D} must be a power of two >= 16 for the Triton kernel")
+    if valid.shape != (B, T) or valid.dtype != torch.bool:
+        raise ValueError(f"{name}: valid must be (B, T)={(B, T)} bool, got {tuple(valid.shape)} {valid.dtype}")
+    if noise and (seed is None or seed.shape != (B,)):
+        got = None if seed is None else tuple(seed.shape)
+        raise ValueError(f"{name}: noise=True needs seed (B,)={B} int64, got {got}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or q.device != k.device or valid.device != q.device:
+        raise ValueError(f"{name}: q, k, valid must share a device and have a unit last-dim stride")
+    out = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    if B * H * T == 0:
+        return out.zero_()
+    v8 = valid.to(torch.int8).contiguous()
+    pos = (valid.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1).contiguous()  # (B, T) unpadded positions
+    stats = torch.empty(B, Hq, T, 2, dtype=torch.float32, device=q.device)
+    seed_t = seed if noise else pos
+    cap = max(16, triton.next_power_of_2(T))
+    BM, BN = min(CONFIG["block_m"], cap), min(CONFIG["block_n"], cap)
+    common = dict(GRP=Hq // H, D=D, BLOCK_M=BM, BLOCK_N=BN, NOISE=bool(noise),
+                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
+                  num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    strides = (*q.stride()[:3], *k.stride()[:3], v8.stride(0))
+    _prefill_row_stats[(B * Hq, triton.cdiv(T, BM))](
+        q, k, v8, pos, seed_t, stats, float(scale), 1.0 / float(tau), int(layer), Hq, T, *strides, **common)
+    _prefill_col_sums[(B * H, triton.cdiv(T, BN))](
+        q, k, v8, pos, seed_t, stats, out, float(scale), 1.0 / float(tau), int(layer), H, T, *strides, **common)
+    return out

@@ -1,0 +1,55 @@
+"""Small Triton helpers shared by the kernels: exact float32 -> bf16 rounding, interpreter detection, dot.
+
+The Triton CPU interpreter converts float32 to bfloat16 by truncation, while CUDA (and torch) round to
+nearest-even; `to_dtype_rne` rounds explicitly so both agree bit for bit with the torch references.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRET = tl.constexpr(interpreting())
+
+
+def check_device(name: str, t) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{name}: the Triton kernel needs CUDA tensors (got {t.device}); on a CPU set "
+                         f"TRITON_INTERPRET=1 before importing kernels, or use the torch reference (backend='torch')")
+
+
+@triton.jit
+def u32_to_f32(c):
+    """Small unsigned ints (< 2**23) -> float32 exactly with one OR and one FADD (no quarter-rate I2F)."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def to_dtype_rne(x, dtype: tl.constexpr):
+    """fp32 tensor -> `dtype`, rounding to nearest-even also for bfloat16 under the interpreter (finite x)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        bits = bits & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation; UPCAST (set under the interpreter, whose bf16 dot is wrong) computes it
+    on float32 copies, which is what the tensor cores do for bf16 operands (exact products, fp32 sums)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)

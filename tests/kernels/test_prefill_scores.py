@@ -1,0 +1,57 @@
+"""Prefill score accumulation (kernels/prefill_scores.py) against prefill_scores_ref."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.prefill_scores import prefill_scores
+from kernels.prefill_scores_ref import prefill_scores_ref
+from tests.kernels.kernel_cases import assert_close
+
+# (dtype, D, grp, H, T, unpadded lengths (left padding), noise, tau)
+CASES = [
+    (torch.float32, 64, 1, 2, 77, [77, 3], True, 1.0),
+    (torch.float32, 64, 4, 1, 70, [70, 41], False, 1.0),
+    (torch.bfloat16, 128, 8, 1, 37, [1, 37], True, 1.5),
+    (torch.float32, 64, 1, 1, 100, [90], False, 2.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{str(c[0])[6:]}-D{c[1]}-grp{c[2]}-T{c[4]}-noise{c[6]}" for c in CASES])
+def test_prefill_scores_match_reference(case, device):
+    dtype, D, grp, H, T, lens, noise, tau = case
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B = len(lens)
+    q = torch.randn(B, H * grp, T, D, generator=gen).to(dtype).to(device)
+    k = torch.randn(B, H, T, D, generator=gen).to(dtype).to(device)
+    valid = (torch.arange(T).view(1, T) >= (T - torch.tensor(lens)).view(B, 1)).to(device)
+    seed = torch.randint(0, 2**40, (B,), generator=gen).to(device)
+    out = prefill_scores(q, k, valid, D ** -0.5, tau, noise, seed, layer=2)
+    ref = prefill_scores_ref(q, k, valid, D ** -0.5, tau, noise, seed, layer=2, chunk=32)
+    assert_close(out, ref, torch.float32 if dtype == torch.float32 else dtype, "prefill scores")
+    assert torch.all(out[~valid[:, None, :].expand_as(out)] == 0), "a padding token got a score"
+    # each valid query row spreads probability 1 over its keys: the scores sum to (#valid rows) x grp per KV head
+    torch.testing.assert_close(out.sum(-1).cpu(), (valid.sum(-1, keepdim=True) * grp).float().expand(B, H).cpu(),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_prefill_noise_depends_on_seed_and_layer(device):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    q = torch.randn(1, 2, 40, 64, generator=gen).to(device)
+    k = torch.randn(1, 2, 40, 64, generator=gen).to(device)
+    valid = torch.ones(1, 40, dtype=torch.bool, device=device)
+    a = prefill_scores(q, k, valid, 0.125, 1.0, True, torch.tensor([1], device=device), layer=0)
+    b = prefill_scores(q, k, valid, 0.125, 1.0, True, torch.tensor([1], device=device), layer=0)
+    c = prefill_scores(q, k, valid, 0.125, 1.0, True, torch.tensor([2], device=device), layer=0)
+    d = prefill_scores(q, k, valid, 0.125, 1.0, True, torch.tensor([1], device=device), layer=1)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3 and (a - d).abs().max() > 1e-3
+
+
+def test_prefill_rejects_bad_inputs(device):
+    q = torch.randn(1, 2, 8, 64, device=device)
+    with pytest.raises(ValueError, match="valid"):
+        prefill_scores(q, q, torch.ones(1, 9, dtype=torch.bool, device=device), 1.0)
+    with pytest.raises(ValueError, match="seed"):
+        prefill_scores(q, q, torch.ones(1, 8, dtype=torch.bool, device=device), 1.0, noise=True)
