@@ -2,7 +2,7 @@
 
 `gumbel_noise(seed, layer, step, head, row, col)` is a `@triton.jit` helper that other kernels call on
 register tensors: it draws exactly the hash `kernels.gumbel_ref.hash_coords` defines (same 32-bit finalizer
-rounds, same mixing order col, row, head, step, layer, seed), so the noise is never stored and the torch and
+rounds, same mixing order seed, layer, step, head, row, col), so the noise is never stored and the torch and
 Triton backends agree to float32 rounding of the two logs.
 
 `gumbel_triton(seed, layer, step, head, row, col)` is a small public launcher over integer coordinate tensors
@@ -38,12 +38,13 @@ def _as_u32(c):
 @triton.jit
 def gumbel_hash(seed, layer, step, head, row, col):
     """uint32 hash of broadcastable integer coordinates; equals `gumbel_ref.hash_coords`."""
-    h = _mix32(_as_u32(col))
-    h = _mix32(_as_u32(row) ^ h)
-    h = _mix32(_as_u32(head) ^ h)
-    h = _mix32(_as_u32(step) ^ h)
+    # seed first, col last: the rounds over per-call scalars stay scalar, only the last ones are tile-sized
+    h = _mix32(_as_u32(seed))
     h = _mix32(_as_u32(layer) ^ h)
-    h = _mix32(_as_u32(seed) ^ h)
+    h = _mix32(_as_u32(step) ^ h)
+    h = _mix32(_as_u32(head) ^ h)
+    h = _mix32(_as_u32(row) ^ h)
+    h = _mix32(_as_u32(col) ^ h)
     return h
 
 

@@ -1,8 +1,8 @@
 """Counter-based Gumbel(0, 1) noise: a pure function of (seed, layer, step, head, row, col).
 
 The Triton kernels compute the same 32-bit hash in registers, so the torch and Triton backends draw identical
-noise without storing it. The hash mixes each coordinate in with the `lowbias32` finalizer shape (xor-shift,
-multiply by an odd constant below 2**31 so products fit in int64 here, xor-shift).
+noise without storing it. The hash mixes the coordinates in, seed first and col last, each with the `lowbias32`
+finalizer shape (xor-shift, multiply by an odd constant below 2**31 so products fit in int64 here, xor-shift).
 
     u = (hash >> 8 + 0.5) / 2**24 in (0, 1);  g = -log(-log(u))
 """
@@ -29,7 +29,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def hash_coords(seed, layer, step, head, row, col) -> torch.Tensor:
     """Hash of broadcastable integer coordinates (tensors or ints, each taken mod 2**32) -> int64 in [0, 2**32)."""
     h = None
-    for c in (col, row, head, step, layer, seed):
+    for c in (seed, layer, step, head, row, col):  # coarse to fine: broadcasting keeps the early rounds small
         c = torch.as_tensor(c, dtype=torch.int64) & MASK32
         h = mix32(c if h is None else (c ^ h))
     return h

@@ -239,9 +239,6 @@ def check_model_config(cfg: CacheConfig, mc) -> None:
                 f"head_dim {head_dim} is not a multiple of CacheConfig.group_size={cfg.group_size}: choose a group "
                 f"size that divides {head_dim}"
             )
-        per_word = 32 // cfg.bits
-        if cfg.residual % per_word:
-            raise ValueError(f"CacheConfig.residual={cfg.residual} must be a multiple of {per_word} at {cfg.bits} bits")
 
 
 def kvstream_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

@@ -79,6 +79,10 @@ class CacheConfig:
             raise ValueError(
                 f"CacheConfig.residual={self.residual} must be a positive multiple of group_size={self.group_size}"
             )
+        if self.bits is not None and self.residual % (32 // self.bits):
+            raise ValueError(
+                f"CacheConfig.residual={self.residual} must be a multiple of {32 // self.bits} at {self.bits} bits"
+            )
         if self.prefill_chunk < 1:
             raise ValueError(f"CacheConfig.prefill_chunk={self.prefill_chunk} must be >= 1")
         if not -(2**31) <= int(self.seed) < 2**31:

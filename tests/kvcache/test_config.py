@@ -24,6 +24,7 @@ from tests.kvcache.tiny import build_model, padded_batch
     (dict(recent_ratio=1.5), r"recent_ratio=1.5 must be in \[0, 1\]"),
     (dict(tau_init=0.0), "both must be > 0"),
     (dict(max_new_tokens=0), "max_new_tokens=0 must be >= 1"),
+    (dict(quant="kivi2", group_size=8, residual=8), "residual=8 must be a multiple of 16 at 2 bits"),
 ])
 def test_invalid_configs_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
