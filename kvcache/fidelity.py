@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
