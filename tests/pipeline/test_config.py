@@ -1,0 +1,59 @@
+"""Config layering (defaults -> YAML -> dotlist) and validation errors that name the key."""
+
+import pytest
+
+from kvcache import CacheConfig
+from pipeline.config import ConfigError, cache_config, load_config
+
+
+def test_layering_yaml_then_cli(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("generate:\n  max_new_tokens: 17\n  truncation: tail\ncache:\n  policy: window\n  budget: 0.5\n")
+    cfg = load_config("summarize", str(y), ["generate.max_new_tokens=9", "runtime.num_actors=3"])
+    assert cfg.generate.max_new_tokens == 9  # CLI wins over YAML
+    assert cfg.generate.truncation == "tail"  # YAML wins over defaults
+    assert cfg.runtime.num_actors == 3
+    assert cfg.runtime.batch_size == 8  # default kept
+    cc = cache_config(cfg)
+    assert isinstance(cc, CacheConfig) and cc.policy == "window" and cc.budget == 0.5
+    assert cc.max_new_tokens == 9  # follows generate.max_new_tokens
+
+
+def test_converse_defaults_differ():
+    cfg = load_config("converse")
+    assert cfg.data.path == "demo:converse" and cfg.output.path == "outputs/converse"
+
+
+@pytest.mark.parametrize("override, key", [
+    (["generate.max_new_tokenz=3"], "max_new_tokenz"),
+    (["runtime.batch_size=abc"], "runtime.batch_size"),
+    (["generate.truncation=sideways"], "generate.truncation"),
+    (["runtime.num_actors=0"], "runtime.num_actors"),
+    (["generate.top_p=0"], "generate.top_p"),
+    (["data.format=xml"], "data.format"),
+    (["prompt.template=no placeholder"], "prompt.template"),
+    (["cache.policy=lru"], "policy"),
+    (["cache.colour=red"], "colour"),
+    (["nonsense"], "nonsense"),
+])
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("summarize", None, override)
+    assert key in str(e.value)
+
+
+def test_config_of_another_task_is_refused():
+    with pytest.raises(ConfigError, match="jobs/summarize.py"):
+        load_config("converse", None, ["task=summarize"])
+
+
+def test_missing_yaml_file_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config("summarize", str(tmp_path / "nope.yaml"))
+
+
+def test_every_cache_field_settable():
+    over = [f"cache.{k}={v}" for k, v in CacheConfig().to_dict().items() if v is not None and not isinstance(v, dict)]
+    cfg = load_config("summarize", None, over + ["cache.policy=keyformer", "cache.budget=0.4", "cache.quant=kivi2"])
+    cc = cache_config(cfg)
+    assert (cc.policy, cc.budget, cc.quant) == ("keyformer", 0.4, "kivi2")

@@ -1,0 +1,106 @@
+"""Whole jobs on the shared local Ray: demo, resume, bad rows, injected OOM, a killed actor, clear stops."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import load_config, main, run
+from tests.pipeline.helpers import ROOT, job_overrides, write_jsonl
+
+
+def results(out):
+    return pq.read_table(str(out / "results")).to_pylist()
+
+
+def test_demo_job_writes_results_stats_config_then_resumes(tmp_path, ray_local):
+    over = job_overrides(tmp_path, **{"output.rows_per_file": 8})
+    stats = run(load_config("summarize", str(ROOT / "conf/demo.yaml"), over))
+    out = tmp_path / "out"
+    rows = results(out)
+    assert sorted(r["id"] for r in rows) == [f"demo-{i:04d}" for i in range(32)]
+    for r in rows:
+        assert r["error"] is None and isinstance(r["generated_text"], str) and 1 <= r["num_generated_tokens"] <= 4
+        assert r["num_input_tokens"] > 100 and 0 < r["kv_bytes"] < r["kv_bytes_full"]
+        assert (r["policy"], r["quant"]) == ("h2o", "kivi2")  # conf/demo.yaml's compressed cache
+        assert r["summary"]  # the reference column passes through
+        assert r["time_taken_llm"] > 0
+    assert stats["rows_ok"] == 32 and stats["rows_failed"] == 0
+    saved = json.loads((out / "stats.json").read_text())
+    assert saved["rows_ok"] == 32 and saved["output_tokens"] == sum(r["num_generated_tokens"] for r in rows)
+    assert saved["rouge"]["rouge_rows"] == 32 and pq.read_table(str(out / "stats.parquet")).num_rows == 1
+    assert "max_new_tokens: 4" in (out / "config.yaml").read_text()
+
+    # resume: drop one results file, rerun: exactly its rows are generated again, nothing duplicated
+    files = sorted((out / "results").glob("*.parquet"))
+    assert len(files) >= 3
+    lost = pq.read_table(str(files[1]))["id"].to_pylist()
+    files[1].unlink()
+    again = run(load_config("summarize", str(ROOT / "conf/demo.yaml"), over))
+    assert again["rows"] == len(lost) and again["rows_skipped_resume"] == 32 - len(lost)
+    ids = [r["id"] for r in results(out)]
+    assert sorted(ids) == [f"demo-{i:04d}" for i in range(32)]
+    with pytest.raises(Exception, match="output.resume"):
+        run(load_config("summarize", str(ROOT / "conf/demo.yaml"), over + ["output.resume=false"]))
+
+
+def test_bad_rows_get_errors_and_oom_splits(tmp_path, ray_local, monkeypatch):
+    good = [{"id": f"g{i}", "text": f"A short document about item {i}. " * (i + 1)} for i in range(6)]
+    bad = [{"id": "null", "text": None}, {"id": "empty", "text": ""}, {"id": "space", "text": " \t\n"},
+           {"id": "number", "text": 12.5}, {"id": "nofield", "body": "x"}, {"id": "huge", "text": "word " * 2000}]
+    src = write_jsonl(tmp_path / "in" / "docs.jsonl", good + bad, [b'{"id": "utf8", "text": "caf\xe9 \xff"}'])
+    monkeypatch.setenv("KVSTREAM_INJECT_OOM_ABOVE", "2")
+    over = job_overrides(tmp_path, **{"data.path": str(src), "data.id_column": "id", "generate.truncation": "reject",
+                                      "generate.max_input_tokens": 1024})
+    stats = run(load_config("summarize", None, over))
+    rows = {r["id"]: r for r in results(tmp_path / "out")}
+    assert len(rows) == 13 and stats["rows"] == 13 and stats["rows_failed"] == 7
+    for g in good:
+        assert rows[g["id"]]["error"] is None and rows[g["id"]]["generated_text"] is not None
+    expect = {"null": "null", "empty": "empty", "space": "empty", "number": "float", "nofield": "missing field",
+              "huge": "generate.truncation", "utf8": "UTF-8"}
+    for k, word in expect.items():
+        assert word in rows[k]["error"], (k, rows[k]["error"])
+        assert rows[k]["generated_text"] is None
+
+
+def test_truncation_instead_of_reject(tmp_path, ray_local):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "word " * 3000}, {"text": "tiny"}])
+    over = job_overrides(tmp_path, **{"data.path": str(src), "generate.truncation": "middle",
+                                      "generate.max_input_tokens": 256})
+    stats = run(load_config("summarize", None, over))
+    rows = sorted(results(tmp_path / "out"), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == ["in.jsonl:0", "in.jsonl:1"]
+    assert rows[0]["error"] is None and rows[0]["num_input_tokens"] == 256 and rows[0]["truncated"]
+    assert not rows[1]["truncated"] and stats["rows_truncated"] == 1
+
+
+def test_killed_actor_loses_and_duplicates_nothing(tmp_path, ray_local, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("KVSTREAM_INJECT_CRASH_MARKER", str(marker))
+    monkeypatch.setenv("KVSTREAM_INJECT_CRASH_AFTER", "1")
+    over = job_overrides(tmp_path, **{"data.path": "demo:converse", "data.demo_rows": 12, "runtime.batch_size": 2,
+                                      "runtime.num_actors": 2, "runtime.num_cpus_per_actor": 0.5})
+    stats = run(load_config("converse", None, over))
+    assert marker.exists()  # an actor did die (os._exit) on its second batch
+    rows = results(tmp_path / "out")
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 12 and stats["rows_ok"] == 12
+    assert all(r["error"] is None and r["reply"] for r in rows)
+    assert len(stats["actors"]) >= 2 and sum(a["rows_ok"] for a in stats["actors"]) == 12
+
+
+def test_unreadable_file_and_absent_column_stop_with_one_message(tmp_path, ray_local, capsys):
+    d = tmp_path / "in"
+    write_jsonl(d / "a.jsonl", [{"text": "fine"}])
+    (d / "b.parquet").write_bytes(b"PAR1 garbage")
+    code = main("summarize", job_overrides(tmp_path, **{"data.path": str(d)}))
+    err = capsys.readouterr().err
+    assert code == 2 and "b.parquet" in err and "kvstream: error" in err
+    code = main("summarize", job_overrides(tmp_path, **{"data.path": str(d / "a.jsonl"), "data.text_column": "body"}))
+    err = capsys.readouterr().err
+    assert code == 2 and "data.text_column='body'" in err and "text" in err
+    code = main("summarize", job_overrides(tmp_path, **{"data.path": str(tmp_path / "nothing_here")}))
+    assert code == 2 and "nothing_here" in capsys.readouterr().err
+    code = main("summarize", job_overrides(tmp_path, **{"data.path": str(d / "a.jsonl"), "runtime.num_actors": 2}))
+    assert code == 2 and "runtime.num_cpus_per_actor" in capsys.readouterr().err  # 2 x 1 CPU of 2 would hang

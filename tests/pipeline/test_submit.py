@@ -1,0 +1,80 @@
+"""`ray job submit --working-dir . -- python jobs/summarize.py ...` against a cluster started with `ray start --head`.
+
+The cluster gets free ports and its own temp dir, and is stopped by terminating its `--block` process (a plain
+`ray stop` would also stop the other Ray of this test session).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pyarrow.parquet as pq
+
+from tests.pipeline.helpers import ROOT, free_port
+
+CODE_DIRS = ("pipeline", "kvcache", "kernels", "jobs", "conf")
+
+
+def wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # e.g. 401 with Ray's token authentication: the server is up
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def test_ray_job_submit_against_a_started_cluster(tmp_path):
+    work = tmp_path / "repo"
+    for d in CODE_DIRS:
+        shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/kvs")  # short: Ray's unix socket paths live below it
+    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+                                      "object-manager-port", "dashboard-agent-listen-port", "metrics-export-port",
+                                      "dashboard-agent-grpc-port", "runtime-env-agent-port")}
+    lo = free_port() % 20000 + 30000
+    cmd = ["ray", "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+           "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+           f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"] + [f"--{k}={v}" for k, v in ports.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    out = tmp_path / "out"
+    try:
+        wait_http(dashboard + "/api/version", 90)
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+             sys.executable, "jobs/summarize.py", "--config", "conf/demo.yaml", f"output.path={out}",
+             "generate.max_new_tokens=4", "data.limit=12", "runtime.batch_size=4"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=300,
+        )
+        log = submit.stdout + submit.stderr
+        assert submit.returncode == 0, log[-4000:]
+        assert "succeeded" in log and "kvstream summarize: 12 rows (12 ok" in log
+        assert "Connecting to existing Ray cluster" in log or "Connected to Ray cluster" in log
+        rows = pq.read_table(str(out / "results")).to_pylist()
+        assert sorted(r["id"] for r in rows) == [f"demo-{i:04d}" for i in range(12)]
+        assert json.loads((out / "stats.json").read_text())["rows_ok"] == 12
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # Ray drains for up to 30 s on SIGTERM: give it a few, then kill
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
