@@ -46,6 +46,13 @@ class SeqPlan:
     max_new: int | None
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a host sync (pinned staging, non-blocking copy on CUDA)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class LayerStore:
     """Compressed K/V of one layer for a batch: see the module docstring."""
 
@@ -161,8 +168,8 @@ class LayerStore:
         self._sync_lengths()
 
     def _sync_lengths(self) -> None:
-        self.s_len.copy_(torch.tensor(self.s_cnt, dtype=torch.int32))
-        self.sv_len.copy_(torch.tensor(self.sv_cnt, dtype=torch.int32))
+        self.s_len.copy_(to_device(self.s_cnt, torch.int32, self.device))
+        self.sv_len.copy_(to_device(self.sv_cnt, torch.int32, self.device))
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def positions(self) -> list[int]:
@@ -179,24 +186,23 @@ class LayerStore:
                 need = max(p) - R + 1
                 if need > self.cs:
                     self._grow(need)
-                slot = torch.tensor([max(0, q - R) for q in p], device=self.device).view(-1, 1).expand(-1, self.H)
-                do = torch.zeros(self.B, dtype=torch.bool)
-                do[leaving] = True
-                do = do.to(self.device).view(-1, 1).expand(-1, self.H)
+                slot = to_device([max(0, q - R) for q in p], torch.int64, self.device).view(-1, 1).expand(-1, self.H)
+                do = to_device([p[b] - R >= 0 for b in range(self.B)], torch.bool, self.device)
+                do = do.view(-1, 1).expand(-1, self.H)
                 self.kept.write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
                 for b in leaving:
                     self.sv_cnt[b] = p[b] - R + 1
             ring = [q % R for q in p]
         else:
             ring = [q % (w + 1) for q, w in zip(p, self.plan.w)]
-        r = torch.tensor(ring, device=self.device)
+        r = to_device(ring, torch.int64, self.device)
         self.win_k[self.bidx, :, r] = k1[:, :, 0]
         self.win_v[self.bidx, :, r] = v1[:, :, 0]
-        self.win_pos[self.bidx, r] = torch.tensor(p, dtype=torch.int32, device=self.device)
+        self.win_pos[self.bidx, r] = to_device(p, torch.int32, self.device)
         if self.scores is not None:
             self.scores[self.bidx, :, self.cs + r] = 0.0
         if not self.kivi:
-            self.win_lo.copy_(torch.tensor([max(0, q - w) for q, w in zip(p, self.plan.w)], dtype=torch.int32))
+            self.win_lo.copy_(to_device([max(0, q - w) for q, w in zip(p, self.plan.w)], torch.int32, self.device))
         self._sync_lengths()
 
     def after_attend(self) -> None:
@@ -235,31 +241,31 @@ class LayerStore:
                 act.append("drop")
             tgt_host.append(self.s_cnt[b])
         if all(a in ("none", "drop") for a in act):
-            self.win_lo += torch.tensor([int(a != "none") for a in act], dtype=torch.int32, device=self.device)
+            self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)
             return
         need = max(c + 1 for c, a in zip(self.s_cnt, act) if a == "insert") if "insert" in act else 0
         if need > self.cs:
             self._grow(need)
-        src = torch.tensor([(q - w) % (w + 1) if q - w >= 0 else 0 for q, w in zip(p, plan.w)], device=self.device)
+        src = to_device([(q - w) % (w + 1) if q - w >= 0 else 0 for q, w in zip(p, plan.w)], torch.int64, self.device)
         k, v = self.win_k[self.bidx, :, src], self.win_v[self.bidx, :, src]  # (B, H, D)
-        a_ins = torch.tensor([a == "insert" for a in act], device=self.device).view(-1, 1)
-        a_cmp = torch.tensor([a == "compete" for a in act], device=self.device).view(-1, 1)
-        tgt = torch.tensor(tgt_host, device=self.device).view(-1, 1).expand(-1, self.H)
+        a_ins = to_device([a == "insert" for a in act], torch.bool, self.device).view(-1, 1)
+        a_cmp = to_device([a == "compete" for a in act], torch.bool, self.device).view(-1, 1)
+        tgt = to_device(tgt_host, torch.int64, self.device).view(-1, 1).expand(-1, self.H)
         do = a_ins.expand(-1, self.H)
         if self.scored:
             leave_score = self.scores[self.bidx, :, self.cs + src]  # (B, H)
-            if a_cmp.any():
+            if "compete" in act:
                 s = self.scores[:, :, : self.cs]
                 in_use = torch.arange(self.cs, device=self.device).view(1, 1, -1) < self.s_len.view(-1, 1, 1)
                 low, arg = torch.where(in_use, s, torch.inf).min(-1)  # (B, H)
                 win = a_cmp & (leave_score > low)
                 tgt = torch.where(a_cmp, arg, tgt)
                 do = do | win
-        n_valid = torch.tensor([c + (a == "insert") for c, a in zip(self.s_cnt, act)], device=self.device)
+        n_valid = to_device([c + (a == "insert") for c, a in zip(self.s_cnt, act)], torch.int64, self.device)
         tgt = tgt.clamp(max=max(self.cs - 1, 0))
         self.kept.write_keys(tgt, do, k, n_valid)
         self.kept.write_values(tgt, do, v)
-        self.kept.write_pos(tgt, do, torch.tensor([q - w for q, w in zip(p, plan.w)], device=self.device))
+        self.kept.write_pos(tgt, do, to_device([q - w for q, w in zip(p, plan.w)], torch.int32, self.device))
         if self.scored:
             old = self.scores[:, :, : self.cs].gather(2, tgt.unsqueeze(-1)).squeeze(-1)
             self.scores[:, :, : self.cs].scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_score, old).unsqueeze(-1))
@@ -267,7 +273,7 @@ class LayerStore:
             if a == "insert":
                 self.s_cnt[b] += 1
                 self.sv_cnt[b] += 1
-        self.win_lo += torch.tensor([int(a != "none") for a in act], dtype=torch.int32, device=self.device)
+        self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)
 
     # ---- views and accounting --------------------------------------------------------------------------------
     def slots(self) -> KVSlots:
