@@ -22,7 +22,7 @@ def test_demo_job_writes_results_stats_config_then_resumes(tmp_path, ray_local):
     for r in rows:
         assert r["error"] is None and isinstance(r["generated_text"], str) and 1 <= r["num_generated_tokens"] <= 4
         assert r["num_input_tokens"] > 100 and 0 < r["kv_bytes"] < r["kv_bytes_full"]
-        assert (r["policy"], r["quant"]) == ("h2o", "kivi2")  # conf/demo.yaml's compressed cache
+        assert (r["policy"], r["quant"]) == ("keyformer", "kivi2")  # conf/demo.yaml's compressed cache
         assert r["summary"]  # the reference column passes through
         assert r["time_taken_llm"] > 0
     assert stats["rows_ok"] == 32 and stats["rows_failed"] == 0
