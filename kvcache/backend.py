@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -37,6 +38,7 @@ def _triton_available() -> bool:
     return True
 
 
+@functools.cache
 def ops(backend: str) -> tuple[Callable, Callable]:
     """(decode_attention, prefill_scores) with the signatures of their torch references."""
     if backend == "torch":

@@ -9,8 +9,8 @@ plus s_pos (B, H, Cs) int32: the position each slot holds (-1 where empty).
 
 Writes of single tokens go through gather / where / scatter, so a step never syncs with the host. A key written
 into a per-channel store re-quantizes the span of `unit` = max(G, P) slots around it (whole groups and whole
-words) from its dequantized members and the new key; tokens already there are re-rounded only where the
-group's range changes.
+words) from its dequantized members and the new key (min/max over the slots in use), so tokens already there
+are re-rounded only where a group's range changes (widened by the new key, or narrowed by the evicted one).
 """
 
 from __future__ import annotations
