@@ -192,6 +192,7 @@ class LayerStore:
                 self.kept.write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
                 for b in leaving:
                     self.sv_cnt[b] = p[b] - R + 1
+                self._sync_lengths()  # attention reads those values from S now
             ring = [q % R for q in p]
         else:
             ring = [q % (w + 1) for q, w in zip(p, self.plan.w)]
@@ -203,7 +204,6 @@ class LayerStore:
             self.scores[self.bidx, :, self.cs + r] = 0.0
         if not self.kivi:
             self.win_lo.copy_(to_device([max(0, q - w) for q, w in zip(p, self.plan.w)], torch.int32, self.device))
-        self._sync_lengths()
 
     def after_attend(self) -> None:
         """After the step's attention: KIVI key flush, or the leaving token's move/eviction."""
@@ -240,8 +240,8 @@ class LayerStore:
             else:
                 act.append("drop")
             tgt_host.append(self.s_cnt[b])
+        self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)  # the token left
         if all(a in ("none", "drop") for a in act):
-            self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)
             return
         need = max(c + 1 for c, a in zip(self.s_cnt, act) if a == "insert") if "insert" in act else 0
         if need > self.cs:
@@ -273,7 +273,6 @@ class LayerStore:
             if a == "insert":
                 self.s_cnt[b] += 1
                 self.sv_cnt[b] += 1
-        self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)
 
     # ---- views and accounting --------------------------------------------------------------------------------
     def slots(self) -> KVSlots:
@@ -303,19 +302,21 @@ class LayerStore:
 
     def row_bytes(self) -> list[int]:
         """Bytes of the slots each sequence uses: S slots in use and ring slots holding tokens."""
-        ring = [t for t in (self.win_k, self.win_v, self.win_pos)]
-        per_ring = sum(t.numel() * t.element_size() for t in ring) / (self.B * self.cw)
+        per_ring = sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.win_pos)) / (self.B * self.cw)
         per_s = sum(t.numel() * t.element_size() for t in self.kept.tensors()) / max(1, self.B * self.cs)
         if self.scores is not None:
             per_ring += self.H * 4
             per_s += self.H * 4
-        p = [n + self.t - 1 for n in self.plan.n]
-        in_ring = [min(q + 1, self.cw) if self.kivi else min(q + 1, w) for q, w in zip(p, self.plan.w)]
+        in_ring = self._in_ring()
         return [int(self.s_cnt[b] * per_s + in_ring[b] * per_ring) for b in range(self.B)]
+
+    def _in_ring(self) -> list[int]:
+        """Ring slots holding a token, per sequence (the last R positions in kivi mode, else the window)."""
+        last = [n + self.t - 1 for n in self.plan.n]  # last appended position
+        return [min(q + 1, self.cw if self.kivi else w) for q, w in zip(last, self.plan.w)]
 
     def tokens_kept(self) -> list[int]:
         """Tokens held per sequence (S plus the valid part of the ring)."""
-        p = [n + self.t - 1 for n in self.plan.n]  # last appended position
-        if self.kivi:
-            return [q + 1 for q in p]
-        return [self.s_cnt[b] + min(p[b] + 1, self.plan.w[b]) for b in range(self.B)]
+        if self.kivi:  # every position: keys or values of the ring's tokens may already be in S
+            return [n + self.t for n in self.plan.n]
+        return [c + r for c, r in zip(self.s_cnt, self._in_ring())]
