@@ -88,11 +88,10 @@ def tune_decode(H, storage, B=32, ctx=4096):
         configs = [dict(block_n=bn, num_warps=nw, num_stages=ns, use_dot=ud)
                    for ud in (False, True) for bn, nw, ns in ((64, 4, 1), (128, 4, 1), (64, 2, 3))]
     else:
-        configs = [dict(block_n=32, num_warps=nw, num_stages=ns, use_dot=True) for nw, ns in ((2, 4), (4, 4))]
-        configs += [dict(block_n=32, num_warps=4, num_stages=4, use_dot=False, kivi_3d=False)]
-        if H == HQ:  # one query head per KV head: the 3-D register-tile path
-            configs += [dict(block_n=32, num_warps=nw, num_stages=ns, use_dot=False, kivi_3d=True)
-                        for nw in (1, 2, 4) for ns in (2, 3)]
+        # the generic stage 1 (kivi_tc=False: its previous best) and kernels/decode_kivi.py variants
+        configs = [dict(kivi_tc=False, block_n=32, num_warps=2, num_stages=4 if H != HQ else 2, use_dot=H != HQ)]
+        configs += [dict(ngt=ngt, num_warps=4, num_stages=ns, val_cc=vc)
+                    for ngt in (1, 2, 4) for ns in (1, 3) for vc in ((True, False) if H == HQ else (False,))]
     best, log = None, []
     for cfg in configs:
         name = "/".join(f"{k}={v}" for k, v in cfg.items())
@@ -280,8 +279,7 @@ def main() -> None:
         q = torch.randn(32, HQ, D, device="cuda", dtype=DT)
         K, V = (torch.randn(32, 32, 4096, D, device="cuda", dtype=DT) for _ in range(2))
         s = make_slots(32, 32, 4096, args.profile, K, V)
-        ws = decode_workspace(q, s, 0, block_n=32 if args.profile != "bf16" else 128, num_warps=2, num_stages=3,
-                              use_dot=False, kivi_3d=True)
+        ws = decode_workspace(q, s, 0)
         for _ in range(20):
             decode_attention(q, s, D ** -0.5, workspace=ws)
         torch.cuda.synchronize()

@@ -7,9 +7,10 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
   GRP query heads of h. Packed KIVI codes + scale/min are dequantized in registers: per-channel keys use
   q.(c * s + m) = (q * s).c + q.m (one group per tile, so the key tile is never dequantized); per-token values
   are unpacked along channels. Free and evicted slots are masked; an online softmax keeps the running max, sum
-  and un-normalized P.V. Three inner paths, picked per launch: tensor-core tl.dot (GQA), CUDA-core
-  multiply-reduce (few query heads), and for MHA over KIVI a 3-D register-tile path that never changes layout
-  and reduces P.V over tokens once per split. With scores, stage 1 also writes each held token's scaled logit
+  and un-normalized P.V. Two inner paths, picked per launch: tensor-core tl.dot (GQA) and CUDA-core
+  multiply-reduce (few query heads). KIVI per-channel storage goes by default through its own stage 1,
+  `kernels.decode_kivi` (in-place code decode, several key groups per tensor-core tile, lazy rescaling;
+  `kivi_tc=False` keeps it here). With scores, stage 1 also writes each held token's scaled logit
   into a (B, Hq, Cs + Cw) fp32 scratch (no noise here: the cache loop stays lean).
 - stage 2, one program per (b, query head): merges the splits by log-sum-exp and writes the output; for
   Keyformer it also takes the row max/sum of (x + g) / tau over the scratch, the Gumbel noise g hashed in
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kernels.gumbel import gumbel_noise
 from kernels.slots import KVSlots
 from kernels.triton_util import check_device, dot, interpreting, to_dtype_rne, u32_to_f32
@@ -136,7 +138,6 @@ def _decode_stage1(
     QUANT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     GRP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     SCORE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    KIVI_MHA: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # offsets can pass 2**31 elements (B=32, ctx=32768)
     h = tl.program_id(1)
@@ -165,97 +166,49 @@ def _decode_stage1(
 
     # -- the kept store S: slots [lo, min(hi, s_len)), tiles aligned to BLOCK_N (within one key group)
     s_hi = tl.minimum(hi, s_len)
-    if KIVI_MHA:
-        # one query head, KIVI storage: 3-D register tiles that never change layout. Keys (D, W, P): code i of
-        # word w is token s0 + w * P + i; values (BLOCK_N, D // P, P): code i of word w is channel w * P + i.
-        # P.V is accumulated per token (acc3) and reduced over tokens once, after the loop.
-        W: tl.constexpr = BLOCK_N // P
-        DW: tl.constexpr = D // P
-        sh = (tl.arange(0, P) * BITS).to(tl.uint32)
-        q1 = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)  # (D,)
-        wi = tl.arange(0, W)
-        vi = tl.arange(0, DW)
-        ii = tl.arange(0, P)
-        acc3 = tl.zeros((BLOCK_N, DW, P), tl.float32)
-        for s0 in range(lo, s_hi, BLOCK_N):
-            kw = tl.load(sk_ptr + b * stride_skb + h * stride_skh + (s0 // P + wi)[None, :, None] * stride_skn
-                         + d[:, None, None])  # (D, W, 1)
-            kc = u32_to_f32((kw.to(tl.uint32, bitcast=True) >> sh[None, None, :]) & ((1 << BITS) - 1))
+    for s0 in range(lo, s_hi, BLOCK_N):
+        n = s0 + tl.arange(0, BLOCK_N)
+        nmask = n < s_hi
+        n2 = n[:, None]
+        if QUANT == 1:
+            # KIVI per-channel keys, one group per tile: q.(c * s + m) = (q * s).c + q.m
+            w = s0 // P + tl.arange(0, BLOCK_N // P)
+            words_t = tl.load(sk_ptr + b * stride_skb + h * stride_skh + w[None, :] * stride_skn + d[:, None])
+            c_t = _unpack(words_t, 1.0, 0.0, BITS, False)  # (D, BLOCK_N) codes, tokens along columns
             srow = b * stride_ksb + h * stride_ksh + (s0 // G) * stride_ksn + d
             sc = tl.load(sks_ptr + srow).to(tl.float32)
             mn = tl.load(skm_ptr + srow).to(tl.float32)
-            t2 = s0 + wi[:, None] * P + ii[None, :]  # (W, P) token slots
-            x2 = tl.sum((q1 * sc)[:, None, None] * kc, 0) + tl.sum(q1 * mn, 0)
-            x2 = tl.where(t2 < s_hi, x2 * sm_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(tl.max(x2, 1), 0))  # (1,)
-            alpha = tl.exp(m_i - m_new)
-            p2 = tl.exp(x2 - tl.max(m_new, 0))
-            l_i = l_i * alpha + tl.sum(tl.sum(p2, 1), 0)
-            m_i = m_new
-            if SCORE:
-                tl.store(logit_ptr + b * stride_lb + h * stride_lh + t2, x2, mask=t2 < s_hi)
-            p1 = tl.reshape(p2, (BLOCK_N,))
-            n = s0 + tl.arange(0, BLOCK_N)
-            n3 = n[:, None, None]
-            from_s = (n3 < s_hi) & (n3 < sv_len)  # (BLOCK_N, 1, 1)
-            vw = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n3 * stride_svn + vi[None, :, None],
-                         mask=from_s, other=0)  # (BLOCK_N, DW, 1)
-            gi = vi[None, :, None] // (G // P)
-            vrow = b * stride_vsb + h * stride_vsh + n3 * stride_vsn + gi
-            vsc = tl.load(svs_ptr + vrow, mask=from_s, other=0.0).to(tl.float32)
-            vmn = tl.load(svm_ptr + vrow, mask=from_s, other=0.0).to(tl.float32)
-            v3 = u32_to_f32((vw.to(tl.uint32, bitcast=True) >> sh[None, None, :]) & ((1 << BITS) - 1)) * vsc + vmn
-            if s0 + BLOCK_N > sv_len:
-                from_w = (n3 < s_hi) & (n3 >= sv_len)
-                v3 += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n3 % Cw) * stride_wvn
-                              + (vi[None, :, None] * P + ii[None, None, :]), mask=from_w, other=0.0).to(tl.float32)
-            acc3 = acc3 * tl.max(alpha, 0) + p1[:, None, None] * v3
-        acc = tl.reshape(tl.sum(acc3, 0), (1, D))
-    else:
-        s_hi = tl.minimum(hi, s_len)
-        for s0 in range(lo, s_hi, BLOCK_N):
-            n = s0 + tl.arange(0, BLOCK_N)
-            nmask = n < s_hi
-            n2 = n[:, None]
-            if QUANT == 1:
-                # KIVI per-channel keys, one group per tile: q.(c * s + m) = (q * s).c + q.m
-                w = s0 // P + tl.arange(0, BLOCK_N // P)
-                words_t = tl.load(sk_ptr + b * stride_skb + h * stride_skh + w[None, :] * stride_skn + d[:, None])
-                c_t = _unpack(words_t, 1.0, 0.0, BITS, False)  # (D, BLOCK_N) codes, tokens along columns
-                srow = b * stride_ksb + h * stride_ksh + (s0 // G) * stride_ksn + d
-                sc = tl.load(sks_ptr + srow).to(tl.float32)
-                mn = tl.load(skm_ptr + srow).to(tl.float32)
-                qm = tl.sum(qf * mn[None, :], 1)
-                if USE_DOT:
-                    x = dot((qf * sc[None, :]).to(dtype), c_t.to(dtype), DOT_PREC, UPCAST) + qm[:, None]
-                else:
-                    x = tl.sum((qf * sc[None, :])[:, :, None] * c_t[None, :, :], 1) + qm[:, None]
+            qm = tl.sum(qf * mn[None, :], 1)
+            if USE_DOT:
+                x = dot((qf * sc[None, :]).to(dtype), c_t.to(dtype), DOT_PREC, UPCAST) + qm[:, None]
             else:
-                if QUANT == 0:
-                    k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
-                                mask=nmask[:, None], other=0.0)
-                else:
-                    k = _load_per_token(sk_ptr, sks_ptr, skm_ptr, b * stride_skb + h * stride_skh + n2 * stride_skn,
-                                        b * stride_ksb + h * stride_ksh + n2 * stride_ksn, nmask[:, None], dtype,
-                                        BITS, G, BLOCK_N, D)
-                x = _qk(q, tl.trans(k), USE_DOT, DOT_PREC, UPCAST)
-            x = tl.where(nmask[None, :], x * sm_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
-            # values: slots < sv_len from S, slots in [sv_len, s_len) from the ring at slot % Cw
-            from_s = nmask & (n < sv_len)
+                x = tl.sum((qf * sc[None, :])[:, :, None] * c_t[None, :, :], 1) + qm[:, None]
+        else:
             if QUANT == 0:
-                v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
-                            mask=from_s[:, None], other=0.0)
+                k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
+                            mask=nmask[:, None], other=0.0)
             else:
-                v = _load_per_token(sv_ptr, svs_ptr, svm_ptr, b * stride_svb + h * stride_svh + n2 * stride_svn,
-                                    b * stride_vsb + h * stride_vsh + n2 * stride_vsn, from_s[:, None], dtype,
+                k = _load_per_token(sk_ptr, sks_ptr, skm_ptr, b * stride_skb + h * stride_skh + n2 * stride_skn,
+                                    b * stride_ksb + h * stride_ksh + n2 * stride_ksn, nmask[:, None], dtype,
                                     BITS, G, BLOCK_N, D)
-            if s0 + BLOCK_N > sv_len:
-                from_w = nmask & (n >= sv_len)
-                v += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n2 % Cw) * stride_wvn + d[None, :],
-                             mask=from_w[:, None], other=0.0)
-            m_i, l_i, acc = _online_update(x, v, m_i, l_i, acc, USE_DOT, DOT_PREC, UPCAST)
-            if SCORE:
-                tl.store(logit_row + n[None, :], x, mask=gmask[:, None] & nmask[None, :])
+            x = _qk(q, tl.trans(k), USE_DOT, DOT_PREC, UPCAST)
+        x = tl.where(nmask[None, :], x * sm_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
+        # values: slots < sv_len from S, slots in [sv_len, s_len) from the ring at slot % Cw
+        from_s = nmask & (n < sv_len)
+        if QUANT == 0:
+            v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
+                        mask=from_s[:, None], other=0.0)
+        else:
+            v = _load_per_token(sv_ptr, svs_ptr, svm_ptr, b * stride_svb + h * stride_svh + n2 * stride_svn,
+                                b * stride_vsb + h * stride_vsh + n2 * stride_vsn, from_s[:, None], dtype,
+                                BITS, G, BLOCK_N, D)
+        if s0 + BLOCK_N > sv_len:
+            from_w = nmask & (n >= sv_len)
+            v += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n2 % Cw) * stride_wvn + d[None, :],
+                         mask=from_w[:, None], other=0.0)
+        m_i, l_i, acc = _online_update(x, v, m_i, l_i, acc, USE_DOT, DOT_PREC, UPCAST)
+        if SCORE:
+            tl.store(logit_row + n[None, :], x, mask=gmask[:, None] & nmask[None, :])
 
     # -- the full-precision ring: virtual [max(lo, s_len), hi) -> ring slots r = j - s_len
     r_lo = tl.maximum(lo, s_len) - s_len
@@ -405,16 +358,17 @@ class DecodeWorkspace:
     num_warps: int
     num_stages: int
     use_dot: bool
-    kivi_3d: bool
+    kivi_tc: bool = True
+    val_cc: bool = True
+    vs_vec: bool = True
+    ngt: int = 4
+    block_m: int = 16
 
 
 def default_config(slots: KVSlots, grp: int) -> dict:
     """Stage-1 launch configuration picked by jobs/bench_kernels.py on an H200 (B=32, ctx=4096, head_dim 128)."""
-    if slots.quant == "channel":
-        if grp == 1:  # 3-D register-tile path
-            return dict(block_n=min(32, slots.group_size), num_warps=2, num_stages=2 if slots.bits == 2 else 3,
-                        use_dot=False)
-        return dict(block_n=min(32, slots.group_size), num_warps=2, num_stages=4, use_dot=True)
+    if slots.quant == "channel":  # kernels.decode_kivi (kivi_tc); block_n / use_dot: the generic path's
+        return dict(block_n=min(32, slots.group_size), num_warps=4, num_stages=3, use_dot=True)
     if slots.quant == "none":
         return dict(block_n=128, num_warps=4, num_stages=1, use_dot=True)
     return dict(block_n=64, num_warps=4, num_stages=2, use_dot=grp >= 4)
@@ -422,14 +376,18 @@ def default_config(slots: KVSlots, grp: int) -> dict:
 
 def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                     use_dot: bool | None = None, kivi_3d: bool = True) -> DecodeWorkspace:
+                     use_dot: bool | None = None, kivi_tc: bool = True,
+                     ngt: int | None = None, val_cc: bool = True,
+                     vs_vec: bool = True) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
     at least MIN_SPLIT_TOKENS tokens each. block_n: tokens per tile (per-channel KIVI keys: <= group_size).
     use_dot: tensor-core tl.dot for q.K and P.V, else CUDA-core broadcast-multiply-reduce (no 16-row padding
     for MHA). kivi_3d: with one query head per KV head, per-channel KIVI storage and no dot, read the store with
-    3-D register tiles (no layout changes, P.V reduced once). None values come from `default_config`.
+    3-D register tiles (no layout changes, P.V reduced once). kivi_tc: per-channel KIVI storage goes through
+    `kernels.decode_kivi` (tensor-core keys, in-place code decode; ngt key groups per tile); the other KIVI
+    options then apply to the generic path only. None values come from `default_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
@@ -446,6 +404,9 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         num_splits = max(1, min(triton.cdiv(SPLIT_TARGET * sms, B * H), triton.cdiv(n, MIN_SPLIT_TOKENS), 128))
     dev = q.device
+    kc = kivi_config(slots.bits, slots.group_size, Hq // H) if slots.quant == "channel" else {}
+    if ngt is not None and kc:
+        kc = dict(ngt=ngt, block_m=max(16, triton.next_power_of_2(Hq // H * ngt)))
     return DecodeWorkspace(
         out=torch.empty(B, Hq, D, dtype=q.dtype, device=dev),
         part_acc=torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev),
@@ -453,7 +414,8 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         stats=torch.empty(B, Hq, 2, dtype=torch.float32, device=dev),
         logits=torch.empty(B, Hq, n, dtype=torch.float32, device=dev) if score_mode else None,
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-        use_dot=bool(use_dot), kivi_3d=bool(kivi_3d),
+        use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
+        vs_vec=bool(vs_vec), **kc,
     )
 
 
@@ -557,7 +519,7 @@ def decode_attention(
     logits = ws.logits if score_mode else ws.stats
     st3 = lambda t: (t.stride(0), t.stride(1), t.stride(2)) if t.dim() == 4 else (0, 0, 0)  # noqa: E731
     NS = ws.num_splits
-    _decode_stage1[(B, H, NS)](
+    common = (
         q, ws.part_acc, ws.part_ml, logits,
         slots.s_len, slots.sv_len, slots.win_pos, slots.win_lo, slots.win_k, slots.win_v,
         sk, sks, skm, sv, svs, svm,
@@ -566,12 +528,23 @@ def decode_attention(
         *slots.win_k.stride()[:3], *slots.win_v.stride()[:3], slots.win_pos.stride(0),
         *st3(sk), *st3(sks), *st3(sv), *st3(svs),
         *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], logits.stride(0), logits.stride(1),
-        QUANT=qid, BITS=slots.bits if qid else 2, G=slots.group_size if qid else 16, D=D,
-        GRP=grp, BLOCK_G=BLOCK_G, BLOCK_N=ws.block_n, SCORE=score_mode > 0, USE_DOT=ws.use_dot,
-        KIVI_MHA=ws.kivi_3d and grp == 1 and qid == 1 and not ws.use_dot,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
-        num_warps=ws.num_warps, num_stages=ws.num_stages,
     )
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if qid == 1 and ws.kivi_tc:
+        _decode_stage1_kivi[(B, H, NS)](
+            *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, NGT=ws.ngt, BLOCK_M=ws.block_m,
+            BLOCK_R=64, SCORE=score_mode > 0, VAL_CC=grp == 1 and ws.val_cc,
+            VS_VEC=ws.vs_vec, DOT_PREC=prec, UPCAST=interpreting(),
+            num_warps=ws.num_warps, num_stages=ws.num_stages,
+        )
+    else:
+        _decode_stage1[(B, H, NS)](
+            *common,
+            QUANT=qid, BITS=slots.bits if qid else 2, G=slots.group_size if qid else 16, D=D,
+            GRP=grp, BLOCK_G=BLOCK_G, BLOCK_N=ws.block_n, SCORE=score_mode > 0, USE_DOT=ws.use_dot,
+            DOT_PREC=prec, UPCAST=interpreting(),
+            num_warps=ws.num_warps, num_stages=ws.num_stages,
+        )
     _decode_stage2[(B, Hq)](
         ws.part_acc, ws.part_ml, ws.out, ws.stats, logits, slots.s_len, seed_t, step_t, tau_t,
         NS, Cs, Cw, int(layer), step_v, tau_v,

@@ -16,7 +16,8 @@ import torch
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kernels.triton_util", "kernels.gumbel", "kernels.kivi_quant", "kernels.decode_attention",
+    for _name in ("kernels.triton_util", "kernels.gumbel", "kernels.kivi_quant", "kernels.decode_kivi",
+                  "kernels.decode_attention",
                   "kernels.prefill_scores"):  # dependency order
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

@@ -7,6 +7,7 @@ import torch
 
 from kernels.decode_attention import decode_attention, decode_workspace
 from kernels.decode_attention_ref import decode_attention_ref, held_mask
+from kernels.kivi_quant_ref import quantize_keys
 from tests.kernels.kernel_cases import assert_close, make_slots
 
 # (quant, bits, G, dtype, D, grp, H, Cs, Cw, s_len, sv_len, num_splits)  -- ragged: empty / tiny / full stores
@@ -17,6 +18,9 @@ CASES = [
     ("channel", 4, 64, torch.bfloat16, 128, 4, 2, 128, 9, [100, 64], [37, 64], 2),
     ("channel", 2, 16, torch.float32, 64, 1, 2, 48, 12, [47, 16], [40, 2], 1),
     ("channel", 4, 32, torch.bfloat16, 128, 1, 2, 96, 16, [96, 40], [80, 31], 2),
+    # several 128-token tiles per split (lazy rescaling, values of later tiles, ring values past sv_len)
+    ("channel", 2, 32, torch.bfloat16, 64, 1, 2, 448, 20, [448, 301], [440, 262], 1),
+    ("channel", 4, 32, torch.float32, 64, 4, 1, 352, 16, [333], [290], 2),
     ("token", 2, 32, torch.float32, 64, 4, 1, 75, 10, [75, 20], [60, 20], 2),
     ("token", 4, 64, torch.bfloat16, 64, 1, 2, 40, 33, [3, 40], [3, 12], 2),
 ]
@@ -35,10 +39,13 @@ def test_decode_matches_reference(case, device):
     q = torch.randn(B, H * grp, D, generator=gen).to(dtype).to(device)
     scale = D ** -0.5
     seed = torch.randint(0, 2**40, (B,), generator=gen).to(device)
-    for mode in (0, 1, 2):
-        # score_mode 1 runs the other q.K / P.V path (tensor-core dot vs CUDA-core reduce) than the default
-        use_dot = None if mode != 1 else not decode_workspace(q, slots, 0, num_splits=1).use_dot
-        ws = decode_workspace(q, slots, mode, num_splits=splits, use_dot=use_dot)
+    # score_mode 1 runs the other q.K / P.V path (tensor-core dot vs CUDA-core reduce) than the default, and for
+    # KIVI storage (kernels/decode_kivi.py) with one query head the tensor-core P.V instead of the CUDA-core one;
+    # score_mode 2 the per-word value scale loads; KIVI storage also once through the generic stage 1
+    runs = [(0, {}), (1, dict(use_dot=not decode_workspace(q, slots, 0, num_splits=1).use_dot, val_cc=False)),
+            (2, dict(vs_vec=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
+    for mode, opts in runs:
+        ws = decode_workspace(q, slots, mode, num_splits=splits, **opts)
         ws.out.fill_(float("nan"))
         ws.part_acc.fill_(float("nan"))
         if ws.logits is not None:
@@ -53,6 +60,34 @@ def test_decode_matches_reference(case, device):
             assert_close(acc - acc0, acc_ref - acc0, dtype, f"scores (score_mode {mode})")
             free = ~held_mask(slots)[:, None, :].expand_as(acc)
             assert torch.equal(acc[free], acc0[free]), "a column that holds no token changed"
+
+
+@pytest.mark.parametrize("grp", [1, 4])
+def test_kivi_sharp_attention_rescales(grp, device):
+    """Logits that keep rising along the sequence (a query aligned with later keys) by more than fp32's range:
+    without the lazy rescaling of kernels/decode_kivi.py the accumulators overflow; with it, == the reference."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, D, cs, cw = 1, 1, 64, 384, 16
+    slots = make_slots(B, H, D, cs, cw, "channel", 4, 32, torch.float32, device, [384], [370], gen)
+    ramp = torch.linspace(0.0, 1.0, cs + cw).view(1, 1, -1, 1).to(device)
+    direction = torch.randn(D, generator=gen)
+    direction = (direction * (8.0 / direction.norm())).to(device)
+    keys = torch.randn(B, H, cs + cw, D, generator=gen).to(device) * 0.1 + ramp * direction
+    slots.s_kc, slots.s_ks, slots.s_km = (t.contiguous() for t in quantize_keys(keys[:, :, :cs], 4, 32))
+    slots.win_k.copy_(keys[:, :, cs:])
+    q = (direction * 20.0).expand(B, H * grp, D).contiguous()
+    for mode in (0, 1):
+        ws = decode_workspace(q, slots, mode, num_splits=1)
+        acc, acc_ref = torch.zeros(B, H, cs + cw, device=device), torch.zeros(B, H, cs + cw, device=device)
+        out = decode_attention(q, slots, D ** -0.5, mode, acc, workspace=ws)
+        ref = decode_attention_ref(q, slots, D ** -0.5, mode, acc_ref)
+        x = (q[:, :1].float() @ keys[0, 0].float().T).flatten() * D ** -0.5
+        rise = (x[cs - 32:cs].max() - x[:64].max()).item()
+        assert rise > 90, f"the logits must rise past fp32's range (e**88.7) to need rescaling, rose {rise:.1f}"
+        # logits of ~150: fp32 rounding of a logit (~1e-5 absolute) already moves its weight by ~1e-5 relative
+        assert_close(out, ref, torch.float32, f"out (score_mode {mode}, grp {grp})", tol=2e-4)
+        if mode:
+            assert_close(acc, acc_ref, torch.float32, f"scores (grp {grp})", tol=2e-4)
 
 
 def test_default_workspace_and_tensor_step(device):
