@@ -9,7 +9,8 @@ Never holds the T x T matrix, in two passes over (q, k) tiles:
   columns (causal, both tokens valid: left padding never counts) -> stats (B, Hq, T, 2) fp32;
 - pass 2, one program per (b, KV head, BLOCK_N columns): for every query head of the group and every row block
   at or below the diagonal, recompute the logits, p = exp(y - m_i) / l_i, and accumulate the column sums.
-Pass 2 recomputes q.k, so the scoring costs about two QK^T products (no P.V), plus the noise hash.
+Pass 2 recomputes q.k, so the scoring costs about two QK^T products (no P.V), plus the noise hash. For H2O,
+`row_lse` (the attention's own log-sum-exp per row) replaces pass 1.
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ def _prefill_col_sums(
             st = stats_ptr + ((b * H * GRP + hq) * T + i) * 2
             m = tl.load(st, mask=imask, other=0.0)
             l = tl.load(st + 1, mask=imask, other=1.0)
-            l = tl.where(l > 0.0, l, 1.0)  # rows with no allowed column (padding) contribute 0
+            # exp(y - m) / l as one exp: the row's log-sum-exp m + log(l) (rows with no allowed column: padding,
+            # masked below)
+            lse = m + tl.log(tl.where(l > 0.0, l, 1.0))
             y, allowed = _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
                                  NOISE, DOT_PREC, UPCAST)
-            p = tl.exp(y - m[:, None]) / l[:, None]
+            p = tl.exp(y - lse[:, None])
             col += tl.sum(tl.where(allowed, p, 0.0), 0)
     tl.store(out_ptr + (b * H + h) * T + j, col, mask=jmask)
 
@@ -132,12 +135,15 @@ def prefill_scores(
     seed: torch.Tensor | None = None,
     layer: int = 0,
     chunk: int = 512,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, T, D), k (B, H, T, D) model dtype, valid (B, T) bool (left padding False) -> (B, H, T) float32.
 
     Per key token: the column sum over causal valid query rows (and the query heads sharing its KV head) of
     softmax((q.k * scale + g) / tau); g Gumbel noise from seed (B,) int64 when noise=True. `chunk` is accepted
     for signature parity with the reference; the kernel tiles by its own block sizes and never holds T x T.
+    row_lse (B, Hq, T) float32, H2O only: the rows' log-sum-exp from the attention that already ran (e.g. the
+    flash kernel's); pass 1 is skipped and the scoring is one QK^T pass.
     """
     name = "prefill_scores"
     check_device(name, q)
@@ -155,6 +161,12 @@ def prefill_scores(
     if noise and (seed is None or seed.shape != (B,)):
         got = None if seed is None else tuple(seed.shape)
         raise ValueError(f"{name}: noise=True needs seed (B,)={B} int64, got {got}")
+    if row_lse is not None:
+        if noise or tau != 1.0:
+            raise ValueError(f"{name}: row_lse is the plain attention's normalizer; it needs noise=False, tau=1")
+        if tuple(row_lse.shape) != (B, Hq, T) or row_lse.device != q.device:
+            raise ValueError(f"{name}: row_lse must be (B, Hq, T)={(B, Hq, T)} on {q.device}, "
+                             f"got {tuple(row_lse.shape)} on {row_lse.device}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or q.device != k.device or valid.device != q.device:
         raise ValueError(f"{name}: q, k, valid must share a device and have a unit last-dim stride")
     out = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -162,7 +174,11 @@ def prefill_scores(
         return out.zero_()
     v8 = valid.to(torch.int8).contiguous()
     pos = (valid.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1).contiguous()  # (B, T) unpadded positions
-    stats = torch.empty(B, Hq, T, 2, dtype=torch.float32, device=q.device)
+    if row_lse is None:
+        stats = torch.empty(B, Hq, T, 2, dtype=torch.float32, device=q.device)
+    else:  # (m, l) = (lse, 1): exp(y - m) / l is the row's softmax
+        lse = row_lse.float().nan_to_num(neginf=0.0)  # rows with nothing allowed (padding): masked anyway
+        stats = torch.stack((lse, torch.ones_like(lse)), dim=-1)
     seed_t = seed if noise else pos
     cap = max(16, triton.next_power_of_2(T))
     BM, BN = min(CONFIG["block_m"], cap), min(CONFIG["block_n"], cap)
@@ -170,8 +186,9 @@ def prefill_scores(
                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
                   num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     strides = (*q.stride()[:3], *k.stride()[:3], v8.stride(0))
-    _prefill_row_stats[(B * Hq, triton.cdiv(T, BM))](
-        q, k, v8, pos, seed_t, stats, float(scale), 1.0 / float(tau), int(layer), Hq, T, *strides, **common)
+    if row_lse is None:
+        _prefill_row_stats[(B * Hq, triton.cdiv(T, BM))](
+            q, k, v8, pos, seed_t, stats, float(scale), 1.0 / float(tau), int(layer), Hq, T, *strides, **common)
     _prefill_col_sums[(B * H, triton.cdiv(T, BN))](
         q, k, v8, pos, seed_t, stats, out, float(scale), 1.0 / float(tau), int(layer), H, T, *strides, **common)
     return out

@@ -23,8 +23,15 @@ def prefill_scores_ref(
     seed: torch.Tensor | None = None,
     layer: int = 0,
     chunk: int = 512,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q (B, Hq, T, D), k (B, H, T, D), valid (B, T) bool (left-padded tokens False) -> (B, H, T) float32."""
+    """q (B, Hq, T, D), k (B, H, T, D), valid (B, T) bool (left-padded tokens False) -> (B, H, T) float32.
+
+    row_lse (B, Hq, T) float32, H2O only (noise False, tau 1): each row's log-sum-exp of its allowed logits, as
+    the attention computed it; then the softmax is exp(x - row_lse) (what the Triton kernel does with it).
+    """
+    if row_lse is not None and (noise or tau != 1.0):
+        raise ValueError("prefill_scores: row_lse is the plain attention's normalizer; it needs noise=False, tau=1")
     B, Hq, T, D = q.shape
     H = k.shape[1]
     grp = Hq // H
@@ -46,6 +53,10 @@ def prefill_scores_ref(
         elif tau != 1.0:
             x = x / tau
         x = x.masked_fill(~allowed[:, None, None], float("-inf"))
-        p = torch.softmax(x, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
+        if row_lse is None:
+            p = torch.softmax(x, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
+        else:
+            lse = row_lse[:, :, i0:i1].float().view(B, H, grp, i1 - i0, 1)
+            p = torch.where(allowed[:, None, None], torch.exp(x - lse), 0.0)
         out += p.sum(dim=(2, 3))
     return out

@@ -138,18 +138,33 @@ class CompressedCache(Cache):
         if self.plan is None:
             self.backend = self._resolve_backend(key.device)
             self.plan = self._make_plan(valid)
-        # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
+        lse = None
+        if self._lse_prefill(module, query, T):
+            # H2O on an unpadded batch: the flash kernel SDPA would run anyway, asked for its row log-sum-exp,
+            # which is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
+            out, lse = flash_with_lse(query, key, value, scaling)
+        else:
+            # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
         scores = None
         if self.policy.scored:
+            extra = {} if lse is None else {"row_lse": lse}
             scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
-                                layer_idx, self.cfg.prefill_chunk)
+                                layer_idx, self.cfg.prefill_chunk, **extra)
         store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device)
         store.prefill(key, value, scores)
         self.layers[layer_idx].store = store
         if all(layer.store is not None for layer in self.layers):
             self.plan.order = None  # only prefill needs it
         return out
+
+    def _lse_prefill(self, module, query, T: int) -> bool:
+        """Whether this prefill can take H2O's row normalizer from the flash kernel (see `flash_with_lse`)."""
+        return (self.backend == "triton" and self.policy.scored and not self.policy.noisy and self.cfg.tau_init == 1.0
+                and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and min(self.plan.n) == T
+                and getattr(module, "sliding_window", None) is None and query.shape[-1] % 8 == 0
+                and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
+                and torch.backends.cuda.flash_sdp_enabled())
 
     def _resolve_backend(self, device) -> str:
         return resolve_backend(self.cfg.backend, device, self.head_dim, self.cfg.group_size, self.cfg.bits)
@@ -210,6 +225,17 @@ class CompressedCache(Cache):
         """Every tensor the cache holds (what `stats()["kv_bytes"]` counts)."""
         held = [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]
         return held + ([self.plan.seeds] if self.plan is not None else [])
+
+
+def flash_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of an unpadded prefill through torch's flash kernel (the one SDPA dispatches to there),
+    also returning each row's log-sum-exp: query (B, Hq, T, D), key/value (B, H, T, D) fp16/bf16 on CUDA ->
+    (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32)."""
+    grp = query.shape[1] // key.shape[1]
+    if grp > 1:
+        key, value = key.repeat_interleave(grp, 1), value.repeat_interleave(grp, 1)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
+    return res[0].transpose(1, 2).contiguous(), res[1]
 
 
 def padding_valid(attention_mask, B: int, T: int, device) -> torch.Tensor:

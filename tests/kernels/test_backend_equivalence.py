@@ -36,3 +36,39 @@ def test_triton_backend_matches_torch_backend(name, device):
         assert torch.isfinite(a).all()
         err = ((a - b).norm() / b.norm()).item()
         assert err < 1e-3, f"{name}: step {step} logits differ by {err:.2e} (relative)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash kernel runs on CUDA only")
+def test_h2o_prefill_takes_the_flash_lse(monkeypatch):
+    """H2O with the Triton backend on an unpadded bf16 batch takes its prefill normalizer from the flash kernel
+    (one scoring pass); it then generates what the torch backend generates. Padded batches and Keyformer do not."""
+    import kvcache.cache as cache_mod
+    from kernels.prefill_scores import prefill_scores
+    from kernels.prefill_scores_ref import prefill_scores_ref
+
+    calls = []
+    real = cache_mod.flash_with_lse
+    monkeypatch.setattr(cache_mod, "flash_with_lse", lambda *a: calls.append(1) or real(*a))
+    model = build_model("llama", hidden=128, heads=4, kv_heads=2, layers=2).to("cuda", torch.bfloat16)  # head_dim 32
+    for lengths, name, uses in (([40, 40], "h2o", True), (LENGTHS, "h2o", False), ([40, 40], "keyformer+kivi2", False)):
+        ids, mask = padded_batch(lengths, seed=torch.seed() % 2**31)
+        ids, mask = ids.cuda(), mask.cuda()
+        runs = {}
+        for backend in ("torch", "triton"):
+            calls.clear()
+            cfg = CacheConfig(**CONFIGS[name], backend=backend, max_new_tokens=NEW, seed=3)
+            runs[backend] = greedy(model, ids, mask, NEW, CompressedCache(cfg, model.config))
+            assert len(calls) == (2 if uses and backend == "triton" else 0), (lengths, name, backend, len(calls))
+        if uses:
+            a, b = runs["triton"][1][0].float(), runs["torch"][1][0].float()
+            assert ((a - b).norm() / b.norm()).item() < 2e-2, "first-step logits differ"
+    # the pieces themselves, bf16, GQA 4: flash output == SDPA, scores with its LSE == the reference
+    q = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out, lse = cache_mod.flash_with_lse(q, k, v, 0.125)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+    assert torch.allclose(out.float(), sdpa.transpose(1, 2).float(), atol=1e-2, rtol=1e-2)
+    valid = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    got = prefill_scores(q, k, valid, 0.125, row_lse=lse)
+    ref = prefill_scores_ref(q, k, valid, 0.125)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2

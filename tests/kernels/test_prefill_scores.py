@@ -36,6 +36,28 @@ def test_prefill_scores_match_reference(case, device):
                                rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("grp", [1, 4])
+def test_prefill_h2o_with_attention_lse(grp, device):
+    """H2O scores with the attention's row log-sum-exp given (pass 1 skipped) == the two-pass scores, for the
+    kernel and the reference; a wrong normalizer shows (so the given LSE is really used)."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, T, D = 2, 2, 75, 64
+    q = torch.randn(B, H * grp, T, D, generator=gen).to(device)
+    k = torch.randn(B, H, T, D, generator=gen).to(device)
+    valid = (torch.arange(T).view(1, T) >= torch.tensor([0, 20]).view(B, 1)).to(device)
+    x = torch.einsum("bhid,bhjd->bhij", q.cpu(), k.cpu().repeat_interleave(grp, 1)) * D ** -0.5
+    allowed = torch.ones(T, T).tril().bool()[None] & valid.cpu()[:, None, :] & valid.cpu()[:, :, None]
+    lse = x.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1).to(device)  # -inf on padding rows
+    ref = prefill_scores_ref(q, k, valid, D ** -0.5)
+    assert_close(prefill_scores_ref(q, k, valid, D ** -0.5, row_lse=lse), ref, torch.float32, "reference with LSE")
+    assert_close(prefill_scores(q, k, valid, D ** -0.5, row_lse=lse), ref, torch.float32, "kernel with LSE")
+    off = prefill_scores(q, k, valid, D ** -0.5, row_lse=lse + 0.5)
+    assert not torch.allclose(off, ref, rtol=1e-2), "the kernel ignored row_lse"
+    with pytest.raises(ValueError, match="row_lse"):
+        prefill_scores(q, k, valid, D ** -0.5, noise=True, seed=torch.zeros(B, dtype=torch.int64, device=device),
+                       row_lse=lse)
+
+
 def test_prefill_noise_depends_on_seed_and_layer(device):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     q = torch.randn(1, 2, 40, 64, generator=gen).to(device)
