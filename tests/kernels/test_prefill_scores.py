@@ -56,6 +56,8 @@ def test_prefill_h2o_with_attention_lse(grp, device):
     with pytest.raises(ValueError, match="row_lse"):
         prefill_scores(q, k, valid, D ** -0.5, noise=True, seed=torch.zeros(B, dtype=torch.int64, device=device),
                        row_lse=lse)
+    with pytest.raises(ValueError, match=r"row_lse must be \(B, Hq, T\)"):
+        prefill_scores(q, k, valid, D ** -0.5, row_lse=lse[:, :, :-1])
 
 
 def test_prefill_noise_depends_on_seed_and_layer(device):
