@@ -34,13 +34,12 @@ import triton.language as tl
 from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kernels.gumbel import gumbel_noise
 from kernels.slots import KVSlots
+from kernels.triton_util import MASKED as _MASKED
 from kernels.triton_util import check_device, dot, interpreting, to_dtype_rne, u32_to_f32
 
 _QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
 SPLIT_TARGET = 8  # stage-1 programs per SM to aim for (memory-level parallelism)
 MIN_SPLIT_TOKENS = 256  # fewest tokens per split
-# running-max floor: finite, so a fully masked tile gives exp(-inf - floor) = 0, never NaN
-_MASKED = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -384,10 +383,10 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
     at least MIN_SPLIT_TOKENS tokens each. block_n: tokens per tile (per-channel KIVI keys: <= group_size).
     use_dot: tensor-core tl.dot for q.K and P.V, else CUDA-core broadcast-multiply-reduce (no 16-row padding
-    for MHA). kivi_3d: with one query head per KV head, per-channel KIVI storage and no dot, read the store with
-    3-D register tiles (no layout changes, P.V reduced once). kivi_tc: per-channel KIVI storage goes through
-    `kernels.decode_kivi` (tensor-core keys, in-place code decode; ngt key groups per tile); the other KIVI
-    options then apply to the generic path only. None values come from `default_config`.
+    for MHA). kivi_tc: per-channel KIVI storage goes through `kernels.decode_kivi` (tensor-core keys, in-place
+    code decode; ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one
+    contiguous value scale/min row per token); else through the generic stage 1. None values come from
+    `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
@@ -404,9 +403,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         num_splits = max(1, min(triton.cdiv(SPLIT_TARGET * sms, B * H), triton.cdiv(n, MIN_SPLIT_TOKENS), 128))
     dev = q.device
-    kc = kivi_config(slots.bits, slots.group_size, Hq // H) if slots.quant == "channel" else {}
-    if ngt is not None and kc:
-        kc = dict(ngt=ngt, block_m=max(16, triton.next_power_of_2(Hq // H * ngt)))
+    kc = kivi_config(slots.group_size, Hq // H, ngt) if slots.quant == "channel" else {}
     return DecodeWorkspace(
         out=torch.empty(B, Hq, D, dtype=q.dtype, device=dev),
         part_acc=torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev),

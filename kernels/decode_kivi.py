@@ -29,9 +29,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_util import dot
+from kernels.triton_util import MASKED as _MASKED
+from kernels.triton_util import dot, u32_to_f32
 
-_MASKED = tl.constexpr(-1.0e30)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _LAZY = tl.constexpr(8.0)
@@ -46,9 +46,8 @@ def _place(i, BITS: tl.constexpr):
 
 @triton.jit
 def _codes(words, shift, mask):
-    """int32 words (broadcast) -> fp32 code * 2**(BITS * j), exactly: ((w >> shift) & mask) | 2**23 - 2**23."""
-    u = words.to(tl.uint32, bitcast=True) >> shift
-    return ((u & mask) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    """int32 words (broadcast) -> fp32 code * 2**(BITS * j), exactly: the code masked in place (< 2**23)."""
+    return u32_to_f32((words.to(tl.uint32, bitcast=True) >> shift) & mask)
 
 
 @triton.jit
@@ -264,8 +263,8 @@ def _decode_stage1_kivi(
     tl.store(ml + 1, L, mask=gm)
 
 
-def kivi_config(bits: int, group_size: int, grp: int) -> dict:
-    """Tiles for `_decode_stage1_kivi`: NGT key groups per tile (64 tokens or one group: the fastest on an H200,
-    `jobs/bench_kernels.py`), BLOCK_M >= 16 rows."""
-    ngt = max(1, 64 // group_size)
+def kivi_config(group_size: int, grp: int, ngt: int | None = None) -> dict:
+    """Tiles for `_decode_stage1_kivi`: NGT key groups per tile (default 64 tokens or one group: the fastest on an
+    H200, `jobs/bench_kernels.py`), BLOCK_M >= 16 rows of (query head, key group)."""
+    ngt = max(1, 64 // group_size) if ngt is None else ngt
     return dict(ngt=ngt, block_m=max(16, triton.next_power_of_2(grp * ngt)))

@@ -12,6 +12,10 @@ import triton
 import triton.language as tl
 
 
+# running-max floor of the decode kernels: finite, so a fully masked tile gives exp(-inf - floor) = 0, never NaN
+MASKED = tl.constexpr(-1.0e30)
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import time)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -148,9 +148,8 @@ class CompressedCache(Cache):
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
         scores = None
         if self.policy.scored:
-            extra = {} if lse is None else {"row_lse": lse}
             scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
-                                layer_idx, self.cfg.prefill_chunk, **extra)
+                                layer_idx, self.cfg.prefill_chunk, row_lse=lse)
         store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device)
         store.prefill(key, value, scores)
         self.layers[layer_idx].store = store
