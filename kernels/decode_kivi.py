@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import dot, u32_to_f32
+from kernels.triton_util import dot, masked_to_f32
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -38,16 +38,20 @@ _LAZY = tl.constexpr(8.0)
 
 
 @triton.jit
-def _place(i, BITS: tl.constexpr):
-    """Code index i in a word -> (shift, j): the code is read from (word >> shift) at bit BITS * j < 23."""
-    hi = i >= (23 // BITS)
-    return tl.where(hi, 20, 0).to(tl.uint32), tl.where(hi, i - 20 // BITS, i)
+def _place(i, BITS: tl.constexpr, F16: tl.constexpr):
+    """Code index i in a word -> (shift, j): the code is read from (word >> shift) at bit BITS * j, low enough that
+    code * 2**(BITS * j) is exact in float32 (< 2**23) and finite in the dot's dtype: float16 tops out at 65504,
+    so there code * 2**(BITS * j) < 2**16 (two halves of the word; bfloat16 has float32's range)."""
+    LIM: tl.constexpr = 16 if F16 else 23
+    SH: tl.constexpr = 16 if F16 else 20
+    hi = i >= (LIM // BITS)
+    return tl.where(hi, SH, 0).to(tl.uint32), tl.where(hi, i - SH // BITS, i)
 
 
 @triton.jit
 def _codes(words, shift, mask):
     """int32 words (broadcast) -> fp32 code * 2**(BITS * j), exactly: the code masked in place (< 2**23)."""
-    return u32_to_f32((words.to(tl.uint32, bitcast=True) >> shift) & mask)
+    return masked_to_f32(words.to(tl.uint32, bitcast=True) >> shift, mask)
 
 
 @triton.jit
@@ -93,6 +97,7 @@ def _decode_stage1_kivi(
     h = tl.program_id(1)
     sp = tl.program_id(2)
     dtype = q_ptr.dtype.element_ty
+    F16: tl.constexpr = dtype == tl.float16
     P: tl.constexpr = 32 // BITS
     BLOCK_N: tl.constexpr = NGT * G
     BLOCK_G: tl.constexpr = BLOCK_M // NGT
@@ -122,12 +127,12 @@ def _decode_stage1_kivi(
 
     # per-token constants of a tile: group, and 2**-(BITS * j) of the token's code place
     t = tl.arange(0, BLOCK_N)
-    jt = _place(t % P, BITS)[1]
+    jt = _place(t % P, BITS, F16)[1]
     inv_t = tl.exp2(-(BITS * jt).to(tl.float32))
     own = jr[:, None] == (t // G)[None, :]  # (BLOCK_M, BLOCK_N): row keeps its group's tokens
     # per-code constants: keys (D, W, P) code i of word w is token w * P + i; values (BLOCK_N, DW, P) channel
     ip = tl.arange(0, P)[None, None, :]
-    shp, jp = _place(ip, BITS)
+    shp, jp = _place(ip, BITS, F16)
     maskp = (CMASK << (BITS * jp)).to(tl.uint32)
     invp = tl.exp2(-(BITS * jp).to(tl.float32))
     wk_i = tl.arange(0, W)[None, :, None]
@@ -214,7 +219,7 @@ def _decode_stage1_kivi(
             acc += dot(p.to(dtype), v, DOT_PREC, UPCAST)
     if VAL_CC:  # back to the row form (row 0 = the head) for the ring and the merge
         ip2 = tl.arange(0, P)[None, :]
-        inv2 = tl.exp2(-(BITS * _place(ip2, BITS)[1]).to(tl.float32))
+        inv2 = tl.exp2(-(BITS * _place(ip2, BITS, F16)[1]).to(tl.float32))
         a_s = tl.reshape(tl.sum(acc3, 0) * inv2 + tl.sum(accm, 0), (D,)) + accx
         acc = tl.where((r == 0)[:, None], a_s[None, :], 0.0)
         m_i = tl.where(r == 0, m1, _MASKED)

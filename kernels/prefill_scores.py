@@ -11,6 +11,11 @@ Never holds the T x T matrix, in two passes over (q, k) tiles:
   at or below the diagonal, recompute the logits, p = exp(y - m_i) / l_i, and accumulate the column sums.
 Pass 2 recomputes q.k, so the scoring costs about two QK^T products (no P.V), plus the noise hash. For H2O,
 `row_lse` (the attention's own log-sum-exp per row) replaces pass 1.
+Both passes work in log2 units (exp2, the scale and log2(e) folded into one multiply) and treat interior tiles
+apart: when the batch row's padding is a prefix (left padding, what the cache passes) the tiles strictly below
+the diagonal and inside the sequence need no mask at all, so an element costs a multiply-add, an exp2 and an
+add; only diagonal, edge and padded tiles take the masked path. Pass 2 adds into a (BLOCK_M, BLOCK_N)
+accumulator and reduces it over rows once at the end (no per-tile cross-warp column reduction).
 """
 
 from __future__ import annotations
@@ -22,25 +27,34 @@ import triton.language as tl
 from kernels.gumbel import gumbel_noise
 from kernels.triton_util import check_device, dot, interpreting
 
-# launch configuration (block sizes are capped to the sequence for short prompts); jobs/bench_kernels.py tunes it
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# launch configuration (block sizes are capped to the sequence for short prompts), the fastest in
+# jobs/bench_kernels.py on an H200; with noise (Keyformer) the hash makes narrower column tiles pay off
 CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+NOISE_CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
-def _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
-            NOISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """(BM, BN) masked scaled logits y = (q.k * scale + g) / tau and the allowed mask."""
-    x = dot(q, tl.trans(k), DOT_PREC, UPCAST) * sm_scale
+def _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_g, NOISE: tl.constexpr, DOT_PREC: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """(BM, BN) logits in log2 units, unmasked: y * log2(e) = q.k * c_qk (+ g * c_g), y = (q.k * scale + g) / tau."""
+    x = dot(q, tl.trans(k), DOT_PREC, UPCAST) * c_qk
     if NOISE:
-        x = x + gumbel_noise(seed, layer, 0, hq, pi[:, None], pj[None, :])
-    y = x * inv_tau
-    allowed = (j[None, :] <= i[:, None]) & vi[:, None] & vj[None, :] & (j[None, :] < T) & (i[:, None] < T)
-    return tl.where(allowed, y, float("-inf")), allowed
+        x += gumbel_noise(seed, layer, 0, hq, pi[:, None], pj[None, :]) * c_g
+    return x
+
+
+@triton.jit
+def _allowed(i, j, vi, vj, T):
+    """(BM, BN) causal mask over valid tokens inside the sequence."""
+    return (j[None, :] <= i[:, None]) & vi[:, None] & vj[None, :] & (j[None, :] < T) & (i[:, None] < T)
 
 
 @triton.jit
 def _prefill_row_stats(
-    q_ptr, k_ptr, valid_ptr, pos_ptr, seed_ptr, stats_ptr,
+    q_ptr, k_ptr, valid_ptr, pos_ptr, first_ptr, seed_ptr, stats_ptr,
     sm_scale, inv_tau, layer, Hq, T,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
     GRP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -60,9 +74,13 @@ def _prefill_row_stats(
         seed = tl.load(seed_ptr + b)
     q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + i[:, None] * stride_qt + d[None, :], mask=imask[:, None],
                 other=0.0)
+    c_qk = sm_scale * inv_tau * _LOG2E
+    c_g = inv_tau * _LOG2E
+    first = tl.load(first_ptr + b)
+    i0 = tl.program_id(1) * BLOCK_M
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    j_end = tl.minimum((tl.program_id(1) + 1) * BLOCK_M, T)  # causal: columns <= the block's last row
+    j_end = tl.minimum(i0 + BLOCK_M, T)  # causal: columns <= the block's last row
     for j0 in range(0, j_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jmask = j < T
@@ -70,19 +88,20 @@ def _prefill_row_stats(
         pj = tl.load(pos_ptr + b * T + j, mask=jmask, other=0)
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
                     other=0.0)
-        y, allowed = _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
-                             NOISE, DOT_PREC, UPCAST)
+        y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_g, NOISE, DOT_PREC, UPCAST)
+        if (j0 < first) | (j0 + BLOCK_N - 1 > i0) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
+            y = tl.where(_allowed(i, j, vi, vj, T), y, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(y, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(y - m_new[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(y - m_new[:, None]), 1)
         m_i = m_new
     st = stats_ptr + ((b * Hq + hq) * T + i) * 2
-    tl.store(st, m_i, mask=imask)
+    tl.store(st, m_i * _LN2, mask=imask)
     tl.store(st + 1, l_i, mask=imask)
 
 
 @triton.jit
 def _prefill_col_sums(
-    q_ptr, k_ptr, valid_ptr, pos_ptr, seed_ptr, stats_ptr, out_ptr,
+    q_ptr, k_ptr, valid_ptr, pos_ptr, first_ptr, seed_ptr, stats_ptr, out_ptr,
     sm_scale, inv_tau, layer, H, T,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
     GRP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -101,8 +120,12 @@ def _prefill_col_sums(
         seed = tl.load(seed_ptr + b)
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
                 other=0.0)
-    col = tl.zeros((BLOCK_N,), tl.float32)
-    i_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: rows >= the block's first column
+    c_qk = sm_scale * inv_tau * _LOG2E
+    c_g = inv_tau * _LOG2E
+    j0 = tl.program_id(1) * BLOCK_N
+    pad_cols = j0 < tl.load(first_ptr + b)  # some column of the block may be padding
+    colacc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    i_start = (j0 // BLOCK_M) * BLOCK_M  # causal: rows >= the block's first column
     for g in range(GRP):
         hq = h * GRP + g
         for i0 in range(i_start, T, BLOCK_M):
@@ -115,14 +138,15 @@ def _prefill_col_sums(
             st = stats_ptr + ((b * H * GRP + hq) * T + i) * 2
             m = tl.load(st, mask=imask, other=0.0)
             l = tl.load(st + 1, mask=imask, other=1.0)
-            # exp(y - m) / l as one exp: the row's log-sum-exp m + log(l) (rows with no allowed column: padding,
-            # masked below)
-            lse = m + tl.log(tl.where(l > 0.0, l, 1.0))
-            y, allowed = _logits(q, k, i, j, vi, vj, pi, pj, seed, layer, hq, sm_scale, inv_tau, T,
-                                 NOISE, DOT_PREC, UPCAST)
-            p = tl.exp(y - lse[:, None])
-            col += tl.sum(tl.where(allowed, p, 0.0), 0)
-    tl.store(out_ptr + (b * H + h) * T + j, col, mask=jmask)
+            # exp(y - m) / l as one exp2: the row's log-sum-exp m + log(l), in log2 units (rows with no allowed
+            # column: padding, masked below)
+            lse2 = m * _LOG2E + tl.log2(tl.where(l > 0.0, l, 1.0))
+            y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_g, NOISE, DOT_PREC, UPCAST) - lse2[:, None]
+            if pad_cols | (i0 < j0 + BLOCK_N - 1) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
+                colacc += tl.where(_allowed(i, j, vi, vj, T), tl.exp2(y), 0.0)
+            else:
+                colacc += tl.exp2(y)
+    tl.store(out_ptr + (b * H + h) * T + j, tl.sum(colacc, 0), mask=jmask)
 
 
 def prefill_scores(
@@ -174,21 +198,26 @@ def prefill_scores(
         return out.zero_()
     v8 = valid.to(torch.int8).contiguous()
     pos = (valid.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1).contiguous()  # (B, T) unpadded positions
+    # first real token of each row when its padding is a prefix (tiles past it need no mask), else T: all masked
+    first = T - valid.sum(-1, dtype=torch.int32)
+    prefix = (valid == (torch.arange(T, device=q.device) >= first[:, None])).all(-1)
+    first = torch.where(prefix, first, T).to(torch.int32).contiguous()
     if row_lse is None:
         stats = torch.empty(B, Hq, T, 2, dtype=torch.float32, device=q.device)
     else:  # (m, l) = (lse, 1): exp(y - m) / l is the row's softmax
         lse = row_lse.float().nan_to_num(neginf=0.0)  # rows with nothing allowed (padding): masked anyway
         stats = torch.stack((lse, torch.ones_like(lse)), dim=-1)
     seed_t = seed if noise else pos
+    cfg = NOISE_CONFIG if noise else CONFIG
     cap = max(16, triton.next_power_of_2(T))
-    BM, BN = min(CONFIG["block_m"], cap), min(CONFIG["block_n"], cap)
+    BM, BN = min(cfg["block_m"], cap), min(cfg["block_n"], cap)
     common = dict(GRP=Hq // H, D=D, BLOCK_M=BM, BLOCK_N=BN, NOISE=bool(noise),
                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
-                  num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     strides = (*q.stride()[:3], *k.stride()[:3], v8.stride(0))
     if row_lse is None:
         _prefill_row_stats[(B * Hq, triton.cdiv(T, BM))](
-            q, k, v8, pos, seed_t, stats, float(scale), 1.0 / float(tau), int(layer), Hq, T, *strides, **common)
+            q, k, v8, pos, first, seed_t, stats, float(scale), 1.0 / float(tau), int(layer), Hq, T, *strides, **common)
     _prefill_col_sums[(B * H, triton.cdiv(T, BN))](
-        q, k, v8, pos, seed_t, stats, out, float(scale), 1.0 / float(tau), int(layer), H, T, *strides, **common)
+        q, k, v8, pos, first, seed_t, stats, out, float(scale), 1.0 / float(tau), int(layer), H, T, *strides, **common)
     return out

@@ -38,6 +38,20 @@ def u32_to_f32(c):
 
 
 @triton.jit
+def masked_to_f32(c, mask):
+    """(c & mask) as float32 exactly, for a mask below bit 23: one LOP3 ((c & mask) | magic; ptxas does not fuse
+    the AND and the OR with two different immediates by itself) and one FADD. Plain ops under the interpreter."""
+    if INTERPRET:
+        m = (c & mask) | 0x4B000000
+    else:
+        magic = tl.full(c.shape, 0x4B000000, tl.uint32)
+        m = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                      [c, tl.broadcast_to(mask, c.shape), magic], dtype=tl.uint32, is_pure=True,
+                                      pack=1)
+    return m.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def to_dtype_rne(x, dtype: tl.constexpr):
     """fp32 tensor -> `dtype`, rounding to nearest-even also for bfloat16 under the interpreter (finite x)."""
     if INTERPRET and dtype == tl.bfloat16:

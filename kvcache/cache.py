@@ -140,9 +140,9 @@ class CompressedCache(Cache):
             self.plan = self._make_plan(valid)
         lse = None
         if self._lse_prefill(module, query, T):
-            # H2O on an unpadded batch: the flash kernel SDPA would run anyway, asked for its row log-sum-exp,
+            # H2O on an unpadded batch: the fused attention SDPA would run anyway, asked for its row log-sum-exp,
             # which is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
-            out, lse = flash_with_lse(query, key, value, scaling)
+            out, lse = attention_with_lse(query, key, value, scaling)
         else:
             # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
@@ -158,12 +158,12 @@ class CompressedCache(Cache):
         return out
 
     def _lse_prefill(self, module, query, T: int) -> bool:
-        """Whether this prefill can take H2O's row normalizer from the flash kernel (see `flash_with_lse`)."""
+        """Whether this prefill can take H2O's row normalizer from the attention (see `attention_with_lse`)."""
         return (self.backend == "triton" and self.policy.scored and not self.policy.noisy and self.cfg.tau_init == 1.0
                 and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and min(self.plan.n) == T
                 and getattr(module, "sliding_window", None) is None and query.shape[-1] % 8 == 0
                 and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
-                and torch.backends.cuda.flash_sdp_enabled())
+                and (torch.backends.cuda.flash_sdp_enabled() or _use_cudnn(query.device)))
 
     def _resolve_backend(self, device) -> str:
         return resolve_backend(self.cfg.backend, device, self.head_dim, self.cfg.group_size, self.cfg.bits)
@@ -226,13 +226,31 @@ class CompressedCache(Cache):
         return held + ([self.plan.seeds] if self.plan is not None else [])
 
 
-def flash_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of an unpadded prefill through torch's flash kernel (the one SDPA dispatches to there),
-    also returning each row's log-sum-exp: query (B, Hq, T, D), key/value (B, H, T, D) fp16/bf16 on CUDA ->
-    (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32)."""
-    grp = query.shape[1] // key.shape[1]
+_CUDNN_LSE = {"ok": True}  # cleared the first time cuDNN turns a call down; the flash kernel is used from then on
+
+
+def _use_cudnn(device) -> bool:
+    """cuDNN's fused attention is what SDPA dispatches to on Hopper and later (and the fastest there, measured
+    in jobs/bench_kernels.py); elsewhere the flash kernel is."""
+    return (_CUDNN_LSE["ok"] and torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of an unpadded prefill through the fused kernel SDPA uses on this GPU (cuDNN on Hopper,
+    else flash), also returning each row's log-sum-exp: query (B, Hq, T, D), key/value (B, H, T, D) fp16/bf16
+    on CUDA -> (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32)."""
+    B, Hq, T, _ = query.shape
+    grp = Hq // key.shape[1]
     if grp > 1:
         key, value = key.repeat_interleave(grp, 1), value.repeat_interleave(grp, 1)
+    if _use_cudnn(query.device):
+        try:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
+                                                                     scale=scaling)
+            return res[0].transpose(1, 2).contiguous(), res[1].reshape(B, Hq, T).float()
+        except RuntimeError:  # a shape or build cuDNN does not take: the flash kernel from now on
+            _CUDNN_LSE["ok"] = False
     res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
     return res[0].transpose(1, 2).contiguous(), res[1]
 

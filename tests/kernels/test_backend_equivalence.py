@@ -38,17 +38,18 @@ def test_triton_backend_matches_torch_backend(name, device):
         assert err < 1e-3, f"{name}: step {step} logits differ by {err:.2e} (relative)"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash kernel runs on CUDA only")
-def test_h2o_prefill_takes_the_flash_lse(monkeypatch):
-    """H2O with the Triton backend on an unpadded bf16 batch takes its prefill normalizer from the flash kernel
-    (one scoring pass); it then generates what the torch backend generates. Padded batches and Keyformer do not."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's fused attention kernels run on CUDA only")
+def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
+    """H2O with the Triton backend on an unpadded bf16 batch takes its prefill normalizer from the fused attention
+    (one scoring pass); it then generates what the torch backend generates. Padded batches and Keyformer do not.
+    Both kernels that can give the LSE (cuDNN on Hopper, the flash kernel) match SDPA and the reference."""
     import kvcache.cache as cache_mod
     from kernels.prefill_scores import prefill_scores
     from kernels.prefill_scores_ref import prefill_scores_ref
 
     calls = []
-    real = cache_mod.flash_with_lse
-    monkeypatch.setattr(cache_mod, "flash_with_lse", lambda *a: calls.append(1) or real(*a))
+    real = cache_mod.attention_with_lse
+    monkeypatch.setattr(cache_mod, "attention_with_lse", lambda *a: calls.append(1) or real(*a))
     model = build_model("llama", hidden=128, heads=4, kv_heads=2, layers=2).to("cuda", torch.bfloat16)  # head_dim 32
     for lengths, name, uses in (([40, 40], "h2o", True), (LENGTHS, "h2o", False), ([40, 40], "keyformer+kivi2", False)):
         ids, mask = padded_batch(lengths, seed=torch.seed() % 2**31)
@@ -62,13 +63,42 @@ def test_h2o_prefill_takes_the_flash_lse(monkeypatch):
         if uses:
             a, b = runs["triton"][1][0].float(), runs["torch"][1][0].float()
             assert ((a - b).norm() / b.norm()).item() < 2e-2, "first-step logits differ"
-    # the pieces themselves, bf16, GQA 4: flash output == SDPA, scores with its LSE == the reference
+    # the pieces themselves, bf16, GQA 4: output == SDPA, scores with its LSE == the reference, for cuDNN (where
+    # it runs) and for the flash kernel
     q = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    out, lse = cache_mod.flash_with_lse(q, k, v, 0.125)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
-    assert torch.allclose(out.float(), sdpa.transpose(1, 2).float(), atol=1e-2, rtol=1e-2)
     valid = torch.ones(2, 300, dtype=torch.bool, device="cuda")
-    got = prefill_scores(q, k, valid, 0.125, row_lse=lse)
     ref = prefill_scores_ref(q, k, valid, 0.125)
-    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    for cudnn in (True, False):
+        monkeypatch.setitem(cache_mod._CUDNN_LSE, "ok", cudnn)
+        out, lse = real(q, k, v, 0.125)
+        assert lse.shape == (2, 8, 300) and lse.dtype == torch.float32
+        assert torch.allclose(out.float(), sdpa.transpose(1, 2).float(), atol=1e-2, rtol=1e-2), f"cudnn={cudnn}"
+        got = prefill_scores(q, k, valid, 0.125, row_lse=lse)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2, f"cudnn={cudnn}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA only")
+@pytest.mark.parametrize("name", ["full+kivi2", "keyformer+kivi2"])
+def test_float16_model_on_the_triton_backend(name):
+    """A float16 model: the KIVI decode kernel keeps its in-place codes inside float16's range (code * 2**(2 j)
+    reached 3 * 2**20 and overflowed to inf before), so the Triton backend generates what the torch backend does."""
+    model = build_model("llama", hidden=256, heads=4, kv_heads=2, layers=2).to("cuda", torch.float16)  # head_dim 64
+    ids, mask = padded_batch([90, 61], seed=torch.seed() % 2**31)
+    ids, mask = ids.cuda(), mask.cuda()
+    runs = {}
+    for backend in ("torch", "triton"):
+        cfg = CacheConfig(**{**CONFIGS[name], "group_size": 32, "residual": 32}, backend=backend,
+                          max_new_tokens=NEW, seed=3)
+        runs[backend] = greedy(model, ids, mask, NEW, CompressedCache(cfg, model.config))
+    (seq_t, logits_t), (seq_k, logits_k) = runs["torch"], runs["triton"]
+    T = ids.shape[1]
+    # compare while both have fed back the same tokens (a random tiny model's near-ties may flip in float16)
+    same = int((seq_k[:, T:] == seq_t[:, T:]).all(0).long().cumprod(0).sum())
+    assert same >= 2, f"{name}: greedy tokens differ from the first decode step on"
+    for step in range(min(same + 1, NEW)):
+        a, b = logits_k[step].float(), logits_t[step].float()
+        assert torch.isfinite(a).all(), f"{name}: non-finite logits at step {step}"
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-2, f"{name}: step {step} logits differ by {err:.2e} (relative)"

@@ -21,6 +21,7 @@ CASES = [
     # several 128-token tiles per split (lazy rescaling, values of later tiles, ring values past sv_len)
     ("channel", 2, 32, torch.bfloat16, 64, 1, 2, 448, 20, [448, 301], [440, 262], 1),
     ("channel", 4, 32, torch.float32, 64, 4, 1, 352, 16, [333], [290], 2),
+    ("channel", 2, 32, torch.float16, 128, 8, 1, 192, 16, [192, 77, 0], [180, 70, 0], 2),
     ("token", 2, 32, torch.float32, 64, 4, 1, 75, 10, [75, 20], [60, 20], 2),
     ("token", 4, 64, torch.bfloat16, 64, 1, 2, 40, 33, [3, 40], [3, 12], 2),
 ]

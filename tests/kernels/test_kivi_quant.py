@@ -8,7 +8,7 @@ import torch
 from kernels import kivi_quant as kq
 from kernels import kivi_quant_ref as ref
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _gen():
@@ -20,7 +20,7 @@ def _eq(a, b, what):
     assert torch.equal(a.cpu(), b.cpu()), f"{what}: {(a.cpu() != b.cpu()).sum().item()} elements differ"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("bits,G,D", [(2, 32, 64), (4, 64, 128), (2, 128, 128)])
 def test_quantize_matches_reference(bits, G, D, dtype, device):
     gen = _gen()
@@ -38,7 +38,7 @@ def test_quantize_matches_reference(bits, G, D, dtype, device):
         _eq(a, b, f"values {name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_flush_into_store_at_offsets(bits, dtype, device):
     """A residual block of R keys read from a ring at per-sequence offsets lands at per-sequence slots; other

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.prefill_scores as prefill_mod
 from kernels.prefill_scores import prefill_scores
 from kernels.prefill_scores_ref import prefill_scores_ref
 from tests.kernels.kernel_cases import assert_close
@@ -15,6 +16,7 @@ CASES = [
     (torch.float32, 64, 4, 1, 70, [70, 41], False, 1.0),
     (torch.bfloat16, 128, 8, 1, 37, [1, 37], True, 1.5),
     (torch.float32, 64, 1, 1, 100, [90], False, 2.0),
+    (torch.float16, 64, 4, 1, 45, [45, 20], True, 1.3),
 ]
 
 
@@ -34,6 +36,32 @@ def test_prefill_scores_match_reference(case, device):
     # each valid query row spreads probability 1 over its keys: the scores sum to (#valid rows) x grp per KV head
     torch.testing.assert_close(out.sum(-1).cpu(), (valid.sum(-1, keepdim=True) * grp).float().expand(B, H).cpu(),
                                rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_prefill_unmasked_interior_tiles(noise, device, monkeypatch):
+    """16 x 16 tiles, so most tiles lie strictly below the diagonal and take the unmasked path: rows with prefix
+    padding (those tiles skip the mask), a row with a hole in the middle and a right-padded row (never the
+    unmasked path: padding that is not a prefix) all match the reference, two passes and with the LSE."""
+    for cfg in (prefill_mod.CONFIG, prefill_mod.NOISE_CONFIG):
+        monkeypatch.setitem(cfg, "block_m", 16)
+        monkeypatch.setitem(cfg, "block_n", 16)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, grp, T, D = 4, 1, 2, 83, 32
+    q = torch.randn(B, H * grp, T, D, generator=gen).to(device)
+    k = torch.randn(B, H, T, D, generator=gen).to(device)
+    t = torch.arange(T)
+    valid = torch.stack([t >= 0, t >= 21, (t < 30) | (t >= 47), t < 60]).to(device)
+    seed = torch.randint(0, 2**40, (B,), generator=gen).to(device)
+    tau = 1.4 if noise else 1.0
+    out = prefill_scores(q, k, valid, D ** -0.5, tau, noise, seed, layer=1)
+    ref = prefill_scores_ref(q, k, valid, D ** -0.5, tau, noise, seed, layer=1)
+    assert_close(out, ref, torch.float32, "prefill scores, 16 x 16 tiles")
+    if not noise:
+        x = torch.einsum("bhid,bhjd->bhij", q.cpu(), k.cpu().repeat_interleave(grp, 1)) * D ** -0.5
+        allowed = torch.ones(T, T).tril().bool()[None] & valid.cpu()[:, None, :] & valid.cpu()[:, :, None]
+        lse = x.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1).to(device)
+        assert_close(prefill_scores(q, k, valid, D ** -0.5, row_lse=lse), ref, torch.float32, "with the LSE")
 
 
 @pytest.mark.parametrize("grp", [1, 4])
