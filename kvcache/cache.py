@@ -138,14 +138,15 @@ class CompressedCache(Cache):
         if self.plan is None:
             self.backend = self._resolve_backend(key.device)
             self.plan = self._make_plan(valid)
-        lse = None
-        if self._lse_prefill(module, query, T):
-            # H2O on an unpadded batch: the fused attention SDPA would run anyway, asked for its row log-sum-exp,
-            # which is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
-            out, lse = attention_with_lse(query, key, value, scaling)
+        # H2O on an unpadded batch: the fused attention SDPA would run anyway, asked for its row log-sum-exp, which
+        # is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
+        res = attention_with_lse(query, key, value, scaling) if self._lse_prefill(module, query, T) else None
+        if res is not None:
+            out, lse = res
         else:
             # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
+            lse = None
         scores = None
         if self.policy.scored:
             scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
@@ -236,21 +237,28 @@ def _use_cudnn(device) -> bool:
             and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
-def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cudnn_attention(query, key, value, scaling: float):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
+                                                              scale=scaling)
+
+
+def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Causal attention of an unpadded prefill through the fused kernel SDPA uses on this GPU (cuDNN on Hopper,
     else flash), also returning each row's log-sum-exp: query (B, Hq, T, D), key/value (B, H, T, D) fp16/bf16
-    on CUDA -> (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32)."""
+    on CUDA -> (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32), or None when cuDNN
+    turns the call down and the flash kernel is disabled (torch.backends.cuda.enable_flash_sdp(False))."""
     B, Hq, T, _ = query.shape
     grp = Hq // key.shape[1]
     if grp > 1:
         key, value = key.repeat_interleave(grp, 1), value.repeat_interleave(grp, 1)
     if _use_cudnn(query.device):
         try:
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
-                                                                     scale=scaling)
+            res = _cudnn_attention(query, key, value, scaling)
             return res[0].transpose(1, 2).contiguous(), res[1].reshape(B, Hq, T).float()
         except RuntimeError:  # a shape or build cuDNN does not take: the flash kernel from now on
             _CUDNN_LSE["ok"] = False
+    if not torch.backends.cuda.flash_sdp_enabled():
+        return None
     res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
     return res[0].transpose(1, 2).contiguous(), res[1]
 

@@ -63,6 +63,7 @@ def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
         if uses:
             a, b = runs["triton"][1][0].float(), runs["torch"][1][0].float()
             assert ((a - b).norm() / b.norm()).item() < 2e-2, "first-step logits differ"
+            unpadded = (ids, mask, b)
     # the pieces themselves, bf16, GQA 4: output == SDPA, scores with its LSE == the reference, for cuDNN (where
     # it runs) and for the flash kernel
     q = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
@@ -77,6 +78,27 @@ def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
         assert torch.allclose(out.float(), sdpa.transpose(1, 2).float(), atol=1e-2, rtol=1e-2), f"cudnn={cudnn}"
         got = prefill_scores(q, k, valid, 0.125, row_lse=lse)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-2, f"cudnn={cudnn}"
+    # cuDNN turns a call down: the flash kernel takes over (and cuDNN is not asked again), unless flash SDP is
+    # disabled: then no LSE kernel runs (None) and the cache takes SDPA's path with two scoring passes
+    def refuse(*args):
+        raise RuntimeError("cuDNN refused the shape")
+
+    monkeypatch.setitem(cache_mod._CUDNN_LSE, "ok", True)
+    monkeypatch.setattr(cache_mod, "_cudnn_attention", refuse)
+    if cache_mod._use_cudnn(q.device):
+        assert real(q, k, v, 0.125) is not None and not cache_mod._CUDNN_LSE["ok"]
+        monkeypatch.setitem(cache_mod._CUDNN_LSE, "ok", True)
+        flash = torch.backends.cuda.flash_sdp_enabled()
+        torch.backends.cuda.enable_flash_sdp(False)
+        try:
+            assert real(q, k, v, 0.125) is None
+            monkeypatch.setitem(cache_mod._CUDNN_LSE, "ok", True)
+            ids, mask, first_ref = unpadded
+            cfg = CacheConfig(**CONFIGS["h2o"], backend="triton", max_new_tokens=NEW, seed=3)
+            a = greedy(model, ids, mask, NEW, CompressedCache(cfg, model.config))[1][0].float()
+            assert ((a - first_ref).norm() / first_ref.norm()).item() < 2e-2, "flash disabled: logits differ"
+        finally:
+            torch.backends.cuda.enable_flash_sdp(flash)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA only")
