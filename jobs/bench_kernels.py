@@ -196,7 +196,8 @@ PREFILL_TILES = ((64, 64, 4), (128, 64, 8), (128, 64, 4), (64, 128, 4), (128, 32
 def bench_prefill(T, H, rows):
     """The scoring kernels against SDPA's causal prefill. Every path is timed with each tile configuration of
     PREFILL_TILES; the table rows use the kernel's defaults (`kernels.prefill_scores.CONFIG`, `NOISE_CONFIG` for
-    Keyformer: what the cache runs), the log also names the fastest tile of each path."""
+    Keyformer: what the cache runs; the better of two timings), the log also names the fastest tile of each
+    path."""
     q = torch.randn(1, HQ, T, D, device="cuda", dtype=DT)
     k = torch.randn(1, H, T, D, device="cuda", dtype=DT)
     v = torch.randn(1, H, T, D, device="cuda", dtype=DT)
@@ -225,6 +226,8 @@ def bench_prefill(T, H, rows):
     prefill_mod.CONFIG.update(defaults["h2o"])
     prefill_mod.NOISE_CONFIG.update(defaults["keyformer"])
     tile = {n: (c["block_m"], c["block_n"], c["num_warps"]) for n, c in defaults.items()}
+    for name, fn in paths.items():  # the default tiles once more (the first timings of a run vary most)
+        times[name, tile[name]] = min(times[name, tile[name]], time_ms(fn))
     for name in paths:
         best = min((ms, t) for (n, t), ms in times.items() if n == name)
         print(f"# prefill T={T} H={H} {name}: default tile {tile[name]} {times[name, tile[name]]:.3f} ms, fastest "
