@@ -52,7 +52,7 @@ def gumbel_hash(seed, layer, step, head, row, col):
 def gumbel_noise(seed, layer, step, head, row, col):
     """Gumbel(0, 1) float32 noise of the broadcast shape of the coordinates; equals `gumbel_ref.gumbel`."""
     h = gumbel_hash(seed, layer, step, head, row, col)
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.999999940395355224609375)  # < 1
     e = -tl.log(u)  # the accurate log: its relative error becomes g's absolute error (u can lie within 2**-24 of 1)
     if INTERPRET:
         return -tl.log(e)

@@ -4,7 +4,10 @@ The Triton kernels compute the same 32-bit hash in registers, so the torch and T
 noise without storing it. The hash mixes the coordinates in, seed first and col last, each with the `lowbias32`
 finalizer shape (xor-shift, multiply by an odd constant below 2**31 so products fit in int64 here, xor-shift).
 
-    u = (hash >> 8 + 0.5) / 2**24 in (0, 1);  g = -log(-log(u))
+    u = min((hash >> 8 + 0.5) / 2**24, 1 - 2**-24) in (0, 1);  g = -log(-log(u))
+
+The clamp matters once in 2**24 draws: (2**24 - 1) + 0.5 rounds to 2**24 in float32, u would be 1 and g = +inf
+(a NaN softmax downstream); it maps that draw to the next value below 1 and changes no other.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ def hash_coords(seed, layer, step, head, row, col) -> torch.Tensor:
     return h
 
 
+U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
+
+
 def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
-    """int64 hash in [0, 2**32) -> float32 uniform in (0, 1), never 0 or 1."""
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    """int64 hash in [0, 2**32) -> float32 uniform in (0, 1), never 0 or 1 (see the module docstring)."""
+    return (((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)).clamp(max=U_MAX)
 
 
 def gumbel(seed, layer, step, head, row, col) -> torch.Tensor:

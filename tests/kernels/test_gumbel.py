@@ -7,7 +7,7 @@ import math
 import torch
 
 from kernels.gumbel import gumbel_triton
-from kernels.gumbel_ref import gumbel
+from kernels.gumbel_ref import gumbel, hash_coords
 
 
 def test_equals_reference_on_random_coordinates(device):
@@ -41,3 +41,18 @@ def test_gumbel_distribution(device):
     emp = torch.arange(1, n + 1, dtype=torch.float64) / n
     ks = torch.maximum((emp - cdf).abs(), (emp - 1.0 / n - cdf).abs()).max()
     assert ks < 1.63 / math.sqrt(n), f"KS distance {ks:.4g} rejects Gumbel(0, 1) at the 1% level"
+
+
+def test_finite_where_the_uniform_would_round_to_one(device):
+    """Hashes with hash >> 8 == 2**24 - 1 (one draw in 2**24; these columns were found by search) made u round to
+    1.0 in float32 and g = +inf, which turns a noisy softmax into NaN; both draws now give the largest finite value
+    and their neighbours are untouched."""
+    col = torch.tensor([3735224, 46234235, 3735225])
+    assert torch.all((hash_coords(7, 1, 3, 2, 5, col[:2]) >> 8) == 2**24 - 1)
+    ref = gumbel(7, 1, 3, 2, 5, col)
+    out = gumbel_triton(7, 1, 3, 2, 5, col.to(device)).cpu()
+    top = -math.log(-math.log(1.0 - 2.0 ** -24))  # 16.64...
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(ref[:2], torch.full((2,), top), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert ref[2] < top - 1e-3
