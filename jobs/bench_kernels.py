@@ -161,6 +161,28 @@ def bench_decode(B, ctx, H, bw, rows):
         torch.cuda.empty_cache()
 
 
+def profile_stages(storage):
+    """20 decode steps at B=32, ctx=4096, 32 KV heads per score mode (0 none, 1 H2O, 2 Keyformer), under
+    torch.profiler: prints each kernel's time per step (and runs what `ncu` can be pointed at)."""
+    q = torch.randn(32, HQ, D, device="cuda", dtype=DT)
+    K, V = (torch.randn(32, 32, 4096, D, device="cuda", dtype=DT) for _ in range(2))
+    s = make_slots(32, 32, 4096, storage, K, V)
+    acc = torch.zeros(32, 32, s.cs + s.cw, device="cuda")
+    seed = torch.arange(32, device="cuda")
+    for mode in (0, 1, 2):
+        ws = decode_workspace(q, s, mode)
+        for _ in range(3):  # compile and warm up
+            decode_attention(q, s, D ** -0.5, mode, acc, seed, 0, 5, 1.5, workspace=ws)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                decode_attention(q, s, D ** -0.5, mode, acc, seed, 0, 5, 1.5, workspace=ws)
+            torch.cuda.synchronize()
+        per = {e.key: e.device_time_total / 20 for e in prof.key_averages() if e.device_time_total > 0}
+        print(f"# profile {storage} score_mode {mode} (us per step): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])), flush=True)
+
+
 def check_graph_capture():
     """A decode step with a workspace and device step/tau captures in a CUDA graph and replays correctly."""
     B, H, ctx = 4, 8, 1024
@@ -295,20 +317,15 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,8192,32768")
     ap.add_argument("--kv-heads", default="32,8")
     ap.add_argument("--tune-only", action="store_true", help="only pick and print the launch configurations")
-    ap.add_argument("--profile", default="", help="storage: run 20 decode steps at B=32, ctx=4096, MHA (for ncu)")
+    ap.add_argument("--profile", default="", help="storage: per-kernel times of 20 decode steps per score mode at "
+                    "B=32, ctx=4096, MHA (torch.profiler; also what to point ncu at)")
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill score lines")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels: needs a CUDA GPU (the kernels are timed on the device)")
     torch.manual_seed(0)
     if args.profile:
-        q = torch.randn(32, HQ, D, device="cuda", dtype=DT)
-        K, V = (torch.randn(32, 32, 4096, D, device="cuda", dtype=DT) for _ in range(2))
-        s = make_slots(32, 32, 4096, args.profile, K, V)
-        ws = decode_workspace(q, s, 0)
-        for _ in range(20):
-            decode_attention(q, s, D ** -0.5, workspace=ws)
-        torch.cuda.synchronize()
+        profile_stages(args.profile)
         return
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
