@@ -29,11 +29,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.triton_util import LN2 as _LN2
+from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
 from kernels.triton_util import dot, masked_to_f32
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 _LAZY = tl.constexpr(8.0)
 
 

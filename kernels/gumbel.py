@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_util import INTERPRET, check_device
+from kernels.gumbel_ref import U_MAX
+from kernels.triton_util import INTERPRET, LN2, check_device
+
+_U_MAX = tl.constexpr(U_MAX)
 
 
 @triton.jit
@@ -52,14 +55,14 @@ def gumbel_hash(seed, layer, step, head, row, col):
 def gumbel_noise(seed, layer, step, head, row, col):
     """Gumbel(0, 1) float32 noise of the broadcast shape of the coordinates; equals `gumbel_ref.gumbel`."""
     h = gumbel_hash(seed, layer, step, head, row, col)
-    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.999999940395355224609375)  # < 1
+    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), _U_MAX)  # < 1, see gumbel_ref
     e = -tl.log(u)  # the accurate log: its relative error becomes g's absolute error (u can lie within 2**-24 of 1)
     if INTERPRET:
         return -tl.log(e)
     else:  # the outer log only needs absolute accuracy: the hardware lg2 (one MUFU op, abs. error < 2**-22)
         lg2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [e], dtype=tl.float32, is_pure=True,
                                         pack=1)
-        return lg2 * -0.6931471805599453
+        return lg2 * -LN2
 
 
 @triton.jit

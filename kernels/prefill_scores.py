@@ -25,10 +25,9 @@ import triton
 import triton.language as tl
 
 from kernels.gumbel import gumbel_noise
+from kernels.triton_util import LN2 as _LN2
+from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import check_device, dot, interpreting
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # launch configuration (block sizes are capped to the sequence for short prompts), the fastest in
 # jobs/bench_kernels.py on an H200; with noise (Keyformer) the hash makes narrower column tiles pay off

@@ -14,6 +14,9 @@ import triton.language as tl
 
 # running-max floor of the decode kernels: finite, so a fully masked tile gives exp(-inf - floor) = 0, never NaN
 MASKED = tl.constexpr(-1.0e30)
+# the kernels work in log2 units (exp2 / lg2): natural <-> log2 conversion factors
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def interpreting() -> bool:
