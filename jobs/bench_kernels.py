@@ -90,9 +90,12 @@ def tune_decode(H, storage, B=32, ctx=4096):
                    for ud in (False, True) for bn, nw, ns in ((64, 4, 1), (128, 4, 1), (64, 2, 3))]
     else:
         # the generic stage 1 (kivi_tc=False: its previous best) and kernels/decode_kivi.py variants
-        configs = [dict(kivi_tc=False, block_n=32, num_warps=2, num_stages=4 if H != HQ else 2, use_dot=H != HQ)]
-        configs += [dict(ngt=ngt, num_warps=4, num_stages=ns, val_cc=vc)
+        configs = [dict(kivi_tc=False, kivi_cc=False, block_n=32, num_warps=2, num_stages=4 if H != HQ else 2,
+                        use_dot=H != HQ)]
+        configs += [dict(kivi_cc=False, ngt=ngt, num_warps=4, num_stages=ns, val_cc=vc)
                     for ngt in (1, 2, 4) for ns in (1, 3) for vc in ((True, False) if H == HQ else (False,))]
+        if H == HQ:  # kernels/decode_kivi_cc.py: one query head per KV head, CUDA cores
+            configs += [dict(kivi_cc=True, num_warps=nw, num_stages=1) for nw in (2, 4, 8)]
     best, log = None, []
     for cfg in configs:
         name = "/".join(f"{k}={v}" for k, v in cfg.items())

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
+from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported
 from kernels.gumbel import gumbel_noise
 from kernels.slots import KVSlots
 from kernels.triton_util import MASKED as _MASKED
@@ -362,6 +363,7 @@ class DecodeWorkspace:
     vs_vec: bool = True
     ngt: int = 4
     block_m: int = 16
+    kivi_cc: bool = False
 
 
 def default_config(slots: KVSlots, grp: int) -> dict:
@@ -377,7 +379,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      use_dot: bool | None = None, kivi_tc: bool = True,
                      ngt: int | None = None, val_cc: bool = True,
-                     vs_vec: bool = True) -> DecodeWorkspace:
+                     vs_vec: bool = True, kivi_cc: bool | None = None) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
@@ -385,16 +387,24 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     use_dot: tensor-core tl.dot for q.K and P.V, else CUDA-core broadcast-multiply-reduce (no 16-row padding
     for MHA). kivi_tc: per-channel KIVI storage goes through `kernels.decode_kivi` (tensor-core keys, in-place
     code decode; ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one
-    contiguous value scale/min row per token); else through the generic stage 1. None values come from
+    contiguous value scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI
+    with one query head per KV head goes through `kernels.decode_kivi_cc` (CUDA cores, no MMA padding; the
+    default where `cc_supported`); num_warps then sets its tile (8 word rows per warp). None values come from
     `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
     n = slots.cs + slots.cw
     cfg = default_config(slots, Hq // H)
+    cc_ok = slots.quant == "channel" and Hq == H and cc_supported(slots, D)
+    if kivi_cc and not cc_ok:
+        raise ValueError("decode_workspace: kivi_cc needs per-channel KIVI storage with one query head per KV head, "
+                         "head_dim >= 4 * 32 // bits and value code rows of head_dim // (32 // bits) words")
+    kivi_cc = cc_ok and kivi_tc if kivi_cc is None else bool(kivi_cc)
     block_n = cfg["block_n"] if block_n is None else block_n
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
-    num_stages = cfg["num_stages"] if num_stages is None else num_stages
+    # kernels.decode_kivi_cc: 1 and 2 stages time the same on the H200 (jobs/bench_kernels.py); 1 holds fewer registers
+    num_stages = (1 if kivi_cc else cfg["num_stages"]) if num_stages is None else num_stages
     use_dot = cfg["use_dot"] if use_dot is None else use_dot
     if block_n < 16 or block_n & (block_n - 1) or (slots.quant == "channel" and slots.group_size % block_n):
         raise ValueError(f"decode_workspace: block_n={block_n} must be a power of two >= 16"
@@ -412,7 +422,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         logits=torch.empty(B, Hq, n, dtype=torch.float32, device=dev) if score_mode else None,
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
         use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
-        vs_vec=bool(vs_vec), **kc,
+        vs_vec=bool(vs_vec), kivi_cc=kivi_cc, **kc,
     )
 
 
@@ -527,7 +537,14 @@ def decode_attention(
         *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], logits.stride(0), logits.stride(1),
     )
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    if qid == 1 and ws.kivi_tc:
+    if qid == 1 and ws.kivi_cc:
+        if not (grp == 1 and cc_supported(slots, D)):
+            raise ValueError("decode_attention: the workspace asks for kernels.decode_kivi_cc, which does not fit these slots")
+        _decode_stage1_kivi_cc[(B, H, NS)](
+            *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
+            SCORE=score_mode > 0, num_warps=ws.num_warps, num_stages=ws.num_stages,
+        )
+    elif qid == 1 and ws.kivi_tc:
         _decode_stage1_kivi[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, NGT=ws.ngt, BLOCK_M=ws.block_m,
             BLOCK_R=64, SCORE=score_mode > 0, VAL_CC=grp == 1 and ws.val_cc,

@@ -22,6 +22,7 @@ CASES = [
     ("channel", 2, 32, torch.bfloat16, 64, 1, 2, 448, 20, [448, 301], [440, 262], 1),
     ("channel", 4, 32, torch.float32, 64, 4, 1, 352, 16, [333], [290], 2),
     ("channel", 2, 32, torch.float16, 128, 8, 1, 192, 16, [192, 77, 0], [180, 70, 0], 2),
+    ("channel", 4, 128, torch.float16, 128, 1, 1, 640, 16, [600, 333, 5], [530, 333, 0], 2),
     ("token", 2, 32, torch.float32, 64, 4, 1, 75, 10, [75, 20], [60, 20], 2),
     ("token", 4, 64, torch.bfloat16, 64, 1, 2, 40, 33, [3, 40], [3, 12], 2),
 ]
@@ -42,9 +43,14 @@ def test_decode_matches_reference(case, device):
     seed = torch.randint(0, 2**40, (B,), generator=gen).to(device)
     # score_mode 1 runs the other q.K / P.V path (tensor-core dot vs CUDA-core reduce) than the default, and for
     # KIVI storage (kernels/decode_kivi.py) with one query head the tensor-core P.V instead of the CUDA-core one;
-    # score_mode 2 the per-word value scale loads; KIVI storage also once through the generic stage 1
-    runs = [(0, {}), (1, dict(use_dot=not decode_workspace(q, slots, 0, num_splits=1).use_dot, val_cc=False)),
-            (2, dict(vs_vec=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
+    # score_mode 2 the per-word value scale loads; KIVI storage also once through the generic stage 1. KIVI with
+    # one query head per KV head runs kernels/decode_kivi_cc.py by default: once more with scores and another
+    # tile (8 word rows per warp), so both kernels see every mode
+    runs = [(0, {}), (1, dict(use_dot=not decode_workspace(q, slots, 0, num_splits=1).use_dot, val_cc=False,
+                              kivi_cc=False)),
+            (2, dict(vs_vec=False, kivi_cc=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
+    if decode_workspace(q, slots, 0, num_splits=1).kivi_cc:
+        runs += [(1, dict(kivi_cc=True, num_warps=2)), (2, dict(kivi_cc=True, num_warps=1))]
     for mode, opts in runs:
         ws = decode_workspace(q, slots, mode, num_splits=splits, **opts)
         ws.out.fill_(float("nan"))
@@ -66,7 +72,8 @@ def test_decode_matches_reference(case, device):
 @pytest.mark.parametrize("grp", [1, 4])
 def test_kivi_sharp_attention_rescales(grp, device):
     """Logits that keep rising along the sequence (a query aligned with later keys) by more than fp32's range:
-    without the lazy rescaling of kernels/decode_kivi.py the accumulators overflow; with it, == the reference."""
+    without the lazy rescaling of kernels/decode_kivi.py (grp 4) and kernels/decode_kivi_cc.py (grp 1) the
+    accumulators overflow; with it, == the reference."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     B, H, D, cs, cw = 1, 1, 64, 384, 16
     slots = make_slots(B, H, D, cs, cw, "channel", 4, 32, torch.float32, device, [384], [370], gen)
@@ -79,6 +86,7 @@ def test_kivi_sharp_attention_rescales(grp, device):
     q = (direction * 20.0).expand(B, H * grp, D).contiguous()
     for mode in (0, 1):
         ws = decode_workspace(q, slots, mode, num_splits=1)
+        assert ws.kivi_cc == (grp == 1)
         acc, acc_ref = torch.zeros(B, H, cs + cw, device=device), torch.zeros(B, H, cs + cw, device=device)
         out = decode_attention(q, slots, D ** -0.5, mode, acc, workspace=ws)
         ref = decode_attention_ref(q, slots, D ** -0.5, mode, acc_ref)

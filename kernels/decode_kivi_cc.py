@@ -1,0 +1,226 @@
+"""Stage 1 of `kernels.decode_attention` for KIVI storage with one query head per KV head (MHA), on CUDA cores.
+
+With one query head there is nothing for the tensor cores to share: `kernels.decode_kivi` pads the head to the
+MMA's 16 rows and stages every dequantized operand through shared memory. Here a dequantized element costs
+three instructions (one LOP3 and one FADD for the code in place, `decode_kivi._codes`; one FFMA into a
+per-thread partial) and is never moved between threads: the loads are laid out so that the reductions run
+inside a thread.
+- Keys (per-channel codes, a word = P tokens of one channel): a tile is W word rows (BLOCK_N = W * P tokens).
+  The (DI, W, DQ, DL) index shape, with channel d = dq * DI * DL + di * DL + dl and only dl contiguous, makes
+  Triton's coalescing give each thread DI * DL channels of one word row (DL per 16-byte load), DQ lanes per
+  row and the rest of the lanes and the warps along rows. The thread multiplies its codes by q * scale of their
+  channel (a key group's scale is per channel, so q * scale costs one multiply per channel and group, not per
+  element) and sums its channels in place: P partial logits per row, finished by a DQ-lane shuffle reduction.
+  The code's place 2**(BITS j) comes out once per token, the min as q . min once per group.
+- Values (per-token codes, a word = P channels of one token): the (P, W, DQ, DWI) index shape gives the same
+  thread the P tokens of the same word row, DWI words of each, so the probabilities are already where the
+  values are. p * scale is one multiply per token and group; the P.V sum over the thread's tokens stays in a
+  per-thread accumulator (code units, per channel and row), reduced over rows once per split.
+- One online softmax for the program (lazy rescaling as in `decode_kivi`), log2 units inside.
+Value slots in [sv_len, s_len) and the full-precision ring are read as in `decode_kivi`, on CUDA cores.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.decode_kivi import _codes, _place
+from kernels.triton_util import LN2 as _LN2
+from kernels.triton_util import LOG2E as _LOG2E
+from kernels.triton_util import MASKED as _MASKED
+
+_LAZY = tl.constexpr(8.0)
+
+
+@triton.jit
+def _decode_stage1_kivi_cc(
+    q_ptr, part_acc_ptr, part_ml_ptr, logit_ptr,
+    s_len_ptr, sv_len_ptr, win_pos_ptr, win_lo_ptr, wk_ptr, wv_ptr,
+    sk_ptr, sks_ptr, skm_ptr, sv_ptr, svs_ptr, svm_ptr,
+    sm_scale, H, Cs, Cw, NUM_SPLITS,
+    stride_qb, stride_qh,
+    stride_wkb, stride_wkh, stride_wkn, stride_wvb, stride_wvh, stride_wvn, stride_wpb,
+    stride_skb, stride_skh, stride_skn, stride_ksb, stride_ksh, stride_ksn,
+    stride_svb, stride_svh, stride_svn, stride_vsb, stride_vsh, stride_vsn,
+    stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, DQ: tl.constexpr,
+    BLOCK_R: tl.constexpr, SCORE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    P: tl.constexpr = 32 // BITS
+    BLOCK_N: tl.constexpr = W * P
+    DL: tl.constexpr = 4
+    DI: tl.constexpr = D // (DQ * DL)
+    DWI: tl.constexpr = D // P // DQ  # value words per thread and token
+    CMASK: tl.constexpr = (1 << BITS) - 1
+    s_len = tl.load(s_len_ptr + b)
+    sv_len = tl.load(sv_len_ptr + b)
+    win_lo = tl.load(win_lo_ptr + b)
+    total = s_len + Cw
+    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, total)
+    s_hi = tl.minimum(hi, s_len)
+    qrow = q_ptr + b * stride_qb + h * stride_qh
+
+    # Index shapes: every load is (rows, contiguous run, 1) with rows = a merged index whose address is computed,
+    # so Triton's coalescing (which orders tied dimensions differently across versions) can only put the lanes
+    # along rows and the run inside the thread; the trailing unit dimension takes the codes' places in-thread.
+    # ---- keys (R, DL, 1), R = W * DQ rows r = (word row r // DQ, channel quarter r % DQ), one load per chunk i:
+    # channel (r % DQ) * DI * DL + i * DL + dl
+    R: tl.constexpr = W * DQ
+    rk = tl.arange(0, R)[:, None, None]
+    wk = rk // DQ
+    dk0 = (rk % DQ) * (DI * DL) + tl.arange(0, DL)[None, :, None]
+    # ---- values (X, DWI, 1), X = P * R: x = i * R + r is token i of word row r // DQ, words (r % DQ) * DWI + dwi
+    xv = tl.arange(0, P * R)[:, None, None]
+    rv = xv % R
+    tv = (rv // DQ) * P + xv // R  # token offset in the tile
+    vword = (rv % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
+    if DWI * P <= G:  # a thread's words of a token share one scale/min group
+        vgrp = ((rv % DQ) * DWI * P) // G
+    else:
+        vgrp = (vword * P) // G
+    # ---- per-code constants: code i of a word at (word >> shift), bit BITS * j; 2**-(BITS j) per place
+    ip = tl.arange(0, P)
+    shp, jp = _place(ip, BITS, False)
+    maskp = (CMASK << (BITS * jp)).to(tl.uint32)
+    shp3 = shp[None, None, :]
+    maskp3 = maskp[None, None, :]
+    c2 = sm_scale * _LOG2E  # logits in log2 units
+    invp = tl.exp2(-(BITS * jp).to(tl.float32)) * c2  # (P,)
+    # ---- logits of a tile are (W, P): token s0 + w * P + i
+    wx = tl.arange(0, W)[:, None]
+    ix = tl.arange(0, P)[None, :]
+
+    m1 = tl.max(tl.full((W,), _MASKED, tl.float32), 0)
+    l1 = tl.sum(tl.zeros((W,), tl.float32), 0)
+    acc_v = tl.zeros((R, DWI, P), tl.float32)  # sum over the row's tokens of p * scale * code * 2**(B j)
+    acc_m = tl.zeros((R, vgrp.shape[1], 1), tl.float32)  # sum of p * min
+    kbase = b * stride_skb + h * stride_skh
+    ksbase = b * stride_ksb + h * stride_ksh
+    vbase = b * stride_svb + h * stride_svh
+    vsbase = b * stride_vsb + h * stride_vsh
+    # slots [lo, s_q): key and value quantized; [max(lo, sv_len), s_hi): quantized key, value in the ring
+    s_q = tl.minimum(s_hi, tl.maximum(sv_len, lo))
+    for s0 in range(lo, s_q, BLOCK_N):
+        # ---- keys: x[w, i] = 2**-(B j_i) * sum_d (q_d * s_gd) * c_d * 2**(B j_i) + sum_d q_d * m_gd, the sum
+        # over a thread's channels as one multiply-add chain (chunk by chunk), then over the row's DQ lanes
+        t0 = s0 + wk * P  # first token of each word row
+        kin = t0 < s_q
+        part = tl.zeros((R, DL, P), tl.float32)
+        qmp = tl.zeros((R, DL, 1), tl.float32)
+        for i in tl.static_range(DI):
+            dki = dk0 + i * DL
+            kw = tl.load(sk_ptr + kbase + (s0 // P + wk) * stride_skn + dki, mask=kin, other=0)
+            srow = ksbase + (t0 // G) * stride_ksn + dki
+            sc = tl.load(sks_ptr + srow, mask=kin, other=0.0).to(tl.float32)
+            mn = tl.load(skm_ptr + srow, mask=kin, other=0.0).to(tl.float32)
+            qi = tl.load(qrow + dki).to(tl.float32)
+            part += _codes(kw, shp3, maskp3) * (qi * sc)
+            qmp += qi * mn
+        xr = tl.reshape(tl.sum(part, 1) * invp[None, :] + tl.sum(qmp, 1) * c2, (W, DQ, P))
+        x = tl.sum(xr, 1)  # (W, P)
+        n = s0 + wx * P + ix
+        x = tl.where(n < s_q, x, float("-inf"))
+        if SCORE:
+            tl.store(logit_ptr + b * stride_lb + h * stride_lh + n, x * _LN2, mask=n < s_q)
+        # ---- online softmax, lazily rescaled
+        m_t = tl.max(tl.max(x, 1), 0)
+        if m_t - m1 > _LAZY:
+            alpha = tl.exp2(m1 - m_t)
+            l1 = l1 * alpha
+            acc_v = acc_v * alpha
+            acc_m = acc_m * alpha
+            m1 = m_t
+        p = tl.exp2(x - m1)
+        l1 += tl.sum(tl.sum(p, 1), 0)
+        # ---- values: p * scale once per token (and group), then code by code
+        nv = s0 + tv
+        vin = nv < s_q
+        vw = tl.load(sv_ptr + vbase + nv * (D // P) + vword, mask=vin, other=0)  # rows of D // P words
+        vrow = vsbase + nv * stride_vsn + vgrp
+        vsc = tl.load(svs_ptr + vrow, mask=vin, other=0.0).to(tl.float32)
+        vmn = tl.load(svm_ptr + vrow, mask=vin, other=0.0).to(tl.float32)
+        # p of token x = i * R + r: p[r // DQ, i], the same for the row's DQ lanes
+        px = tl.reshape(tl.trans(p)[:, :, None] + tl.zeros((1, 1, DQ), tl.float32), (P * R, 1, 1))
+        acc_v += tl.sum(tl.reshape(_codes(vw, shp3, maskp3) * (px * vsc), (P, R, DWI, P)), 0)
+        acc_m += tl.sum(tl.reshape(px * vmn, (P, R, vgrp.shape[1], 1)), 0)
+    # ---- the quantized part to channel order: word k = dq * DWI + dwi holds channels k * P + i
+    a = acc_v * tl.exp2(-(BITS * jp).to(tl.float32))[None, None, :] + acc_m  # (R, DWI, P)
+    acc = tl.reshape(tl.sum(tl.reshape(a, (W, DQ, DWI, P)), 0), (D,))
+
+    # ---- slots with a quantized key and a full-precision value (KIVI's value FIFO: fewer than the ring's
+    # size per sequence): keys dequantized in a plain (D, BLOCK_T) tile, values from the ring at slot % Cw
+    dd = tl.arange(0, D)
+    qd = tl.load(qrow + dd).to(tl.float32) * c2
+    TW: tl.constexpr = BLOCK_R // P
+    t_lo = tl.maximum(lo, sv_len)
+    ipt = tl.arange(0, P)[None, None, :]
+    shpt, jpt = _place(ipt, BITS, False)
+    maskt = (CMASK << (BITS * jpt)).to(tl.uint32)
+    invt = tl.reshape(tl.exp2(-(BITS * jpt).to(tl.float32)) + tl.zeros((1, TW, 1), tl.float32), (1, BLOCK_R))
+    for s0 in range((t_lo // P) * P, s_hi, BLOCK_R):
+        nt = s0 + tl.arange(0, BLOCK_R)
+        okt = (nt >= t_lo) & (nt < s_hi)
+        wt = tl.arange(0, TW)[None, :, None]
+        kwt = tl.load(sk_ptr + kbase + (s0 // P + wt) * stride_skn + dd[:, None, None],
+                      mask=(s0 + wt * P) < s_hi, other=0)
+        ct = tl.reshape(_codes(kwt, shpt, maskt), (D, BLOCK_R)) * invt  # (D, BLOCK_R) codes
+        srt = ksbase + (nt // G)[None, :] * stride_ksn + dd[:, None]
+        sct = tl.load(sks_ptr + srt, mask=okt[None, :], other=0.0).to(tl.float32)
+        mnt = tl.load(skm_ptr + srt, mask=okt[None, :], other=0.0).to(tl.float32)
+        xt = tl.where(okt, tl.sum(qd[:, None] * (ct * sct + mnt), 0), float("-inf"))
+        if SCORE:
+            tl.store(logit_ptr + b * stride_lb + h * stride_lh + nt, xt * _LN2, mask=okt)
+        m_new = tl.maximum(m1, tl.max(xt, 0))
+        alpha = tl.exp2(m1 - m_new)
+        pt = tl.exp2(xt - m_new)
+        vt = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (nt[:, None] % Cw) * stride_wvn + dd[None, :],
+                     mask=okt[:, None], other=0.0).to(tl.float32)
+        l1 = l1 * alpha + tl.sum(pt, 0)
+        acc = acc * alpha + tl.sum(pt[:, None] * vt, 0)
+        m1 = m_new
+
+    # ---- the full-precision ring: virtual [max(lo, s_len), hi) -> ring slots rr = j - s_len
+    r_lo = tl.maximum(lo, s_len) - s_len
+    r_hi = hi - s_len
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        in_r = rr < r_hi
+        pos = tl.load(win_pos_ptr + b * stride_wpb + rr, mask=in_r, other=-1)
+        valid = in_r & (pos >= win_lo)
+        r2 = rr[:, None]
+        k = tl.load(wk_ptr + b * stride_wkb + h * stride_wkh + r2 * stride_wkn + dd[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)
+        xr = tl.where(valid, tl.sum(k * qd[None, :], 1), float("-inf"))
+        if SCORE:  # -inf where the slot is free
+            tl.store(logit_ptr + b * stride_lb + h * stride_lh + Cs + rr, xr * _LN2, mask=in_r)
+        m_new = tl.maximum(m1, tl.max(xr, 0))
+        alpha = tl.exp2(m1 - m_new)
+        pr = tl.exp2(xr - m_new)
+        v = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + r2 * stride_wvn + dd[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)
+        l1 = l1 * alpha + tl.sum(pr, 0)
+        acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
+        m1 = m_new
+
+    tl.store(part_acc_ptr + b * stride_ab + h * stride_ah + sp * stride_as + dd, acc)
+    ml = part_ml_ptr + b * stride_mb + h * stride_mh + sp * stride_ms
+    tl.store(ml + 0, tl.maximum(m1, _MASKED) * _LN2)
+    tl.store(ml + 1, l1)
+
+
+def cc_config(bits: int, num_warps: int = 4) -> dict:
+    """Tiles for `_decode_stage1_kivi_cc`: W = 8 word rows per warp (DQ = 4 lanes per row), W * 32 // bits tokens."""
+    return dict(W=8 * num_warps, DQ=4)
+
+
+def cc_supported(slots, head_dim: int) -> bool:
+    """The kernel's shape needs: every lane of a row holds at least one value word (head_dim >= 4 * P) and value
+    code rows of exactly head_dim // P words (the row stride is compiled in, for 8-byte loads)."""
+    p = 32 // slots.bits
+    return head_dim >= 4 * p and slots.s_vc is not None and slots.s_vc.stride(2) == head_dim // p
