@@ -69,16 +69,17 @@ def _decode_stage1_kivi_cc(
     # Index shapes: every load is (rows, contiguous run, 1) with rows = a merged index whose address is computed,
     # so Triton's coalescing (which orders tied dimensions differently across versions) can only put the lanes
     # along rows and the run inside the thread; the trailing unit dimension takes the codes' places in-thread.
-    # ---- keys (R, DL, 1), R = W * DQ rows r = (word row r // DQ, channel quarter r % DQ), one load per chunk i:
-    # channel (r % DQ) * DI * DL + i * DL + dl
+    # ---- keys (R, DL, 1), R = W * DQ rows r = (word row r // DQ, lane r % DQ of the row), one load per chunk i:
+    # channel i * DQ * DL + (r % DQ) * DL + dl (a row's DQ lanes read one contiguous DQ * DL-word run per load)
     R: tl.constexpr = W * DQ
     rk = tl.arange(0, R)[:, None, None]
     wk = rk // DQ
-    dk0 = (rk % DQ) * (DI * DL) + tl.arange(0, DL)[None, :, None]
-    # ---- values (X, DWI, 1), X = P * R: x = i * R + r is token i of word row r // DQ, words (r % DQ) * DWI + dwi
+    dk0 = (rk % DQ) * DL + tl.arange(0, DL)[None, :, None]
+    # ---- values (X, DWI, 1), X = P * R: x = i * R + r is token i * W + r // DQ of the tile (a warp's load is
+    # consecutive tokens), words (r % DQ) * DWI + dwi
     xv = tl.arange(0, P * R)[:, None, None]
     rv = xv % R
-    tv = (rv // DQ) * P + xv // R  # token offset in the tile
+    tv = (xv // R) * W + rv // DQ  # token offset in the tile
     vword = (rv % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
     if DWI * P <= G:  # a thread's words of a token share one scale/min group
         vgrp = ((rv % DQ) * DWI * P) // G
@@ -114,7 +115,7 @@ def _decode_stage1_kivi_cc(
         part = tl.zeros((R, DL, P), tl.float32)
         qmp = tl.zeros((R, DL, 1), tl.float32)
         for i in tl.static_range(DI):
-            dki = dk0 + i * DL
+            dki = dk0 + i * (DQ * DL)
             kw = tl.load(sk_ptr + kbase + (s0 // P + wk) * stride_skn + dki, mask=kin, other=0)
             srow = ksbase + (t0 // G) * stride_ksn + dki
             sc = tl.load(sks_ptr + srow, mask=kin, other=0.0).to(tl.float32)
@@ -145,8 +146,9 @@ def _decode_stage1_kivi_cc(
         vrow = vsbase + nv * stride_vsn + vgrp
         vsc = tl.load(svs_ptr + vrow, mask=vin, other=0.0).to(tl.float32)
         vmn = tl.load(svm_ptr + vrow, mask=vin, other=0.0).to(tl.float32)
-        # p of token x = i * R + r: p[r // DQ, i], the same for the row's DQ lanes
-        px = tl.reshape(tl.trans(p)[:, :, None] + tl.zeros((1, 1, DQ), tl.float32), (P * R, 1, 1))
+        # p of the token of x = i * R + r, i.e. flat p[i * W + r // DQ] (one shared-memory exchange per tile)
+        pt = tl.reshape(tl.reshape(p, (BLOCK_N,)), (P, W))
+        px = tl.reshape(pt[:, :, None] + tl.zeros((1, 1, DQ), tl.float32), (P * R, 1, 1))
         acc_v += tl.sum(tl.reshape(_codes(vw, shp3, maskp3) * (px * vsc), (P, R, DWI, P)), 0)
         acc_m += tl.sum(tl.reshape(px * vmn, (P, R, vgrp.shape[1], 1)), 0)
     # ---- the quantized part to channel order: word k = dq * DWI + dwi holds channels k * P + i
