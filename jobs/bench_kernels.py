@@ -4,7 +4,8 @@ with and without eviction scores, against torch SDPA over a full bf16 cache, the
 the device-to-device copy bandwidth measured in the same run); and the prefill score kernel against SDPA
 prefill attention. One layer, bf16, head_dim 128, 32 query heads.
 
-    python jobs/bench_kernels.py --out bench/kernels_h200.csv [--batches 1,16,32,64] [--contexts 4096,8192,32768]
+    python jobs/bench_kernels.py --out bench/kernels_h200_kv32.csv --kv-heads 32
+        [--batches 1,16,32,64] [--contexts 4096,8192,32768]
 
 Writes a CSV (a `#` header with GPU, versions, date) and prints a Markdown table. Timing: CUDA events
 (`triton.testing.do_bench`, median, L2 flushed between calls), warm-up apart; shapes that OOM are skipped.

@@ -539,7 +539,8 @@ def decode_attention(
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if qid == 1 and ws.kivi_cc:
         if not (grp == 1 and cc_supported(slots, D)):
-            raise ValueError("decode_attention: the workspace asks for kernels.decode_kivi_cc, which does not fit these slots")
+            raise ValueError("decode_attention: the workspace asks for kernels.decode_kivi_cc, which does not fit "
+                             "these slots (one query head per KV head, cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
             SCORE=score_mode > 0, num_warps=ws.num_warps, num_stages=ws.num_stages,
