@@ -157,3 +157,30 @@ def test_cuda_graph_capture_with_workspace(device):
     ref = decode_attention_ref(q, slots, 0.125, 2, ref_acc, seed, 1, 8, 1.5)
     assert_close(out, ref, torch.bfloat16, "graph-replayed output")
     assert_close(acc, ref_acc, torch.bfloat16, "graph-replayed Keyformer scores")
+
+
+def test_kivi_cc_selection(device):
+    """kernels/decode_kivi_cc.py is the default only where it fits (per-channel KIVI, one query head per KV head,
+    head_dim >= 4 codes per word, contiguous value code rows); elsewhere the other stage 1 runs and gives the
+    reference's answer, and asking for it anyway is a clear error."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+
+    def check(slots, q, want_cc):
+        ws = decode_workspace(q, slots, 0, num_splits=2)
+        assert ws.kivi_cc == want_cc
+        out = decode_attention(q, slots, q.shape[-1] ** -0.5, workspace=ws)
+        assert_close(out, decode_attention_ref(q, slots, q.shape[-1] ** -0.5), torch.float32, f"cc={want_cc}")
+        if not want_cc:
+            with pytest.raises(ValueError, match="kivi_cc"):
+                decode_workspace(q, slots, 0, kivi_cc=True)
+
+    mha = make_slots(2, 2, 64, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
+    check(mha, torch.randn(2, 2, 64, generator=gen).to(device), True)
+    assert not decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, kivi_tc=False).kivi_cc
+    check(mha, torch.randn(2, 4, 64, generator=gen).to(device), False)  # two query heads per KV head
+    narrow = make_slots(2, 2, 32, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
+    check(narrow, torch.randn(2, 2, 32, generator=gen).to(device), False)  # 2 value words per token < 4 lanes
+    wide = torch.zeros(*mha.s_vc.shape[:3], 2 * mha.s_vc.shape[3], dtype=mha.s_vc.dtype, device=device)
+    wide[..., :mha.s_vc.shape[3]] = mha.s_vc
+    mha.s_vc = wide[..., :mha.s_vc.shape[3]]  # value code rows with a gap between them
+    check(mha, torch.randn(2, 2, 64, generator=gen).to(device), False)
