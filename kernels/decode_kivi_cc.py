@@ -3,21 +3,27 @@
 With one query head there is nothing for the tensor cores to share: `kernels.decode_kivi` pads the head to the
 MMA's 16 rows and stages every dequantized operand through shared memory. Here a dequantized element costs
 three instructions (one LOP3 and one FADD for the code in place, `decode_kivi._codes`; one FFMA into a
-per-thread partial) and is never moved between threads: the loads are laid out so that the reductions run
-inside a thread.
-- Keys (per-channel codes, a word = P tokens of one channel): a tile is W word rows (BLOCK_N = W * P tokens).
-  The (DI, W, DQ, DL) index shape, with channel d = dq * DI * DL + di * DL + dl and only dl contiguous, makes
-  Triton's coalescing give each thread DI * DL channels of one word row (DL per 16-byte load), DQ lanes per
-  row and the rest of the lanes and the warps along rows. The thread multiplies its codes by q * scale of their
-  channel (a key group's scale is per channel, so q * scale costs one multiply per channel and group, not per
-  element) and sums its channels in place: P partial logits per row, finished by a DQ-lane shuffle reduction.
-  The code's place 2**(BITS j) comes out once per token, the min as q . min once per group.
-- Values (per-token codes, a word = P channels of one token): the (P, W, DQ, DWI) index shape gives the same
-  thread the P tokens of the same word row, DWI words of each, so the probabilities are already where the
-  values are. p * scale is one multiply per token and group; the P.V sum over the thread's tokens stays in a
-  per-thread accumulator (code units, per channel and row), reduced over rows once per split.
-- One online softmax for the program (lazy rescaling as in `decode_kivi`), log2 units inside.
-Value slots in [sv_len, s_len) and the full-precision ring are read as in `decode_kivi`, on CUDA cores.
+per-thread partial) and is never moved between threads: the reductions run inside a thread. Same contract as
+the other stage 1s (one program per (sequence, KV head, split); partial acc / (max, sum) in natural units).
+- A tile is W word rows of P = 32 // BITS tokens (BLOCK_N = W * P); each row has DQ lanes. Every load is shaped
+  (merged row index, contiguous run, 1): Triton's coalescing orders tied dimensions differently across versions
+  (3.6 and 3.9), and with only the merged index and a unit dimension left there is one layout: lanes and warps
+  along rows, the run (and the codes' places, broadcast along the unit dimension) inside the thread.
+- Keys (per-channel codes, a word = P tokens of one channel): per chunk i, lane dq of row w reads channels
+  i * DQ * DL + dq * DL + [0, DL) (the row's lanes read one contiguous run). The thread multiplies its codes by
+  q * scale of their channel (the scale is per channel and key group, so that costs one multiply per channel
+  per group, not per element) and adds them up as one multiply-add chain: P partial logits per row, finished by
+  a DQ-lane shuffle reduction. The code's place 2**(BITS j) comes out once per token, the min as q . min once
+  per group.
+- Values (per-token codes, a word = P channels of one token): element x = i * R + r of the value tile is token
+  i * W + r // DQ (a warp's load covers consecutive tokens), words (r % DQ) * DWI + [0, DWI). The tile's
+  probabilities go to that layout through one shared-memory exchange; p * scale is one multiply per token and
+  group, and the P.V sum over the thread's tokens stays in a per-thread accumulator (code units, per channel
+  and row), reduced over rows once per split.
+- One online softmax per program, lazily rescaled (the running max moves only when a tile's max passes it by
+  more than 8 in log2 units); log2 units inside.
+Slots in [sv_len, s_len) (quantized key, value still in the full-precision FIFO: fewer than the ring's size) are
+read after the main loop with dequantized key tiles, then the ring, both on CUDA cores.
 """
 
 from __future__ import annotations
@@ -25,13 +31,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.decode_kivi import _codes, _place
+from kernels.decode_kivi import _LAZY, _codes, _place
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
-
-_LAZY = tl.constexpr(8.0)
-
 
 @triton.jit
 def _decode_stage1_kivi_cc(
