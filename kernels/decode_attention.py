@@ -406,7 +406,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     kivi_cc = cc_ok and kivi_tc if kivi_cc is None else bool(kivi_cc)
     block_n = cfg["block_n"] if block_n is None else block_n
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
-    # kernels.decode_kivi_cc: 1 and 2 stages time the same on the H200 (jobs/bench_kernels.py); 1 holds fewer registers
+    # kernels.decode_kivi_cc: 1 and 2 stages time the same on the H200; 1 holds fewer registers
     num_stages = (1 if kivi_cc else cfg["num_stages"]) if num_stages is None else num_stages
     use_dot = cfg["use_dot"] if use_dot is None else use_dot
     if block_n < 16 or block_n & (block_n - 1) or (slots.quant == "channel" and slots.group_size % block_n):
