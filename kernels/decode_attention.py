@@ -36,7 +36,8 @@ from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_support
 from kernels.gumbel import gumbel_noise
 from kernels.slots import KVSlots
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import check_device, dot, interpreting, to_dtype_rne, u32_to_f32
+from kernels.triton_util import (check_device, dot, interpreting, ring_tile, split_bounds, to_dtype_rne,
+                                  u32_to_f32)
 
 _QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
 SPLIT_TARGET = 8  # stage-1 programs per SM to aim for (memory-level parallelism)
@@ -147,14 +148,8 @@ def _decode_stage1(
     sp = tl.program_id(2)
     dtype = q_ptr.dtype.element_ty
     P: tl.constexpr = 32 // BITS
-    s_len = tl.load(s_len_ptr + b)
-    sv_len = tl.load(sv_len_ptr + b)
-    win_lo = tl.load(win_lo_ptr + b)
     # this split's share [lo, hi) of the virtual index space: S slots [0, s_len) then ring slots
-    total = s_len + Cw
-    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = sp * chunk
-    hi = tl.minimum(lo + chunk, total)
+    s_len, sv_len, win_lo, lo, hi = split_bounds(b, sp, s_len_ptr, sv_len_ptr, win_lo_ptr, Cw, NUM_SPLITS, BLOCK_N)
 
     g = tl.arange(0, BLOCK_G)
     hq = h * GRP + g
@@ -217,10 +212,7 @@ def _decode_stage1(
     r_lo = tl.maximum(lo, s_len) - s_len
     r_hi = hi - s_len
     for r0 in range(r_lo, r_hi, BLOCK_N):
-        r = r0 + tl.arange(0, BLOCK_N)
-        rmask = r < r_hi
-        pos = tl.load(win_pos_ptr + b * stride_wpb + r, mask=rmask, other=-1)
-        valid = rmask & (pos >= win_lo)
+        r, rmask, valid = ring_tile(win_pos_ptr + b * stride_wpb, r0, r_hi, win_lo, BLOCK_N)
         r2 = r[:, None]
         k = tl.load(wk_ptr + b * stride_wkb + h * stride_wkh + r2 * stride_wkn + d[None, :], mask=valid[:, None],
                     other=0.0)

@@ -32,7 +32,7 @@ import triton.language as tl
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import dot, masked_to_f32
+from kernels.triton_util import dot, masked_to_f32, ring_tile, split_bounds
 
 _LAZY = tl.constexpr(8.0)
 
@@ -104,13 +104,7 @@ def _decode_stage1_kivi(
     W: tl.constexpr = BLOCK_N // P  # key words per channel in a tile
     DW: tl.constexpr = D // P  # value words per token
     CMASK: tl.constexpr = (1 << BITS) - 1
-    s_len = tl.load(s_len_ptr + b)
-    sv_len = tl.load(sv_len_ptr + b)
-    win_lo = tl.load(win_lo_ptr + b)
-    total = s_len + Cw
-    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = sp * chunk
-    hi = tl.minimum(lo + chunk, total)
+    s_len, sv_len, win_lo, lo, hi = split_bounds(b, sp, s_len_ptr, sv_len_ptr, win_lo_ptr, Cw, NUM_SPLITS, BLOCK_N)
 
     # rows: r = g * NGT + j  (query head g of this KV head, key group j of the tile); BLOCK_G = BLOCK_M // NGT
     # head slots, those >= GRP pad the MMA to 16 rows
@@ -230,10 +224,7 @@ def _decode_stage1_kivi(
     r_hi = hi - s_len
     first = rmask & (jr == 0)
     for r0 in range(r_lo, r_hi, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        in_r = rr < r_hi
-        pos = tl.load(win_pos_ptr + b * stride_wpb + rr, mask=in_r, other=-1)
-        valid = in_r & (pos >= win_lo)
+        rr, in_r, valid = ring_tile(win_pos_ptr + b * stride_wpb, r0, r_hi, win_lo, BLOCK_R)
         r2 = rr[:, None]
         k = tl.load(wk_ptr + b * stride_wkb + h * stride_wkh + r2 * stride_wkn + d[None, :], mask=valid[:, None],
                     other=0.0)

@@ -35,6 +35,8 @@ from kernels.decode_kivi import _LAZY, _codes, _place
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
+from kernels.triton_util import ring_tile, split_bounds
+
 
 @triton.jit
 def _decode_stage1_kivi_cc(
@@ -59,13 +61,7 @@ def _decode_stage1_kivi_cc(
     DI: tl.constexpr = D // (DQ * DL)
     DWI: tl.constexpr = D // P // DQ  # value words per thread and token
     CMASK: tl.constexpr = (1 << BITS) - 1
-    s_len = tl.load(s_len_ptr + b)
-    sv_len = tl.load(sv_len_ptr + b)
-    win_lo = tl.load(win_lo_ptr + b)
-    total = s_len + Cw
-    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = sp * chunk
-    hi = tl.minimum(lo + chunk, total)
+    s_len, sv_len, win_lo, lo, hi = split_bounds(b, sp, s_len_ptr, sv_len_ptr, win_lo_ptr, Cw, NUM_SPLITS, BLOCK_N)
     s_hi = tl.minimum(hi, s_len)
     qrow = q_ptr + b * stride_qb + h * stride_qh
 
@@ -95,7 +91,8 @@ def _decode_stage1_kivi_cc(
     shp3 = shp[None, None, :]
     maskp3 = maskp[None, None, :]
     c2 = sm_scale * _LOG2E  # logits in log2 units
-    invp = tl.exp2(-(BITS * jp).to(tl.float32)) * c2  # (P,)
+    inv_place = tl.exp2(-(BITS * jp).to(tl.float32))  # (P,)
+    invp = inv_place * c2
     # ---- logits of a tile are (W, P): token s0 + w * P + i
     wx = tl.arange(0, W)[:, None]
     ix = tl.arange(0, P)[None, :]
@@ -155,7 +152,7 @@ def _decode_stage1_kivi_cc(
         acc_v += tl.sum(tl.reshape(_codes(vw, shp3, maskp3) * (px * vsc), (P, R, DWI, P)), 0)
         acc_m += tl.sum(tl.reshape(px * vmn, (P, R, vgrp.shape[1], 1)), 0)
     # ---- the quantized part to channel order: word k = dq * DWI + dwi holds channels k * P + i
-    a = acc_v * tl.exp2(-(BITS * jp).to(tl.float32))[None, None, :] + acc_m  # (R, DWI, P)
+    a = acc_v * inv_place[None, None, :] + acc_m  # (R, DWI, P)
     acc = tl.reshape(tl.sum(tl.reshape(a, (W, DQ, DWI, P)), 0), (D,))
 
     # ---- slots with a quantized key and a full-precision value (KIVI's value FIFO: fewer than the ring's
@@ -164,17 +161,14 @@ def _decode_stage1_kivi_cc(
     qd = tl.load(qrow + dd).to(tl.float32) * c2
     TW: tl.constexpr = BLOCK_R // P
     t_lo = tl.maximum(lo, sv_len)
-    ipt = tl.arange(0, P)[None, None, :]
-    shpt, jpt = _place(ipt, BITS, False)
-    maskt = (CMASK << (BITS * jpt)).to(tl.uint32)
-    invt = tl.reshape(tl.exp2(-(BITS * jpt).to(tl.float32)) + tl.zeros((1, TW, 1), tl.float32), (1, BLOCK_R))
+    invt = tl.reshape(inv_place[None, None, :] + tl.zeros((1, TW, 1), tl.float32), (1, BLOCK_R))
     for s0 in range((t_lo // P) * P, s_hi, BLOCK_R):
         nt = s0 + tl.arange(0, BLOCK_R)
         okt = (nt >= t_lo) & (nt < s_hi)
         wt = tl.arange(0, TW)[None, :, None]
         kwt = tl.load(sk_ptr + kbase + (s0 // P + wt) * stride_skn + dd[:, None, None],
                       mask=(s0 + wt * P) < s_hi, other=0)
-        ct = tl.reshape(_codes(kwt, shpt, maskt), (D, BLOCK_R)) * invt  # (D, BLOCK_R) codes
+        ct = tl.reshape(_codes(kwt, shp3, maskp3), (D, BLOCK_R)) * invt  # (D, BLOCK_R) codes
         srt = ksbase + (nt // G)[None, :] * stride_ksn + dd[:, None]
         sct = tl.load(sks_ptr + srt, mask=okt[None, :], other=0.0).to(tl.float32)
         mnt = tl.load(skm_ptr + srt, mask=okt[None, :], other=0.0).to(tl.float32)
@@ -194,10 +188,7 @@ def _decode_stage1_kivi_cc(
     r_lo = tl.maximum(lo, s_len) - s_len
     r_hi = hi - s_len
     for r0 in range(r_lo, r_hi, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        in_r = rr < r_hi
-        pos = tl.load(win_pos_ptr + b * stride_wpb + rr, mask=in_r, other=-1)
-        valid = in_r & (pos >= win_lo)
+        rr, in_r, valid = ring_tile(win_pos_ptr + b * stride_wpb, r0, r_hi, win_lo, BLOCK_R)
         r2 = rr[:, None]
         k = tl.load(wk_ptr + b * stride_wkb + h * stride_wkh + r2 * stride_wkn + dd[None, :], mask=valid[:, None],
                     other=0.0).to(tl.float32)

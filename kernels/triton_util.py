@@ -55,6 +55,28 @@ def masked_to_f32(c, mask):
 
 
 @triton.jit
+def split_bounds(b, sp, s_len_ptr, sv_len_ptr, win_lo_ptr, Cw, NUM_SPLITS, BLOCK: tl.constexpr):
+    """A decode stage 1's sequence lengths and its split's share [lo, hi) of the virtual index space (the S slots
+    [0, s_len) then the Cw ring slots), in whole tiles of BLOCK: (s_len, sv_len, win_lo, lo, hi)."""
+    s_len = tl.load(s_len_ptr + b)
+    sv_len = tl.load(sv_len_ptr + b)
+    win_lo = tl.load(win_lo_ptr + b)
+    total = s_len + Cw
+    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK) * BLOCK
+    lo = sp * chunk
+    return s_len, sv_len, win_lo, lo, tl.minimum(lo + chunk, total)
+
+
+@triton.jit
+def ring_tile(win_pos_row, r0, r_hi, win_lo, BLOCK: tl.constexpr):
+    """Ring slots r0 + [0, BLOCK): (slots, in range (< r_hi), holding a token (win_pos >= win_lo))."""
+    r = r0 + tl.arange(0, BLOCK)
+    in_r = r < r_hi
+    pos = tl.load(win_pos_row + r, mask=in_r, other=-1)
+    return r, in_r, in_r & (pos >= win_lo)
+
+
+@triton.jit
 def to_dtype_rne(x, dtype: tl.constexpr):
     """fp32 tensor -> `dtype`, rounding to nearest-even also for bfloat16 under the interpreter (finite x)."""
     if INTERPRET and dtype == tl.bfloat16:
