@@ -345,6 +345,8 @@ def main() -> None:
             print(tune_decode(H, storage), flush=True)
         if args.tune_only:
             continue
+        if not args.prefill_only:  # warm-up: the first timed shape of a run was the noisiest (up to 15%)
+            bench_decode(16, 4096, H, bw, [])
         for ctx in [int(x) for x in args.contexts.split(",")] if not args.prefill_only else ():
             for B in [int(x) for x in args.batches.split(",")]:
                 try:

@@ -13,11 +13,11 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
   `kivi_tc=False` keeps it here). With scores, stage 1 also writes each held token's scaled logit
   into a (B, Hq, Cs + Cw) fp32 scratch (no noise here: the cache loop stays lean).
 - stage 2, one program per (b, query head): merges the splits by log-sum-exp and writes the output; for
-  Keyformer it also takes the row max/sum of (x + g) / tau over the scratch, the Gumbel noise g hashed in
-  registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`).
-- stage 3 (score_mode > 0), one program per (b, KV head, column block): normalizes the (noisy) logits and adds
-  the sum over the group's query heads into scores_acc. The cache is read once; only the small logit scratch
-  is passed over again.
+  Keyformer it also turns the scratch's logits into y = (x + g) / tau in place and takes their row max/sum, the
+  Gumbel noise g hashed in registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`), drawn once.
+- stage 3 (score_mode > 0), one program per (b, KV head, column block): normalizes the scratch's (noisy)
+  logits and adds the sum over the group's query heads into scores_acc. The cache is read once; only the small
+  logit scratch is passed over again.
 Ragged lengths (s_len, sv_len, win_pos >= win_lo) are read from device tensors: no host sync. With a
 `DecodeWorkspace` (from `decode_workspace`) nothing is allocated inside, so a step is CUDA-graph capturable
 (pass `step` and `tau` as device tensors then, so their values are not baked into the graph).
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
-from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported
+from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported, pv_chain_default
 from kernels.gumbel import gumbel_noise
 from kernels.slots import KVSlots
 from kernels.triton_util import MASKED as _MASKED
@@ -42,7 +42,7 @@ from kernels.triton_util import (check_device, dot, interpreting, ring_tile, spl
 _QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
 SPLIT_TARGET = 8  # stage-1 programs per SM to aim for (memory-level parallelism)
 MIN_SPLIT_TOKENS = 256  # fewest tokens per split
-STAGE2_BLOCK_C = 256  # logit columns per step of stage 2's Keyformer normalizer loop
+STAGE2_BLOCK_C = 512  # logit columns per stage-2 program of Keyformer's noisy normalizer
 # columns per stage-3 program and its warps (H200, B=32: 128 -> 512 columns takes 3-10% off a step with scores)
 STAGE3_BLOCK_C, STAGE3_WARPS = 512, 4
 
@@ -231,13 +231,6 @@ def _decode_stage1(
     tl.store(ml + 1, l_i, mask=gmask)
 
 
-@triton.jit
-def _score_logits(x, seed, layer, step, tau, hq, col, SCORE_MODE: tl.constexpr):
-    """The score's pre-softmax value: x (H2O) or (x + g) / tau with hash-Gumbel noise g (Keyformer)."""
-    if SCORE_MODE == 2:
-        return (x + gumbel_noise(seed, layer, step, hq, 0, col)) / tau
-    else:
-        return x
 
 
 @triton.jit
@@ -245,29 +238,34 @@ def _decode_stage2(
     part_acc_ptr, part_ml_ptr, out_ptr, stats_ptr, logit_ptr, s_len_ptr, seed_ptr, step_ptr, tau_ptr,
     NUM_SPLITS, Cs, Cw, layer, step_val, tau_val,
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, stride_lb, stride_lh,
+    stride_tb, stride_th,
     D: tl.constexpr, SPLITS_P2: tl.constexpr, SCORE_MODE: tl.constexpr, STEP_PTR: tl.constexpr,
     TAU_PTR: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # merge the splits of one (b, query head) by log-sum-exp; Keyformer: row max/sum of the noisy logits
+    # program (b, query head, column block): block 0 merges the splits by log-sum-exp and writes the output (H2O:
+    # and the row's (max, sum)); Keyformer: every block turns its logits into y = (x + g) / tau in place and
+    # writes the block's (max, sum) of y, merged by stage 3
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
-    s = tl.arange(0, SPLITS_P2)
-    smask = s < NUM_SPLITS
-    d = tl.arange(0, D)
-    ml = part_ml_ptr + b * stride_mb + hq * stride_mh + s * stride_ms
-    m = tl.load(ml + 0, mask=smask, other=_MASKED)
-    l = tl.load(ml + 1, mask=smask, other=0.0)
-    M = tl.max(m, 0)
-    w = tl.exp(m - M)
-    L = tl.sum(w * l, 0)
-    acc = tl.load(part_acc_ptr + b * stride_ab + hq * stride_ah + s[:, None] * stride_as + d[None, :],
-                  mask=smask[:, None], other=0.0)
-    out = tl.sum(w[:, None] * acc, 0) / L
-    tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
-    st = stats_ptr + (b * tl.num_programs(1) + hq) * 2
-    if SCORE_MODE == 1:
-        tl.store(st, M)
-        tl.store(st + 1, L)
+    cb = tl.program_id(2)
+    st = stats_ptr + b * stride_tb + hq * stride_th + cb * 2
+    if cb == 0:
+        s = tl.arange(0, SPLITS_P2)
+        smask = s < NUM_SPLITS
+        d = tl.arange(0, D)
+        ml = part_ml_ptr + b * stride_mb + hq * stride_mh + s * stride_ms
+        m = tl.load(ml + 0, mask=smask, other=_MASKED)
+        l = tl.load(ml + 1, mask=smask, other=0.0)
+        M = tl.max(m, 0)
+        w = tl.exp(m - M)
+        L = tl.sum(w * l, 0)
+        acc = tl.load(part_acc_ptr + b * stride_ab + hq * stride_ah + s[:, None] * stride_as + d[None, :],
+                      mask=smask[:, None], other=0.0)
+        out = tl.sum(w[:, None] * acc, 0) / L
+        tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+        if SCORE_MODE == 1:
+            tl.store(st, M)
+            tl.store(st + 1, L)
     if SCORE_MODE == 2:
         seed = tl.load(seed_ptr + b)
         step = step_val
@@ -277,29 +275,24 @@ def _decode_stage2(
         if TAU_PTR:
             tau = tl.load(tau_ptr).to(tl.float32)
         s_len = tl.load(s_len_ptr + b)
-        m2 = tl.full((BLOCK_C,), _MASKED, tl.float32)
-        l2 = tl.zeros((BLOCK_C,), tl.float32)
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (c < s_len) | ((c >= Cs) & (c < Cs + Cw))  # ring logits were all written (-inf if free)
         row = logit_ptr + b * stride_lb + hq * stride_lh
-        for c0 in range(0, Cs + Cw, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            ok = (c < s_len) | ((c >= Cs) & (c < Cs + Cw))  # ring logits were all written (-inf if free)
-            x = tl.load(row + c, mask=ok, other=float("-inf"))
-            y = tl.where(ok, _score_logits(x, seed, layer, step, tau, hq, c, SCORE_MODE), float("-inf"))
-            m_new = tl.maximum(m2, y)
-            l2 = l2 * tl.exp(m2 - m_new) + tl.exp(y - m_new)
-            m2 = m_new
-        M2 = tl.max(m2, 0)
-        tl.store(st, M2)
-        tl.store(st + 1, tl.sum(l2 * tl.exp(m2 - M2), 0))
+        x = tl.load(row + c, mask=ok, other=float("-inf"))
+        # the noisy logit y = (x + g) / tau replaces x in the scratch: stage 3 reads it, no second draw
+        y = (x + gumbel_noise(seed, layer, step, hq, 0, c)) * (1.0 / tau)
+        tl.store(row + c, y, mask=ok)
+        y = tl.where(ok, y, float("-inf"))
+        m2 = tl.maximum(tl.max(y, 0), _MASKED)  # finite: an all-masked block gives sum 0, not NaN
+        tl.store(st, m2)
+        tl.store(st + 1, tl.sum(tl.exp(y - m2), 0))
 
 
 @triton.jit
 def _decode_stage3(
-    logit_ptr, stats_ptr, acc_ptr, s_len_ptr, win_pos_ptr, win_lo_ptr, seed_ptr, step_ptr, tau_ptr,
-    Hq, Cs, Cw, layer, step_val, tau_val,
-    stride_lb, stride_lh, stride_cb, stride_ch, stride_wpb,
-    GRP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, SCORE_MODE: tl.constexpr,
-    STEP_PTR: tl.constexpr, TAU_PTR: tl.constexpr,
+    logit_ptr, stats_ptr, acc_ptr, s_len_ptr, win_pos_ptr, win_lo_ptr, Cs, Cw, NCB,
+    stride_lb, stride_lh, stride_cb, stride_ch, stride_wpb, stride_tb, stride_th,
+    GRP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, NCB_P2: tl.constexpr,
 ):
     # scores_acc[b, h, c] += sum over the group's query heads of exp(y - M) / L, held columns only
     b = tl.program_id(0).to(tl.int64)
@@ -313,23 +306,19 @@ def _decode_stage3(
     g = tl.arange(0, BLOCK_G)
     hq = h * GRP + g
     gmask = g < GRP
-    st = stats_ptr + (b * Hq + hq) * 2
-    M = tl.load(st, mask=gmask, other=0.0)
-    L = tl.load(st + 1, mask=gmask, other=1.0)
+    # the row (max, sum) of each query head: one pair (H2O) or one per stage-2 column block (Keyformer), merged
+    k = tl.arange(0, NCB_P2)
+    st = stats_ptr + b * stride_tb + hq[:, None] * stride_th + k[None, :] * 2
+    kmask = gmask[:, None] & (k[None, :] < NCB)
+    mk = tl.load(st, mask=kmask, other=_MASKED)
+    lk = tl.load(st + 1, mask=kmask, other=0.0)
+    M = tl.max(mk, 1)
+    L = tl.sum(lk * tl.exp(mk - M[:, None]), 1)
+    L = tl.where(gmask, L, 1.0)
     x = tl.load(logit_ptr + b * stride_lb + hq[:, None] * stride_lh + c[None, :],
                 mask=gmask[:, None] & held[None, :], other=float("-inf"))
-    seed = 0
-    step = step_val
-    tau = tau_val
-    if SCORE_MODE == 2:
-        seed = tl.load(seed_ptr + b)
-        if STEP_PTR:
-            step = tl.load(step_ptr)
-        if TAU_PTR:
-            tau = tl.load(tau_ptr).to(tl.float32)
-    y = _score_logits(x, seed, layer, step, tau, hq[:, None], c[None, :], SCORE_MODE)
-    y = tl.where(gmask[:, None] & held[None, :], y, float("-inf"))
-    f = tl.sum(tl.exp(y - M[:, None]) / L[:, None], 0)
+    # x: the logits (H2O) or, after stage 2, the noisy logits (Keyformer); M, L: their row max and sum
+    f = tl.sum(tl.exp(x - M[:, None]) / L[:, None], 0)
     a = acc_ptr + b * stride_cb + h * stride_ch + c
     tl.store(a, tl.load(a, mask=held, other=0.0) + f, mask=held)
 
@@ -339,7 +328,8 @@ class DecodeWorkspace:
     """Caller-allocated scratch for `decode_attention`; reuse it across steps (and inside a CUDA graph).
 
     out (B, Hq, D) model dtype (returned by each call, overwritten by the next); part_acc (B, Hq, S, D) fp32;
-    part_ml (B, Hq, S, 2) fp32; stats (B, Hq, 2) fp32; logits (B, Hq, Cs + Cw) fp32 or None (score_mode 0).
+    part_ml (B, Hq, S, 2) fp32; stats (B, Hq, K, 2) fp32 (the score rows' (max, sum): K = 1, or one per
+    STAGE2_BLOCK_C logit columns for Keyformer); logits (B, Hq, Cs + Cw) fp32 or None (score_mode 0).
     S = num_splits; block_n, num_warps, num_stages: the stage-1 launch configuration.
     """
 
@@ -359,6 +349,7 @@ class DecodeWorkspace:
     ngt: int = 4
     block_m: int = 16
     kivi_cc: bool = False
+    pv_chain: bool = False
 
 
 def default_config(slots: KVSlots, grp: int) -> dict:
@@ -374,7 +365,8 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      use_dot: bool | None = None, kivi_tc: bool = True,
                      ngt: int | None = None, val_cc: bool = True,
-                     vs_vec: bool = True, kivi_cc: bool | None = None) -> DecodeWorkspace:
+                     vs_vec: bool = True, kivi_cc: bool | None = None,
+                     pv_chain: bool | None = None) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
@@ -384,7 +376,8 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     code decode; ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one
     contiguous value scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI
     with one query head per KV head goes through `kernels.decode_kivi_cc` (CUDA cores, no MMA padding; the
-    default where `cc_supported`); num_warps then sets its tile (8 word rows per warp). None values come from
+    default where `cc_supported`); num_warps then sets its tile (8 word rows per warp); pv_chain: its P.V
+    spelling (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version). None values come from
     `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
@@ -397,7 +390,9 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                          "head_dim >= 4 * 32 // bits and value code rows of head_dim // (32 // bits) words")
     kivi_cc = cc_ok and kivi_tc if kivi_cc is None else bool(kivi_cc)
     block_n = cfg["block_n"] if block_n is None else block_n
-    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    if num_warps is None:  # kernels.decode_kivi_cc, H200, B=32: 2 warps for 2 bits (6% faster than 4 at 4096 tokens,
+        # within 1% at 32768), 4 for 4 bits (10-15% faster than 2)
+        num_warps = (2 if slots.bits == 2 else 4) if kivi_cc else cfg["num_warps"]
     # kernels.decode_kivi_cc: 1 and 2 stages time the same on the H200; 1 holds fewer registers
     num_stages = (1 if kivi_cc else cfg["num_stages"]) if num_stages is None else num_stages
     use_dot = cfg["use_dot"] if use_dot is None else use_dot
@@ -413,11 +408,13 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         out=torch.empty(B, Hq, D, dtype=q.dtype, device=dev),
         part_acc=torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev),
         part_ml=torch.empty(B, Hq, num_splits, 2, dtype=torch.float32, device=dev),
-        stats=torch.empty(B, Hq, 2, dtype=torch.float32, device=dev),
+        stats=torch.empty(B, Hq, triton.cdiv(n, STAGE2_BLOCK_C) if score_mode == 2 else 1, 2,
+                          dtype=torch.float32, device=dev),
         logits=torch.empty(B, Hq, n, dtype=torch.float32, device=dev) if score_mode else None,
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
         use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
-        vs_vec=bool(vs_vec), kivi_cc=kivi_cc, **kc,
+        vs_vec=bool(vs_vec), kivi_cc=kivi_cc, pv_chain=pv_chain_default() if pv_chain is None else bool(pv_chain),
+        **kc,
     )
 
 
@@ -470,7 +467,9 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
     if ws is not None:
         ok = (ws.out.shape == q.shape and ws.out.dtype == q.dtype and ws.part_acc.shape[:2] == (B, Hq)
               and (not score_mode or scores_acc is None
-                   or (ws.logits is not None and ws.logits.shape == (B, Hq, slots.cs + Cw))))
+                   or (ws.logits is not None and ws.logits.shape == (B, Hq, slots.cs + Cw)
+                       and ws.stats.shape[2] >= (triton.cdiv(slots.cs + Cw, STAGE2_BLOCK_C) if score_mode == 2
+                                                 else 1))))
         if not ok:
             raise ValueError(f"{name}: workspace does not fit this call; build it with decode_workspace(q, slots, "
                              f"score_mode={score_mode})")
@@ -538,7 +537,7 @@ def decode_attention(
                              "these slots (one query head per KV head, cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
-            SCORE=score_mode > 0, num_warps=ws.num_warps, num_stages=ws.num_stages,
+            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, num_warps=ws.num_warps, num_stages=ws.num_stages,
         )
     elif qid == 1 and ws.kivi_tc:
         _decode_stage1_kivi[(B, H, NS)](
@@ -555,21 +554,22 @@ def decode_attention(
             DOT_PREC=prec, UPCAST=interpreting(),
             num_warps=ws.num_warps, num_stages=ws.num_stages,
         )
-    _decode_stage2[(B, Hq)](
+    ncb = triton.cdiv(Cs + Cw, STAGE2_BLOCK_C) if score_mode == 2 else 1
+    _decode_stage2[(B, Hq, ncb)](
         ws.part_acc, ws.part_ml, ws.out, ws.stats, logits, slots.s_len, seed_t, step_t, tau_t,
         NS, Cs, Cw, int(layer), step_v, tau_v,
         *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], ws.out.stride(0), ws.out.stride(1),
-        logits.stride(0), logits.stride(1),
+        logits.stride(0), logits.stride(1), ws.stats.stride(0), ws.stats.stride(1),
         D=D, SPLITS_P2=triton.next_power_of_2(NS), SCORE_MODE=score_mode, STEP_PTR=step_is_ptr,
         TAU_PTR=tau_is_ptr, BLOCK_C=STAGE2_BLOCK_C,
     )
     if score_mode:
         BLOCK_C = STAGE3_BLOCK_C
         _decode_stage3[(B, H, triton.cdiv(Cs + Cw, BLOCK_C))](
-            ws.logits, ws.stats, scores_acc, slots.s_len, slots.win_pos, slots.win_lo, seed_t, step_t, tau_t,
-            Hq, Cs, Cw, int(layer), step_v, tau_v,
+            ws.logits, ws.stats, scores_acc, slots.s_len, slots.win_pos, slots.win_lo, Cs, Cw, ncb,
             ws.logits.stride(0), ws.logits.stride(1), scores_acc.stride(0), scores_acc.stride(1),
-            slots.win_pos.stride(0), GRP=grp, BLOCK_G=triton.next_power_of_2(grp), BLOCK_C=BLOCK_C,
-            SCORE_MODE=score_mode, STEP_PTR=step_is_ptr, TAU_PTR=tau_is_ptr, num_warps=STAGE3_WARPS,
+            slots.win_pos.stride(0), ws.stats.stride(0), ws.stats.stride(1), GRP=grp,
+            BLOCK_G=triton.next_power_of_2(grp), BLOCK_C=BLOCK_C, NCB_P2=triton.next_power_of_2(ncb),
+            num_warps=STAGE3_WARPS,
         )
     return ws.out

@@ -15,11 +15,14 @@ the other stage 1s (one program per (sequence, KV head, split); partial acc / (m
   per group, not per element) and adds them up as one multiply-add chain: P partial logits per row, finished by
   a DQ-lane shuffle reduction. The code's place 2**(BITS j) comes out once per token, the min as q . min once
   per group.
-- Values (per-token codes, a word = P channels of one token): element x = i * R + r of the value tile is token
-  i * W + r // DQ (a warp's load covers consecutive tokens), words (r % DQ) * DWI + [0, DWI). The tile's
-  probabilities go to that layout through one shared-memory exchange; p * scale is one multiply per token and
-  group, and the P.V sum over the thread's tokens stays in a per-thread accumulator (code units, per channel
-  and row), reduced over rows once per split.
+- Values (per-token codes, a word = P channels of one token): row r takes tokens i * W + r // DQ of the tile
+  (i < P: a warp's load covers consecutive tokens), words (r % DQ) * DWI + [0, DWI). The tile's probabilities
+  go to that layout through one shared-memory exchange; p * scale is one multiply per token and group, and the
+  P.V sum over the thread's tokens stays in a per-thread accumulator (code units, per channel and row), reduced
+  over rows once per split. Two spellings of that sum (PV_CHAIN, `pv_chain_default`): one flat (P * R)-row tile
+  summed over i by `tl.sum`, which Triton 3.6 compiles to one multiply-add chain and runs fastest (H200), and a
+  place-by-place loop over the columns of p split off in registers, which stays a multiply-add chain under
+  newer Triton; 3.9 compiles the flat sum as a tree (FMUL + FADD) that spills ~140 registers for 2 bits.
 - One online softmax per program, lazily rescaled (the running max moves only when a tile's max passes it by
   more than 8 in log2 units); log2 units inside.
 Slots in [sv_len, s_len) (quantized key, value still in the full-precision FIFO: fewer than the ring's size) are
@@ -39,6 +42,63 @@ from kernels.triton_util import ring_tile, split_bounds
 
 
 @triton.jit
+def _pv_leaf(acc_v, acc_m, pp, I: tl.constexpr, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, shp3, maskp3,
+             R: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
+    """P.V of token t0 + I * TS of every row r (R, 1, 1), its p in pp (R, 1)."""
+    nv = t0 + I * TS
+    vin = nv < s_q
+    pi = tl.reshape(pp, (R, 1, 1))
+    vw = tl.load(vptr + nv * NWT + vword, mask=vin, other=0)
+    vrow = nv * stride_vsn + vgrp
+    vsc = tl.load(vsptr + vrow, mask=vin, other=0.0).to(tl.float32)
+    vmn = tl.load(vmptr + vrow, mask=vin, other=0.0).to(tl.float32)
+    acc_v += _codes(vw, shp3, maskp3) * (pi * vsc)
+    acc_m += pi * vmn
+    return acc_v, acc_m
+
+
+@triton.jit
+def _pv_tree(acc_v, acc_m, pp, I: tl.constexpr, ST: tl.constexpr, N: tl.constexpr, t0, s_q, vptr, vsptr, vmptr,
+             stride_vsn, vword, vgrp, shp3, maskp3, R: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
+    """Places I, I + ST, ... (N of them, the columns of pp (R, N)) one by one into the P.V accumulators: pp is split
+    in halves in registers (even / odd columns), down to single columns."""
+    if N == 1:
+        return _pv_leaf(acc_v, acc_m, pp, I, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, shp3, maskp3,
+                        R, NWT, TS)
+    else:
+        a, c = tl.split(tl.reshape(pp, (R, N // 2, 2)))
+        acc_v, acc_m = _pv_tree(acc_v, acc_m, a, I, 2 * ST, N // 2, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword,
+                                vgrp, shp3, maskp3, R, NWT, TS)
+        return _pv_tree(acc_v, acc_m, c, I + ST, 2 * ST, N // 2, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword,
+                        vgrp, shp3, maskp3, R, NWT, TS)
+
+
+@triton.jit
+def _pv_exchange(acc_v, acc_m, p, s0, s_q, vptr, vsptr, vmptr, stride_vsn, shp3, maskp3, P: tl.constexpr,
+                 R: tl.constexpr, W: tl.constexpr, DQ: tl.constexpr, DWI: tl.constexpr, G: tl.constexpr):
+    """The same P.V as `_pv_tree` (row r, token i * W + r // DQ) as one flat tile: element x = i * R + r, the
+    products summed over i by `tl.sum` (one multiply-add chain under Triton 3.6; a tree, FMUL + FADD, under 3.9)."""
+    xv = tl.arange(0, P * R)[:, None, None]
+    rv = xv % R
+    nv = s0 + (xv // R) * W + rv // DQ
+    vword = (rv % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
+    if DWI * P <= G:  # a thread's words of a token share one scale/min group
+        vgrp = ((rv % DQ) * DWI * P) // G
+    else:
+        vgrp = (vword * P) // G
+    vin = nv < s_q
+    vw = tl.load(vptr + nv * (DQ * DWI) + vword, mask=vin, other=0)  # rows of D // P words
+    vrow = nv * stride_vsn + vgrp
+    vsc = tl.load(vsptr + vrow, mask=vin, other=0.0).to(tl.float32)
+    vmn = tl.load(vmptr + vrow, mask=vin, other=0.0).to(tl.float32)
+    pt = tl.reshape(tl.reshape(p, (W * P,)), (P, W))  # p of token i * W + w (one shared-memory exchange)
+    px = tl.reshape(pt[:, :, None] + tl.zeros((1, 1, DQ), tl.float32), (P * R, 1, 1))
+    acc_v += tl.sum(tl.reshape(_codes(vw, shp3, maskp3) * (px * vsc), (P, R, DWI, P)), 0)
+    acc_m += tl.sum(tl.reshape(px * vmn, (P, R, vgrp.shape[1], 1)), 0)
+    return acc_v, acc_m
+
+
+@triton.jit
 def _decode_stage1_kivi_cc(
     q_ptr, part_acc_ptr, part_ml_ptr, logit_ptr,
     s_len_ptr, sv_len_ptr, win_pos_ptr, win_lo_ptr, wk_ptr, wv_ptr,
@@ -50,7 +110,7 @@ def _decode_stage1_kivi_cc(
     stride_svb, stride_svh, stride_svn, stride_vsb, stride_vsh, stride_vsn,
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, DQ: tl.constexpr,
-    BLOCK_R: tl.constexpr, SCORE: tl.constexpr,
+    BLOCK_R: tl.constexpr, SCORE: tl.constexpr, PV_CHAIN: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -74,14 +134,11 @@ def _decode_stage1_kivi_cc(
     rk = tl.arange(0, R)[:, None, None]
     wk = rk // DQ
     dk0 = (rk % DQ) * DL + tl.arange(0, DL)[None, :, None]
-    # ---- values (X, DWI, 1), X = P * R: x = i * R + r is token i * W + r // DQ of the tile (a warp's load is
-    # consecutive tokens), words (r % DQ) * DWI + dwi
-    xv = tl.arange(0, P * R)[:, None, None]
-    rv = xv % R
-    tv = (xv // R) * W + rv // DQ  # token offset in the tile
-    vword = (rv % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
+    # ---- values (R, DWI, 1) per place: row r takes tokens i * W + r // DQ of the tile, i < P (a warp's load covers
+    # consecutive tokens), words (r % DQ) * DWI + [0, DWI)
+    vword = (rk % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
     if DWI * P <= G:  # a thread's words of a token share one scale/min group
-        vgrp = ((rv % DQ) * DWI * P) // G
+        vgrp = ((rk % DQ) * DWI * P) // G
     else:
         vgrp = (vword * P) // G
     # ---- per-code constants: code i of a word at (word >> shift), bit BITS * j; 2**-(BITS j) per place
@@ -140,17 +197,16 @@ def _decode_stage1_kivi_cc(
         p = tl.exp2(x - m1)
         l1 += tl.sum(tl.sum(p, 1), 0)
         # ---- values: p * scale once per token (and group), then code by code
-        nv = s0 + tv
-        vin = nv < s_q
-        vw = tl.load(sv_ptr + vbase + nv * (D // P) + vword, mask=vin, other=0)  # rows of D // P words
-        vrow = vsbase + nv * stride_vsn + vgrp
-        vsc = tl.load(svs_ptr + vrow, mask=vin, other=0.0).to(tl.float32)
-        vmn = tl.load(svm_ptr + vrow, mask=vin, other=0.0).to(tl.float32)
-        # p of the token of x = i * R + r, i.e. flat p[i * W + r // DQ] (one shared-memory exchange per tile)
-        pt = tl.reshape(tl.reshape(p, (BLOCK_N,)), (P, W))
-        px = tl.reshape(pt[:, :, None] + tl.zeros((1, 1, DQ), tl.float32), (P * R, 1, 1))
-        acc_v += tl.sum(tl.reshape(_codes(vw, shp3, maskp3) * (px * vsc), (P, R, DWI, P)), 0)
-        acc_m += tl.sum(tl.reshape(px * vmn, (P, R, vgrp.shape[1], 1)), 0)
+        if PV_CHAIN:
+            # p of token i * W + r // DQ as (R, P), P in the thread (one shared-memory exchange), then place by
+            # place: columns split off in registers, each one load and one multiply-add into acc_v
+            pt = tl.trans(tl.reshape(tl.reshape(p, (BLOCK_N,)), (P, W)))  # (W, P): [w, i] = token i * W + w
+            pr = tl.reshape(pt[:, None, :] + tl.zeros((1, DQ, 1), tl.float32), (R, P))
+            acc_v, acc_m = _pv_tree(acc_v, acc_m, pr, 0, 1, P, s0 + rk // DQ, s_q, sv_ptr + vbase, svs_ptr + vsbase,
+                                    svm_ptr + vsbase, stride_vsn, vword, vgrp, shp3, maskp3, R, D // P, W)
+        else:
+            acc_v, acc_m = _pv_exchange(acc_v, acc_m, p, s0, s_q, sv_ptr + vbase, svs_ptr + vsbase, svm_ptr + vsbase,
+                                        stride_vsn, shp3, maskp3, P, R, W, DQ, DWI, G)
     # ---- the quantized part to channel order: word k = dq * DWI + dwi holds channels k * P + i
     a = acc_v * inv_place[None, None, :] + acc_m  # (R, DWI, P)
     acc = tl.reshape(tl.sum(tl.reshape(a, (W, DQ, DWI, P)), 0), (D,))
@@ -208,6 +264,15 @@ def _decode_stage1_kivi_cc(
     ml = part_ml_ptr + b * stride_mb + h * stride_mh + sp * stride_ms
     tl.store(ml + 0, tl.maximum(m1, _MASKED) * _LN2)
     tl.store(ml + 1, l1)
+
+
+def pv_chain_default() -> bool:
+    """PV_CHAIN for this Triton: the flat `tl.sum` under 3.6 and older (H200, B=32: 1-3% faster than the chain for
+    2 bits, 6-24% for 4 bits, where the chain holds 194 registers instead of 168), the chain after that (under 3.9
+    the flat sum spills ~140 registers for 2 bits and holds 254 for 4 bits; the chain: no spills, 167; compiled
+    for sm_90, not timed)."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) > (3, 6)
 
 
 def cc_config(bits: int, num_warps: int = 4) -> dict:

@@ -3,7 +3,9 @@
 `gumbel_noise(seed, layer, step, head, row, col)` is a `@triton.jit` helper that other kernels call on
 register tensors: it draws exactly the hash `kernels.gumbel_ref.hash_coords` defines (same 32-bit finalizer
 rounds, same mixing order seed, layer, step, head, row, col), so the noise is never stored and the torch and
-Triton backends agree to float32 rounding of the two logs.
+Triton backends agree to the two logs' rounding (< 1e-6 absolute): the outer log is the hardware lg2, the inner
+one `neg_log_u` (hardware lg2 or a short atanh series near 1, both ~4e-7 relative; libdevice's accurate logf
+cost twice the instructions, and the noise is most of a Keyformer scoring kernel's work).
 
 `gumbel_triton(seed, layer, step, head, row, col)` is a small public launcher over integer coordinate tensors
 (for tests and for callers that want a noise tensor outright).
@@ -52,17 +54,49 @@ def gumbel_hash(seed, layer, step, head, row, col):
 
 
 @triton.jit
+def _lg2(x):
+    """log2 of positive normal float32: the hardware's (one MUFU op, absolute error < 2**-22); numpy's under the
+    interpreter."""
+    if INTERPRET:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _div(x, y):
+    """x / y to 2 ulp (`div.approx`: one reciprocal and a multiply) for |y| in [1, 2]; exact under the interpreter."""
+    if INTERPRET:
+        return x / y
+    else:
+        return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=f,f,f", [x, y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def neg_log_u(u):
+    """-ln(u) for float32 u in [2**-25, 1) to ~4e-7 relative error, in ~15 instructions (libdevice's logf: ~30).
+
+    u <= 0.75: -lg2(u) * ln 2 (|log2 u| >= 0.41, so lg2's 2**-22 absolute error is < 4e-7 relative). u > 0.75:
+    with d = 1 - u (exact) and z = d / (2 - d) < 1/7, -ln(u) = 2 atanh(z) = 2 z (1 + z**2 / 3 + ... + z**8 / 9),
+    the first omitted term below 4e-10 relative. The relative error is what matters: it is the Gumbel draw's
+    absolute error, and u comes within 2**-24 of 1, where -ln(u) is ~6e-8.
+    """
+    d = 1.0 - u
+    z = _div(d, 2.0 - d)
+    w = z * z
+    series = (2.0 * z) * (1.0 + w * (1.0 / 3.0 + w * (0.2 + w * (1.0 / 7.0 + w * (1.0 / 9.0)))))
+    return tl.where(u > 0.75, series, _lg2(u) * -LN2)
+
+
+@triton.jit
 def gumbel_noise(seed, layer, step, head, row, col):
     """Gumbel(0, 1) float32 noise of the broadcast shape of the coordinates; equals `gumbel_ref.gumbel`."""
     h = gumbel_hash(seed, layer, step, head, row, col)
     u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), _U_MAX)  # < 1, see gumbel_ref
-    e = -tl.log(u)  # the accurate log: its relative error becomes g's absolute error (u can lie within 2**-24 of 1)
-    if INTERPRET:
-        return -tl.log(e)
-    else:  # the outer log only needs absolute accuracy: the hardware lg2 (one MUFU op, abs. error < 2**-22)
-        lg2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [e], dtype=tl.float32, is_pure=True,
-                                        pack=1)
-        return lg2 * -LN2
+    # the inner log's relative error becomes g's absolute error; the outer one only needs absolute accuracy
+    return _lg2(neg_log_u(u)) * -LN2
 
 
 @triton.jit

@@ -23,6 +23,8 @@ CASES = [
     ("channel", 4, 32, torch.float32, 64, 4, 1, 352, 16, [333], [290], 2),
     ("channel", 2, 32, torch.float16, 128, 8, 1, 192, 16, [192, 77, 0], [180, 70, 0], 2),
     ("channel", 4, 128, torch.float16, 128, 1, 1, 640, 16, [600, 333, 5], [530, 333, 0], 2),
+    # several Keyformer normalizer blocks (STAGE2_BLOCK_C), one of them all free slots for the short sequence
+    ("none", 0, 32, torch.float32, 64, 2, 1, 1100, 8, [1100, 7], [1100, 7], 3),
     ("token", 2, 32, torch.float32, 64, 4, 1, 75, 10, [75, 20], [60, 20], 2),
     ("token", 4, 64, torch.bfloat16, 64, 1, 2, 40, 33, [3, 40], [3, 12], 2),
 ]
@@ -45,16 +47,18 @@ def test_decode_matches_reference(case, device):
     # KIVI storage (kernels/decode_kivi.py) with one query head the tensor-core P.V instead of the CUDA-core one;
     # score_mode 2 the per-word value scale loads; KIVI storage also once through the generic stage 1. KIVI with
     # one query head per KV head runs kernels/decode_kivi_cc.py by default: once more with scores and another
-    # tile (8 word rows per warp), so both kernels see every mode
-    runs = [(0, {}), (1, dict(use_dot=not decode_workspace(q, slots, 0, num_splits=1).use_dot, val_cc=False,
-                              kivi_cc=False)),
+    # tile (8 word rows per warp) in its other P.V spelling (pv_chain), so both kernels see every mode
+    ws0 = decode_workspace(q, slots, 0, num_splits=1)
+    runs = [(0, {}), (1, dict(use_dot=not ws0.use_dot, val_cc=False, kivi_cc=False)),
             (2, dict(vs_vec=False, kivi_cc=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
-    if decode_workspace(q, slots, 0, num_splits=1).kivi_cc:
-        runs += [(1, dict(kivi_cc=True, num_warps=2)), (2, dict(kivi_cc=True, num_warps=1))]
+    if ws0.kivi_cc:
+        runs += [(1, dict(kivi_cc=True, num_warps=6 - ws0.num_warps, pv_chain=not ws0.pv_chain)),
+                 (2, dict(kivi_cc=True, num_warps=1))]
     for mode, opts in runs:
         ws = decode_workspace(q, slots, mode, num_splits=splits, **opts)
         ws.out.fill_(float("nan"))
         ws.part_acc.fill_(float("nan"))
+        ws.stats.fill_(float("nan"))
         if ws.logits is not None:
             ws.logits.fill_(float("nan"))
         acc0 = torch.rand(B, H, cs + cw, generator=gen).to(device)
