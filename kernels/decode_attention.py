@@ -36,7 +36,7 @@ from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_support
 from kernels.gumbel import gumbel_noise
 from kernels.slots import KVSlots
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import (check_device, dot, interpreting, ring_tile, split_bounds, to_dtype_rne,
+from kernels.triton_util import (LAUNCH, check_device, dot, interpreting, ring_tile, split_bounds, to_dtype_rne,
                                   u32_to_f32)
 
 _QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
@@ -537,14 +537,14 @@ def decode_attention(
                              "these slots (one query head per KV head, cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
-            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, num_warps=ws.num_warps, num_stages=ws.num_stages,
+            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     elif qid == 1 and ws.kivi_tc:
         _decode_stage1_kivi[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, NGT=ws.ngt, BLOCK_M=ws.block_m,
             BLOCK_R=64, SCORE=score_mode > 0, VAL_CC=grp == 1 and ws.val_cc,
             VS_VEC=ws.vs_vec, DOT_PREC=prec, UPCAST=interpreting(),
-            num_warps=ws.num_warps, num_stages=ws.num_stages,
+            num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     else:
         _decode_stage1[(B, H, NS)](
@@ -552,7 +552,7 @@ def decode_attention(
             QUANT=qid, BITS=slots.bits if qid else 2, G=slots.group_size if qid else 16, D=D,
             GRP=grp, BLOCK_G=BLOCK_G, BLOCK_N=ws.block_n, SCORE=score_mode > 0, USE_DOT=ws.use_dot,
             DOT_PREC=prec, UPCAST=interpreting(),
-            num_warps=ws.num_warps, num_stages=ws.num_stages,
+            num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     ncb = triton.cdiv(Cs + Cw, STAGE2_BLOCK_C) if score_mode == 2 else 1
     _decode_stage2[(B, Hq, ncb)](
@@ -561,7 +561,7 @@ def decode_attention(
         *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], ws.out.stride(0), ws.out.stride(1),
         logits.stride(0), logits.stride(1), ws.stats.stride(0), ws.stats.stride(1),
         D=D, SPLITS_P2=triton.next_power_of_2(NS), SCORE_MODE=score_mode, STEP_PTR=step_is_ptr,
-        TAU_PTR=tau_is_ptr, BLOCK_C=STAGE2_BLOCK_C,
+        TAU_PTR=tau_is_ptr, BLOCK_C=STAGE2_BLOCK_C, **LAUNCH,
     )
     if score_mode:
         BLOCK_C = STAGE3_BLOCK_C
@@ -570,6 +570,6 @@ def decode_attention(
             ws.logits.stride(0), ws.logits.stride(1), scores_acc.stride(0), scores_acc.stride(1),
             slots.win_pos.stride(0), ws.stats.stride(0), ws.stats.stride(1), GRP=grp,
             BLOCK_G=triton.next_power_of_2(grp), BLOCK_C=BLOCK_C, NCB_P2=triton.next_power_of_2(ncb),
-            num_warps=STAGE3_WARPS,
+            num_warps=STAGE3_WARPS, **LAUNCH,
         )
     return ws.out

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.gumbel_ref import U_MAX
-from kernels.triton_util import INTERPRET, LN2, check_device
+from kernels.triton_util import INTERPRET, LAUNCH, LN2, check_device
 
 _U_MAX = tl.constexpr(U_MAX)
 
@@ -129,5 +129,5 @@ def gumbel_triton(seed, layer, step, head, row, col, device=None) -> torch.Tenso
     n = out.numel()
     if n:
         BLOCK = 1024
-        _gumbel_kernel[(triton.cdiv(n, BLOCK),)](*flat, out.view(-1), n, BLOCK=BLOCK)
+        _gumbel_kernel[(triton.cdiv(n, BLOCK),)](*flat, out.view(-1), n, BLOCK=BLOCK, **LAUNCH)
     return out

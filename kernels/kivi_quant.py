@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_util import check_device, to_dtype_rne
+from kernels.triton_util import LAUNCH, check_device, to_dtype_rne
 
 SUPPORTED_BITS = (2, 4)
 
@@ -227,7 +227,7 @@ def quantize_keys_into(src, codes, scale, mn, bits, group_size, n_tokens, dst_st
         dst_start if dst_start is not None else src_start,
         H, D, Csrc, *src.stride(), *vs, *codes.stride(), *scale.stride(),
         BITS=bits, G=G, BLOCK_D=BLOCK_D, HAS_VALID=valid is not None,
-        HAS_SRC_START=src_start is not None, HAS_DST_START=dst_start is not None,
+        HAS_SRC_START=src_start is not None, HAS_DST_START=dst_start is not None, **LAUNCH,
     )
 
 
@@ -257,7 +257,7 @@ def quantize_values_into(src, codes, scale, mn, bits, group_size, n_tokens, dst_
         dst_start if dst_start is not None else src_start,
         H, n_tokens, Csrc, *src.stride(), *codes.stride(), *scale.stride(),
         BITS=bits, G=G, BLOCK_N=BLOCK_N,
-        HAS_SRC_START=src_start is not None, HAS_DST_START=dst_start is not None,
+        HAS_SRC_START=src_start is not None, HAS_DST_START=dst_start is not None, **LAUNCH,
     )
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from kernels.gumbel import gumbel_noise
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
-from kernels.triton_util import check_device, dot, interpreting
+from kernels.triton_util import LAUNCH, check_device, dot, interpreting
 
 # launch configuration (block sizes are capped to the sequence for short prompts), the fastest in
 # jobs/bench_kernels.py on an H200; with noise (Keyformer) the hash makes narrower column tiles pay off
@@ -212,7 +212,7 @@ def prefill_scores(
     BM, BN = min(cfg["block_m"], cap), min(cfg["block_n"], cap)
     common = dict(GRP=Hq // H, D=D, BLOCK_M=BM, BLOCK_N=BN, NOISE=bool(noise),
                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH)
     strides = (*q.stride()[:3], *k.stride()[:3], v8.stride(0))
     if row_lse is None:
         _prefill_row_stats[(B * Hq, triton.cdiv(T, BM))](
