@@ -12,11 +12,12 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
   `kernels.decode_kivi` (in-place code decode, several key groups per tensor-core tile, lazy rescaling;
   `kivi_tc=False` keeps it here). With scores, stage 1 also writes each held token's scaled logit
   into a (B, Hq, Cs + Cw) fp32 scratch (no noise here: the cache loop stays lean).
-- stage 2, one program per (b, query head): merges the splits by log-sum-exp and writes the output; for
-  Keyformer it also turns the scratch's logits into y = (x + g) / tau in place and takes their row max/sum, the
-  Gumbel noise g hashed in registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`), drawn once.
-- stage 3 (score_mode > 0), one program per (b, KV head, column block): normalizes the scratch's (noisy)
-  logits and adds the sum over the group's query heads into scores_acc. The cache is read once; only the small
+- stage 2, one program per (b, query head, STAGE2_BLOCK_C logit columns for Keyformer, else one): the first
+  merges the splits by log-sum-exp and writes the output (H2O: and the row's max/sum); for Keyformer each turns
+  its columns of the scratch into y = (x + g) / tau in place and writes their max/sum, the Gumbel noise g hashed
+  in registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`), drawn once.
+- stage 3 (score_mode > 0), one program per (b, KV head, column block): merges the row's max/sum pairs,
+  normalizes the scratch's (noisy) logits and adds the sum over the group's query heads into scores_acc. The cache is read once; only the small
   logit scratch is passed over again.
 Ragged lengths (s_len, sv_len, win_pos >= win_lo) are read from device tensors: no host sync. With a
 `DecodeWorkspace` (from `decode_workspace`) nothing is allocated inside, so a step is CUDA-graph capturable
