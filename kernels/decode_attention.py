@@ -17,8 +17,8 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
   its columns of the scratch into y = (x + g) / tau in place and writes their max/sum, the Gumbel noise g hashed
   in registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`), drawn once.
 - stage 3 (score_mode > 0), one program per (b, KV head, column block): merges the row's max/sum pairs,
-  normalizes the scratch's (noisy) logits and adds the sum over the group's query heads into scores_acc. The cache is read once; only the small
-  logit scratch is passed over again.
+  normalizes the scratch's (noisy) logits and adds the sum over the group's query heads into scores_acc. The
+  cache is read once; only the small logit scratch is passed over again.
 Ragged lengths (s_len, sv_len, win_pos >= win_lo) are read from device tensors: no host sync. With a
 `DecodeWorkspace` (from `decode_workspace`) nothing is allocated inside, so a step is CUDA-graph capturable
 (pass `step` and `tau` as device tensors then, so their values are not baked into the graph).
@@ -230,8 +230,6 @@ def _decode_stage1(
     ml = part_ml_ptr + b * stride_mb + hq * stride_mh + sp * stride_ms
     tl.store(ml + 0, m_i, mask=gmask)
     tl.store(ml + 1, l_i, mask=gmask)
-
-
 
 
 @triton.jit

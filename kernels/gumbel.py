@@ -3,7 +3,7 @@
 `gumbel_noise(seed, layer, step, head, row, col)` is a `@triton.jit` helper that other kernels call on
 register tensors: it draws exactly the hash `kernels.gumbel_ref.hash_coords` defines (same 32-bit finalizer
 rounds, same mixing order seed, layer, step, head, row, col), so the noise is never stored and the torch and
-Triton backends agree to the two logs' rounding (< 1e-6 absolute): the outer log is the hardware lg2, the inner
+Triton backends agree to the two logs' rounding (~1e-6 absolute): the outer log is the hardware lg2, the inner
 one `neg_log_u` (hardware lg2 or a short atanh series near 1, both ~4e-7 relative; libdevice's accurate logf
 cost twice the instructions, and the noise is most of a Keyformer scoring kernel's work).
 
