@@ -15,7 +15,7 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
 - stage 2, one program per (b, query head, STAGE2_BLOCK_C logit columns for Keyformer, else one): the first
   merges the splits by log-sum-exp and writes the output (H2O: and the row's max/sum); for Keyformer each turns
   its columns of the scratch into y = (x + g) / tau in place and writes their max/sum, the Gumbel noise g hashed
-  in registers by `kernels.gumbel.gumbel_noise` (same values as `gumbel_ref`), drawn once.
+  in registers by `kernels.gumbel.gumbel_lg2` (`gumbel_ref`'s values up to one constant per row), drawn once.
 - stage 3 (score_mode > 0), one program per (b, KV head, column block): merges the row's max/sum pairs,
   normalizes the scratch's (noisy) logits and adds the sum over the group's query heads into scores_acc. The
   cache is read once; only the small logit scratch is passed over again.
@@ -34,8 +34,9 @@ import triton.language as tl
 
 from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported, pv_chain_default
-from kernels.gumbel import gumbel_noise
+from kernels.gumbel import gumbel_lg2
 from kernels.slots import KVSlots
+from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import MASKED as _MASKED
 from kernels.triton_util import (LAUNCH, check_device, dot, interpreting, ring_tile, split_bounds, to_dtype_rne,
                                   u32_to_f32)
@@ -278,8 +279,10 @@ def _decode_stage2(
         ok = (c < s_len) | ((c >= Cs) & (c < Cs + Cw))  # ring logits were all written (-inf if free)
         row = logit_ptr + b * stride_lb + hq * stride_lh
         x = tl.load(row + c, mask=ok, other=float("-inf"))
-        # the noisy logit y = (x + g) / tau replaces x in the scratch: stage 3 reads it, no second draw
-        y = (x + gumbel_noise(seed, layer, step, hq, 0, c)) * (1.0 / tau)
+        # the noisy logit y = (x + g) / tau replaces x in the scratch: stage 3 reads it, no second draw (g up to
+        # the constant gumbel.G_SHIFT, the same for the whole row: the softmax does not see it)
+        inv_tau = 1.0 / tau
+        y = x * inv_tau + gumbel_lg2(seed, layer, step, hq, 0, c) * (-_LN2 * inv_tau)
         tl.store(row + c, y, mask=ok)
         y = tl.where(ok, y, float("-inf"))
         m2 = tl.maximum(tl.max(y, 0), _MASKED)  # finite: an all-masked block gives sum 0, not NaN

@@ -83,20 +83,44 @@ def neg_log_u(u):
     the first omitted term below 4e-10 relative. The relative error is what matters: it is the Gumbel draw's
     absolute error, and u comes within 2**-24 of 1, where -ln(u) is ~6e-8.
     """
+    return _neg_log2_u(u) * -LN2
+
+
+@triton.jit
+def _neg_log2_u(u):
+    """log2(u) = -(-ln u) / ln 2 by `neg_log_u`'s two branches (the series' coefficients carry the 1 / ln 2)."""
     d = 1.0 - u
     z = _div(d, 2.0 - d)
     w = z * z
-    series = (2.0 * z) * (1.0 + w * (1.0 / 3.0 + w * (0.2 + w * (1.0 / 7.0 + w * (1.0 / 9.0)))))
-    return tl.where(u > 0.75, series, _lg2(u) * -LN2)
+    series = z * (_S0 + w * (_S1 + w * (_S2 + w * (_S3 + w * _S4))))
+    return tl.where(u > 0.75, series, _lg2(u))
+
+
+# -2 / ln 2 / (2k + 1): log2(u) = -2 atanh(z) / ln 2 as a series in z
+_S0 = tl.constexpr(-2.0 / 0.6931471805599453)
+_S1 = tl.constexpr(-2.0 / 0.6931471805599453 / 3.0)
+_S2 = tl.constexpr(-2.0 / 0.6931471805599453 / 5.0)
+_S3 = tl.constexpr(-2.0 / 0.6931471805599453 / 7.0)
+_S4 = tl.constexpr(-2.0 / 0.6931471805599453 / 9.0)
+# g = -ln(-ln u) = G_SHIFT - ln 2 * gumbel_lg2(...): G_SHIFT = -ln(ln 2)
+G_SHIFT = tl.constexpr(0.36651292058166435)
+
+
+@triton.jit
+def gumbel_lg2(seed, layer, step, head, row, col):
+    """t = lg2(-log2(u)) of the draw `gumbel_noise` makes, so that g = G_SHIFT - ln 2 * t. A kernel that only needs
+    g up to a constant (every softmax over the noisy logits: the constant shifts a whole row) adds t * (-ln 2 * c)
+    in one multiply-add and saves `gumbel_noise`'s two multiplies."""
+    h = gumbel_hash(seed, layer, step, head, row, col)
+    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), _U_MAX)  # < 1, see gumbel_ref
+    # the inner log's relative error becomes g's absolute error; the outer one only needs absolute accuracy
+    return _lg2(-_neg_log2_u(u))
 
 
 @triton.jit
 def gumbel_noise(seed, layer, step, head, row, col):
     """Gumbel(0, 1) float32 noise of the broadcast shape of the coordinates; equals `gumbel_ref.gumbel`."""
-    h = gumbel_hash(seed, layer, step, head, row, col)
-    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), _U_MAX)  # < 1, see gumbel_ref
-    # the inner log's relative error becomes g's absolute error; the outer one only needs absolute accuracy
-    return _lg2(neg_log_u(u)) * -LN2
+    return gumbel_lg2(seed, layer, step, head, row, col) * -LN2 + G_SHIFT
 
 
 @triton.jit

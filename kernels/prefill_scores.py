@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gumbel import gumbel_noise
+from kernels.gumbel import gumbel_lg2
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import LAUNCH, check_device, dot, interpreting
@@ -36,12 +36,13 @@ NOISE_CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
-def _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_g, NOISE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_t, NOISE: tl.constexpr, DOT_PREC: tl.constexpr,
              UPCAST: tl.constexpr):
-    """(BM, BN) logits in log2 units, unmasked: y * log2(e) = q.k * c_qk (+ g * c_g), y = (q.k * scale + g) / tau."""
+    """(BM, BN) logits in log2 units, unmasked: y * log2(e) = q.k * c_qk (+ g * c_g), y = (q.k * scale + g) / tau,
+    with g up to the constant `gumbel.G_SHIFT` (it shifts every logit alike): t * c_t, c_t = -ln 2 * c_g."""
     x = dot(q, tl.trans(k), DOT_PREC, UPCAST) * c_qk
     if NOISE:
-        x += gumbel_noise(seed, layer, 0, hq, pi[:, None], pj[None, :]) * c_g
+        x += gumbel_lg2(seed, layer, 0, hq, pi[:, None], pj[None, :]) * c_t
     return x
 
 
@@ -74,7 +75,7 @@ def _prefill_row_stats(
     q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + i[:, None] * stride_qt + d[None, :], mask=imask[:, None],
                 other=0.0)
     c_qk = sm_scale * inv_tau * _LOG2E
-    c_g = inv_tau * _LOG2E
+    c_t = -inv_tau  # -ln 2 * c_g, c_g = log2(e) / tau
     first = tl.load(first_ptr + b)
     i0 = tl.program_id(1) * BLOCK_M
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -87,7 +88,7 @@ def _prefill_row_stats(
         pj = tl.load(pos_ptr + b * T + j, mask=jmask, other=0)
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
                     other=0.0)
-        y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_g, NOISE, DOT_PREC, UPCAST)
+        y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_t, NOISE, DOT_PREC, UPCAST)
         if (j0 < first) | (j0 + BLOCK_N - 1 > i0) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
             y = tl.where(_allowed(i, j, vi, vj, T), y, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(y, 1))
@@ -120,7 +121,7 @@ def _prefill_col_sums(
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
                 other=0.0)
     c_qk = sm_scale * inv_tau * _LOG2E
-    c_g = inv_tau * _LOG2E
+    c_t = -inv_tau  # -ln 2 * c_g, c_g = log2(e) / tau
     j0 = tl.program_id(1) * BLOCK_N
     pad_cols = j0 < tl.load(first_ptr + b)  # some column of the block may be padding
     colacc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -140,7 +141,7 @@ def _prefill_col_sums(
             # exp(y - m) / l as one exp2: the row's log-sum-exp m + log(l), in log2 units (rows with no allowed
             # column: padding, masked below)
             lse2 = m * _LOG2E + tl.log2(tl.where(l > 0.0, l, 1.0))
-            y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_g, NOISE, DOT_PREC, UPCAST) - lse2[:, None]
+            y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_t, NOISE, DOT_PREC, UPCAST) - lse2[:, None]
             if pad_cols | (i0 < j0 + BLOCK_N - 1) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
                 colacc += tl.where(_allowed(i, j, vi, vj, T), tl.exp2(y), 0.0)
             else:
