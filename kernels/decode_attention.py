@@ -49,6 +49,11 @@ STAGE2_BLOCK_C = 512  # logit columns per stage-2 program of Keyformer's noisy n
 STAGE3_BLOCK_C, STAGE3_WARPS = 512, 4
 
 
+def score_blocks(n_cols: int, score_mode: int) -> int:
+    """(max, sum) pairs per score row: one per STAGE2_BLOCK_C logit columns for Keyformer, else one."""
+    return triton.cdiv(n_cols, STAGE2_BLOCK_C) if score_mode == 2 else 1
+
+
 @triton.jit
 def _leaf(w, BASE: tl.constexpr, sc, mn, BITS: tl.constexpr, AFFINE: tl.constexpr):
     """Code at bit offset BASE of every word -> fp32 (times sc plus mn when AFFINE)."""
@@ -410,8 +415,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         out=torch.empty(B, Hq, D, dtype=q.dtype, device=dev),
         part_acc=torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev),
         part_ml=torch.empty(B, Hq, num_splits, 2, dtype=torch.float32, device=dev),
-        stats=torch.empty(B, Hq, triton.cdiv(n, STAGE2_BLOCK_C) if score_mode == 2 else 1, 2,
-                          dtype=torch.float32, device=dev),
+        stats=torch.empty(B, Hq, score_blocks(n, score_mode), 2, dtype=torch.float32, device=dev),
         logits=torch.empty(B, Hq, n, dtype=torch.float32, device=dev) if score_mode else None,
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
         use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
@@ -470,8 +474,7 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
         ok = (ws.out.shape == q.shape and ws.out.dtype == q.dtype and ws.part_acc.shape[:2] == (B, Hq)
               and (not score_mode or scores_acc is None
                    or (ws.logits is not None and ws.logits.shape == (B, Hq, slots.cs + Cw)
-                       and ws.stats.shape[2] >= (triton.cdiv(slots.cs + Cw, STAGE2_BLOCK_C) if score_mode == 2
-                                                 else 1))))
+                       and ws.stats.shape[2] >= score_blocks(slots.cs + Cw, score_mode))))
         if not ok:
             raise ValueError(f"{name}: workspace does not fit this call; build it with decode_workspace(q, slots, "
                              f"score_mode={score_mode})")
@@ -556,7 +559,7 @@ def decode_attention(
             DOT_PREC=prec, UPCAST=interpreting(),
             num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
-    ncb = triton.cdiv(Cs + Cw, STAGE2_BLOCK_C) if score_mode == 2 else 1
+    ncb = score_blocks(Cs + Cw, score_mode)
     _decode_stage2[(B, Hq, ncb)](
         ws.part_acc, ws.part_ml, ws.out, ws.stats, logits, slots.s_len, seed_t, step_t, tau_t,
         NS, Cs, Cw, int(layer), step_v, tau_v,

@@ -42,16 +42,32 @@ from kernels.triton_util import ring_tile, split_bounds
 
 
 @triton.jit
-def _pv_leaf(acc_v, acc_m, pp, I: tl.constexpr, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, shp3, maskp3,
-             R: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
-    """P.V of token t0 + I * TS of every row r (R, 1, 1), its p in pp (R, 1)."""
-    nv = t0 + I * TS
+def _value_groups(r, vword, DQ: tl.constexpr, DWI: tl.constexpr, P: tl.constexpr, G: tl.constexpr):
+    """Scale/min group of the value words (r % DQ) * DWI + [0, DWI) of row index r: one per row when a thread's
+    words of a token share a group, else one per word."""
+    if DWI * P <= G:
+        return ((r % DQ) * DWI * P) // G
+    else:
+        return (vword * P) // G
+
+
+@triton.jit
+def _value_loads(nv, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, NWT: tl.constexpr):
+    """Value code words, scale and min (fp32) of tokens nv (nothing at or past s_q: zeros)."""
     vin = nv < s_q
-    pi = tl.reshape(pp, (R, 1, 1))
     vw = tl.load(vptr + nv * NWT + vword, mask=vin, other=0)
     vrow = nv * stride_vsn + vgrp
     vsc = tl.load(vsptr + vrow, mask=vin, other=0.0).to(tl.float32)
     vmn = tl.load(vmptr + vrow, mask=vin, other=0.0).to(tl.float32)
+    return vw, vsc, vmn
+
+
+@triton.jit
+def _pv_leaf(acc_v, acc_m, pp, I: tl.constexpr, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, shp3, maskp3,
+             R: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
+    """P.V of token t0 + I * TS of every row r (R, 1, 1), its p in pp (R, 1)."""
+    pi = tl.reshape(pp, (R, 1, 1))
+    vw, vsc, vmn = _value_loads(t0 + I * TS, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, NWT)
     acc_v += _codes(vw, shp3, maskp3) * (pi * vsc)
     acc_m += pi * vmn
     return acc_v, acc_m
@@ -82,15 +98,8 @@ def _pv_exchange(acc_v, acc_m, p, s0, s_q, vptr, vsptr, vmptr, stride_vsn, shp3,
     rv = xv % R
     nv = s0 + (xv // R) * W + rv // DQ
     vword = (rv % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
-    if DWI * P <= G:  # a thread's words of a token share one scale/min group
-        vgrp = ((rv % DQ) * DWI * P) // G
-    else:
-        vgrp = (vword * P) // G
-    vin = nv < s_q
-    vw = tl.load(vptr + nv * (DQ * DWI) + vword, mask=vin, other=0)  # rows of D // P words
-    vrow = nv * stride_vsn + vgrp
-    vsc = tl.load(vsptr + vrow, mask=vin, other=0.0).to(tl.float32)
-    vmn = tl.load(vmptr + vrow, mask=vin, other=0.0).to(tl.float32)
+    vgrp = _value_groups(rv, vword, DQ, DWI, P, G)
+    vw, vsc, vmn = _value_loads(nv, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, DQ * DWI)
     pt = tl.reshape(tl.reshape(p, (W * P,)), (P, W))  # p of token i * W + w (one shared-memory exchange)
     px = tl.reshape(pt[:, :, None] + tl.zeros((1, 1, DQ), tl.float32), (P * R, 1, 1))
     acc_v += tl.sum(tl.reshape(_codes(vw, shp3, maskp3) * (px * vsc), (P, R, DWI, P)), 0)
@@ -137,10 +146,7 @@ def _decode_stage1_kivi_cc(
     # ---- values (R, DWI, 1) per place: row r takes tokens i * W + r // DQ of the tile, i < P (a warp's load covers
     # consecutive tokens), words (r % DQ) * DWI + [0, DWI)
     vword = (rk % DQ) * DWI + tl.arange(0, DWI)[None, :, None]
-    if DWI * P <= G:  # a thread's words of a token share one scale/min group
-        vgrp = ((rk % DQ) * DWI * P) // G
-    else:
-        vgrp = (vword * P) // G
+    vgrp = _value_groups(rk, vword, DQ, DWI, P, G)
     # ---- per-code constants: code i of a word at (word >> shift), bit BITS * j; 2**-(BITS j) per place
     ip = tl.arange(0, P)
     shp, jp = _place(ip, BITS, False)

@@ -83,12 +83,12 @@ def neg_log_u(u):
     the first omitted term below 4e-10 relative. The relative error is what matters: it is the Gumbel draw's
     absolute error, and u comes within 2**-24 of 1, where -ln(u) is ~6e-8.
     """
-    return _neg_log2_u(u) * -LN2
+    return _log2_u(u) * -LN2
 
 
 @triton.jit
-def _neg_log2_u(u):
-    """log2(u) = -(-ln u) / ln 2 by `neg_log_u`'s two branches (the series' coefficients carry the 1 / ln 2)."""
+def _log2_u(u):
+    """log2(u) (negative) by `neg_log_u`'s two branches; the series' coefficients carry the 1 / ln 2."""
     d = 1.0 - u
     z = _div(d, 2.0 - d)
     w = z * z
@@ -114,7 +114,7 @@ def gumbel_lg2(seed, layer, step, head, row, col):
     h = gumbel_hash(seed, layer, step, head, row, col)
     u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), _U_MAX)  # < 1, see gumbel_ref
     # the inner log's relative error becomes g's absolute error; the outer one only needs absolute accuracy
-    return _lg2(-_neg_log2_u(u))
+    return _lg2(-_log2_u(u))
 
 
 @triton.jit
