@@ -95,8 +95,8 @@ def tune_decode(H, storage, B=32, ctx=4096):
                         use_dot=H != HQ)]
         configs += [dict(kivi_cc=False, ngt=ngt, num_warps=4, num_stages=ns, val_cc=vc)
                     for ngt in (1, 2, 4) for ns in (1, 3) for vc in ((True, False) if H == HQ else (False,))]
-        if H == HQ:  # kernels/decode_kivi_cc.py: one query head per KV head, CUDA cores
-            configs += [dict(kivi_cc=True, num_warps=nw, num_stages=1) for nw in (2, 4, 8)]
+        # CUDA cores: kernels/decode_kivi_cc.py (one query head per KV head), kernels/decode_kivi_gqa.py (several)
+        configs += [dict(kivi_cc=True, num_warps=nw, num_stages=1) for nw in ((2, 4, 8) if H == HQ else (2, 4))]
     best, log = None, []
     for cfg in configs:
         name = "/".join(f"{k}={v}" for k, v in cfg.items())

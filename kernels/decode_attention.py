@@ -34,6 +34,7 @@ import triton.language as tl
 
 from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported, pv_chain_default
+from kernels.decode_kivi_gqa import GQA_MAX_CODES, _decode_stage1_kivi_gqa, gqa_config, gqa_default, gqa_supported
 from kernels.gumbel import gumbel_lg2
 from kernels.slots import KVSlots
 from kernels.triton_util import LN2 as _LN2
@@ -382,24 +383,31 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     for MHA). kivi_tc: per-channel KIVI storage goes through `kernels.decode_kivi` (tensor-core keys, in-place
     code decode; ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one
     contiguous value scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI
-    with one query head per KV head goes through `kernels.decode_kivi_cc` (CUDA cores, no MMA padding; the
-    default where `cc_supported`); num_warps then sets its tile (8 word rows per warp); pv_chain: its P.V
-    spelling (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version). None values come from
+    goes through a CUDA-core stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where
+    `cc_supported`), `kernels.decode_kivi_gqa` with several (the default for 2 bits where `gqa_supported`, under
+    Triton <= 3.6 (`gqa_default`): on an H200 1.24-1.45x faster than `kernels.decode_kivi` for 2 bits, within +-9%
+    of it for 4 bits, so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's
+    P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version). None values come from
     `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
     n = slots.cs + slots.cw
     cfg = default_config(slots, Hq // H)
-    cc_ok = slots.quant == "channel" and Hq == H and cc_supported(slots, D)
+    cc_ok = slots.quant == "channel" and (cc_supported(slots, D) if Hq == H else gqa_supported(slots, D, Hq // H))
     if kivi_cc and not cc_ok:
-        raise ValueError("decode_workspace: kivi_cc needs per-channel KIVI storage with one query head per KV head, "
-                         "head_dim >= 4 * 32 // bits and value code rows of head_dim // (32 // bits) words")
-    kivi_cc = cc_ok and kivi_tc if kivi_cc is None else bool(kivi_cc)
+        raise ValueError("decode_workspace: kivi_cc needs per-channel KIVI storage, value code rows of head_dim // "
+                         "(32 // bits) words, head_dim >= 4 * 32 // bits, and with several query heads per KV head "
+                         f"(heads to a power of two) * (32 // bits) <= {GQA_MAX_CODES} and head_dim // (32 // bits) "
+                         "<= 32")
+    if kivi_cc is None:
+        kivi_cc = cc_ok and kivi_tc and (Hq == H or (slots.bits == 2 and gqa_default()))
+    kivi_cc = bool(kivi_cc)
     block_n = cfg["block_n"] if block_n is None else block_n
     if num_warps is None:  # kernels.decode_kivi_cc, H200, B=32: 2 warps for 2 bits (6% faster than 4 at 4096 tokens,
-        # within 1% at 32768), 4 for 4 bits (10-15% faster than 2)
-        num_warps = (2 if slots.bits == 2 else 4) if kivi_cc else cfg["num_warps"]
+        # within 1% at 32768), 4 for 4 bits (10-15% faster than 2); kernels.decode_kivi_gqa: 2 (5% faster than 4
+        # except at 32768 tokens, 8% slower there)
+        num_warps = (2 if slots.bits == 2 or Hq > H else 4) if kivi_cc else cfg["num_warps"]
     # kernels.decode_kivi_cc: 1 and 2 stages time the same on the H200; 1 holds fewer registers
     num_stages = (1 if kivi_cc else cfg["num_stages"]) if num_stages is None else num_stages
     use_dot = cfg["use_dot"] if use_dot is None else use_dot
@@ -536,13 +544,23 @@ def decode_attention(
         *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], logits.stride(0), logits.stride(1),
     )
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    if qid == 1 and ws.kivi_cc:
-        if not (grp == 1 and cc_supported(slots, D)):
+    if qid == 1 and ws.kivi_cc and grp == 1:
+        if not cc_supported(slots, D):
             raise ValueError("decode_attention: the workspace asks for kernels.decode_kivi_cc, which does not fit "
-                             "these slots (one query head per KV head, cc_supported)")
+                             "these slots (cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
             SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
+        )
+    elif qid == 1 and ws.kivi_cc:
+        if not gqa_supported(slots, D, grp):
+            raise ValueError("decode_attention: the workspace asks for kernels.decode_kivi_gqa, which does not fit "
+                             "these slots (gqa_supported)")
+        _decode_stage1_kivi_gqa[(B, H, NS)](
+            *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, GP=triton.next_power_of_2(grp),
+            **gqa_config(slots.bits, ws.num_warps, D), BLOCK_T=64, SCORE=score_mode > 0,
+            DOT_PREC=prec, UPCAST=interpreting(),
+            num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     elif qid == 1 and ws.kivi_tc:
         _decode_stage1_kivi[(B, H, NS)](

@@ -64,9 +64,9 @@ def _value_loads(nv, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, NWT: tl.c
 
 @triton.jit
 def _pv_leaf(acc_v, acc_m, pp, I: tl.constexpr, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, shp3, maskp3,
-             R: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
-    """P.V of token t0 + I * TS of every row r (R, 1, 1), its p in pp (R, 1)."""
-    pi = tl.reshape(pp, (R, 1, 1))
+             R: tl.constexpr, HG: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
+    """P.V of token t0 + I * TS of every row r (R, 1, 1), the p of its HG query heads in pp (R * HG, 1)."""
+    pi = tl.reshape(pp, (R, HG, 1))
     vw, vsc, vmn = _value_loads(t0 + I * TS, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, NWT)
     acc_v += _codes(vw, shp3, maskp3) * (pi * vsc)
     acc_m += pi * vmn
@@ -75,18 +75,19 @@ def _pv_leaf(acc_v, acc_m, pp, I: tl.constexpr, t0, s_q, vptr, vsptr, vmptr, str
 
 @triton.jit
 def _pv_tree(acc_v, acc_m, pp, I: tl.constexpr, ST: tl.constexpr, N: tl.constexpr, t0, s_q, vptr, vsptr, vmptr,
-             stride_vsn, vword, vgrp, shp3, maskp3, R: tl.constexpr, NWT: tl.constexpr, TS: tl.constexpr):
-    """Places I, I + ST, ... (N of them, the columns of pp (R, N)) one by one into the P.V accumulators: pp is split
-    in halves in registers (even / odd columns), down to single columns."""
+             stride_vsn, vword, vgrp, shp3, maskp3, R: tl.constexpr, HG: tl.constexpr, NWT: tl.constexpr,
+             TS: tl.constexpr):
+    """Places I, I + ST, ... (N of them, the columns of pp (R * HG, N): HG query heads per row) one by one into the
+    P.V accumulators: pp is split in halves in registers (even / odd columns), down to single columns."""
     if N == 1:
         return _pv_leaf(acc_v, acc_m, pp, I, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword, vgrp, shp3, maskp3,
-                        R, NWT, TS)
+                        R, HG, NWT, TS)
     else:
-        a, c = tl.split(tl.reshape(pp, (R, N // 2, 2)))
+        a, c = tl.split(tl.reshape(pp, (R * HG, N // 2, 2)))
         acc_v, acc_m = _pv_tree(acc_v, acc_m, a, I, 2 * ST, N // 2, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword,
-                                vgrp, shp3, maskp3, R, NWT, TS)
+                                vgrp, shp3, maskp3, R, HG, NWT, TS)
         return _pv_tree(acc_v, acc_m, c, I + ST, 2 * ST, N // 2, t0, s_q, vptr, vsptr, vmptr, stride_vsn, vword,
-                        vgrp, shp3, maskp3, R, NWT, TS)
+                        vgrp, shp3, maskp3, R, HG, NWT, TS)
 
 
 @triton.jit
@@ -209,7 +210,7 @@ def _decode_stage1_kivi_cc(
             pt = tl.trans(tl.reshape(tl.reshape(p, (BLOCK_N,)), (P, W)))  # (W, P): [w, i] = token i * W + w
             pr = tl.reshape(pt[:, None, :] + tl.zeros((1, DQ, 1), tl.float32), (R, P))
             acc_v, acc_m = _pv_tree(acc_v, acc_m, pr, 0, 1, P, s0 + rk // DQ, s_q, sv_ptr + vbase, svs_ptr + vsbase,
-                                    svm_ptr + vsbase, stride_vsn, vword, vgrp, shp3, maskp3, R, D // P, W)
+                                    svm_ptr + vsbase, stride_vsn, vword, vgrp, shp3, maskp3, R, 1, D // P, W)
         else:
             acc_v, acc_m = _pv_exchange(acc_v, acc_m, p, s0, s_q, sv_ptr + vbase, svs_ptr + vsbase, svm_ptr + vsbase,
                                         stride_vsn, shp3, maskp3, P, R, W, DQ, DWI, G)

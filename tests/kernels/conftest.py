@@ -17,6 +17,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in ("kernels.triton_util", "kernels.gumbel", "kernels.kivi_quant", "kernels.decode_kivi",
+                  "kernels.decode_kivi_cc", "kernels.decode_kivi_gqa",
                   "kernels.decode_attention",
                   "kernels.prefill_scores"):  # dependency order
         if _name in sys.modules:

@@ -7,6 +7,8 @@ import torch
 
 from kernels.decode_attention import decode_attention, decode_workspace
 from kernels.decode_attention_ref import decode_attention_ref, held_mask
+from kernels.decode_kivi_cc import cc_supported
+from kernels.decode_kivi_gqa import gqa_default, gqa_supported
 from kernels.kivi_quant_ref import quantize_keys
 from tests.kernels.kernel_cases import assert_close, make_slots
 
@@ -23,6 +25,11 @@ CASES = [
     ("channel", 4, 32, torch.float32, 64, 4, 1, 352, 16, [333], [290], 2),
     ("channel", 2, 32, torch.float16, 128, 8, 1, 192, 16, [192, 77, 0], [180, 70, 0], 2),
     ("channel", 4, 128, torch.float16, 128, 1, 1, 640, 16, [600, 333, 5], [530, 333, 0], 2),
+    # GQA on CUDA cores (kernels/decode_kivi_gqa.py): 2 bits with 4 heads (2 tiles of 256 tokens in one split,
+    # FIFO values past sv_len), 2 heads with D 64, 3 heads padded to 4
+    ("channel", 2, 32, torch.bfloat16, 128, 4, 2, 576, 16, [576, 150, 3], [530, 140, 0], 1),
+    ("channel", 2, 16, torch.float32, 64, 2, 2, 640, 12, [640, 200], [600, 190], 2),
+    ("channel", 4, 32, torch.float32, 128, 3, 1, 224, 16, [224, 61], [170, 61], 2),
     # several Keyformer normalizer blocks (STAGE2_BLOCK_C), one of them all free slots for the short sequence
     ("none", 0, 32, torch.float32, 64, 2, 1, 1100, 8, [1100, 7], [1100, 7], 3),
     ("token", 2, 32, torch.float32, 64, 4, 1, 75, 10, [75, 20], [60, 20], 2),
@@ -46,14 +53,16 @@ def test_decode_matches_reference(case, device):
     # score_mode 1 runs the other q.K / P.V path (tensor-core dot vs CUDA-core reduce) than the default, and for
     # KIVI storage (kernels/decode_kivi.py) with one query head the tensor-core P.V instead of the CUDA-core one;
     # score_mode 2 the per-word value scale loads; KIVI storage also once through the generic stage 1. KIVI with
-    # one query head per KV head runs kernels/decode_kivi_cc.py by default: once more with scores and another
-    # tile (8 word rows per warp) in its other P.V spelling (pv_chain), so both kernels see every mode
+    # the CUDA-core KIVI stage 1s (kernels/decode_kivi_cc.py, one query head per KV head; decode_kivi_gqa.py,
+    # several) where they fit: without scores, with scores and another tile (8 word rows per warp; the MHA kernel
+    # in its other P.V spelling, pv_chain), so every kernel sees every mode
     ws0 = decode_workspace(q, slots, 0, num_splits=1)
     runs = [(0, {}), (1, dict(use_dot=not ws0.use_dot, val_cc=False, kivi_cc=False)),
             (2, dict(vs_vec=False, kivi_cc=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
-    if ws0.kivi_cc:
-        runs += [(1, dict(kivi_cc=True, num_warps=6 - ws0.num_warps, pv_chain=not ws0.pv_chain)),
-                 (2, dict(kivi_cc=True, num_warps=1))]
+    if quant == "channel" and (cc_supported(slots, D) if grp == 1 else gqa_supported(slots, D, grp)):
+        nw = ws0.num_warps if ws0.kivi_cc else 2
+        runs += [(1, dict(kivi_cc=True, num_warps=6 - nw, pv_chain=not ws0.pv_chain)),
+                 (2, dict(kivi_cc=True, num_warps=1)), (0, dict(kivi_cc=True, num_warps=nw))]
     for mode, opts in runs:
         ws = decode_workspace(q, slots, mode, num_splits=splits, **opts)
         ws.out.fill_(float("nan"))
@@ -76,8 +85,8 @@ def test_decode_matches_reference(case, device):
 @pytest.mark.parametrize("grp", [1, 4])
 def test_kivi_sharp_attention_rescales(grp, device):
     """Logits that keep rising along the sequence (a query aligned with later keys) by more than fp32's range:
-    without the lazy rescaling of kernels/decode_kivi.py (grp 4) and kernels/decode_kivi_cc.py (grp 1) the
-    accumulators overflow; with it, == the reference."""
+    without the lazy rescaling of kernels/decode_kivi.py and kernels/decode_kivi_gqa.py (grp 4) and
+    kernels/decode_kivi_cc.py (grp 1) the accumulators overflow; with it, == the reference."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     B, H, D, cs, cw = 1, 1, 64, 384, 16
     slots = make_slots(B, H, D, cs, cw, "channel", 4, 32, torch.float32, device, [384], [370], gen)
@@ -88,9 +97,8 @@ def test_kivi_sharp_attention_rescales(grp, device):
     slots.s_kc, slots.s_ks, slots.s_km = (t.contiguous() for t in quantize_keys(keys[:, :, :cs], 4, 32))
     slots.win_k.copy_(keys[:, :, cs:])
     q = (direction * 20.0).expand(B, H * grp, D).contiguous()
-    for mode in (0, 1):
-        ws = decode_workspace(q, slots, mode, num_splits=1)
-        assert ws.kivi_cc == (grp == 1)
+    for mode, cc in [(0, True), (1, True)] + ([] if grp == 1 else [(0, False), (1, False)]):
+        ws = decode_workspace(q, slots, mode, num_splits=1, kivi_cc=cc, num_warps=1 if grp > 1 and cc else None)
         acc, acc_ref = torch.zeros(B, H, cs + cw, device=device), torch.zeros(B, H, cs + cw, device=device)
         out = decode_attention(q, slots, D ** -0.5, mode, acc, workspace=ws)
         ref = decode_attention_ref(q, slots, D ** -0.5, mode, acc_ref)
@@ -98,9 +106,9 @@ def test_kivi_sharp_attention_rescales(grp, device):
         rise = (x[cs - 32:cs].max() - x[:64].max()).item()
         assert rise > 90, f"the logits must rise past fp32's range (e**88.7) to need rescaling, rose {rise:.1f}"
         # logits of ~150: fp32 rounding of a logit (~1e-5 absolute) already moves its weight by ~1e-5 relative
-        assert_close(out, ref, torch.float32, f"out (score_mode {mode}, grp {grp})", tol=2e-4)
+        assert_close(out, ref, torch.float32, f"out (score_mode {mode}, grp {grp}, cc {cc})", tol=2e-4)
         if mode:
-            assert_close(acc, acc_ref, torch.float32, f"scores (grp {grp})", tol=2e-4)
+            assert_close(acc, acc_ref, torch.float32, f"scores (grp {grp}, cc {cc})", tol=2e-4)
 
 
 def test_default_workspace_and_tensor_step(device):
@@ -164,24 +172,29 @@ def test_cuda_graph_capture_with_workspace(device):
 
 
 def test_kivi_cc_selection(device):
-    """kernels/decode_kivi_cc.py is the default only where it fits (per-channel KIVI, one query head per KV head,
-    head_dim >= 4 codes per word, contiguous value code rows); elsewhere the other stage 1 runs and gives the
-    reference's answer, and asking for it anyway is a clear error."""
+    """The CUDA-core KIVI stage 1s (kernels/decode_kivi_cc.py for one query head per KV head, decode_kivi_gqa.py for
+    a few) are the default only where they fit (per-channel KIVI, head_dim >= 4 codes per word, contiguous value
+    code rows, GQA groups within the register budget); elsewhere the other stage 1 runs and gives the reference's
+    answer, and asking for them anyway is a clear error."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
 
-    def check(slots, q, want_cc):
+    def check(slots, q, want_cc, fits=None):
         ws = decode_workspace(q, slots, 0, num_splits=2)
         assert ws.kivi_cc == want_cc
         out = decode_attention(q, slots, q.shape[-1] ** -0.5, workspace=ws)
         assert_close(out, decode_attention_ref(q, slots, q.shape[-1] ** -0.5), torch.float32, f"cc={want_cc}")
-        if not want_cc:
+        if fits or (fits is None and want_cc):
+            assert decode_workspace(q, slots, 0, kivi_cc=True).kivi_cc
+        else:
             with pytest.raises(ValueError, match="kivi_cc"):
                 decode_workspace(q, slots, 0, kivi_cc=True)
 
     mha = make_slots(2, 2, 64, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
     check(mha, torch.randn(2, 2, 64, generator=gen).to(device), True)
     assert not decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, kivi_tc=False).kivi_cc
-    check(mha, torch.randn(2, 4, 64, generator=gen).to(device), False)  # two query heads per KV head
+    # 2 query heads per KV head: decode_kivi_gqa, the default for 2 bits with the Triton versions it was timed on
+    check(mha, torch.randn(2, 4, 64, generator=gen).to(device), gqa_default(), fits=True)
+    check(mha, torch.randn(2, 16, 64, generator=gen).to(device), False)  # 8 heads * 16 codes per word > 64
     narrow = make_slots(2, 2, 32, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
     check(narrow, torch.randn(2, 2, 32, generator=gen).to(device), False)  # 2 value words per token < 4 lanes
     wide = torch.zeros(*mha.s_vc.shape[:3], 2 * mha.s_vc.shape[3], dtype=mha.s_vc.dtype, device=device)
