@@ -386,9 +386,9 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     goes through a CUDA-core stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where
     `cc_supported`), `kernels.decode_kivi_gqa` with several (the default for 2 bits where `gqa_supported`, under
     Triton <= 3.6 (`gqa_default`): on an H200 1.24-1.45x faster than `kernels.decode_kivi` for 2 bits, within +-9%
-    of it for 4 bits, so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's
-    P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version). None values come from
-    `default_config` / `kernels.decode_kivi.kivi_config`.
+    of it for 4 bits, so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word rows
+    per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by Triton
+    version). None values come from `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]

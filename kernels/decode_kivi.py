@@ -55,6 +55,18 @@ def _codes(words, shift, mask):
 
 
 @triton.jit
+def _online_dot(x, v, m_i, l_i, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step with P.V on the tensor cores: logits x (rows, T) in log2 units, values v (T, D) in
+    the model dtype; (m, l, acc) of the rows."""
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(x - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _load_tile(s0, s_hi, sv_len, sk_ptr, sks_ptr, skm_ptr, sv_ptr, svs_ptr, svm_ptr, kbase, ksbase, vbase, vsbase,
                stride_skn, stride_ksn, stride_svn, stride_vsn, jr, rmask, d, wk_i, d3, n3, vw_i,
                P: tl.constexpr, G: tl.constexpr, D: tl.constexpr, VS_VEC: tl.constexpr):
@@ -233,15 +245,9 @@ def _decode_stage1_kivi(
         if SCORE:  # row (g, 0) stores head g's logits (-inf where the slot is free)
             tl.store(logit_ptr + b * stride_lb + (h * GRP + gr)[:, None] * stride_lh + Cs + rr[None, :], x * _LN2,
                      mask=first[:, None] & in_r[None, :])
-        m_t = tl.max(x, 1)
-        m_new = tl.maximum(m_i, m_t)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(x - m_new[:, None])
         v = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + r2 * stride_wvn + d[None, :], mask=valid[:, None],
                     other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(dtype), v, DOT_PREC, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_dot(x, v, m_i, l_i, acc, DOT_PREC, UPCAST)
 
     # ---- merge the rows of each query head (log-sum-exp), store the split's partials in natural units
     m3 = tl.reshape(m_i, (BLOCK_G, NGT))

@@ -38,7 +38,7 @@ from kernels.decode_kivi import _LAZY, _codes, _place
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import ring_tile, split_bounds
+from kernels.triton_util import ring_tile, split_bounds, triton_version
 
 
 @triton.jit
@@ -278,8 +278,7 @@ def pv_chain_default() -> bool:
     2 bits, 6-24% for 4 bits, where the chain holds 194 registers instead of 168), the chain after that (under 3.9
     the flat sum spills ~140 registers for 2 bits and holds 254 for 4 bits; the chain: no spills, 167; compiled
     for sm_90, not timed)."""
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (major, minor) > (3, 6)
+    return triton_version() > (3, 6)
 
 
 def cc_config(bits: int, num_warps: int = 4) -> dict:

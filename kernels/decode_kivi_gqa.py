@@ -37,25 +37,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.decode_kivi import _LAZY, _codes, _place
+from kernels.decode_kivi import _LAZY, _codes, _online_dot, _place
 from kernels.decode_kivi_cc import _pv_tree
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import dot, ring_tile, split_bounds
+from kernels.triton_util import dot, ring_tile, split_bounds, triton_version
 
 GQA_MAX_CODES = 64  # GP * P: key partials and value accumulators per thread (each GP * P fp32 registers)
-
-
-@triton.jit
-def _online_tail(xt, v, m1, l1, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step of the tails: logits xt (16, T) in log2 units, values v (T, D) in the model dtype."""
-    m_new = tl.maximum(m1, tl.max(xt, 1))
-    alpha = tl.exp2(m1 - m_new)
-    pt = tl.exp2(xt - m_new[:, None])
-    l1 = l1 * alpha + tl.sum(pt, 1)
-    acc = acc * alpha[:, None] + dot(pt.to(v.dtype), v, DOT_PREC, UPCAST)
-    return m_new, l1, acc
 
 
 @triton.jit
@@ -129,9 +118,8 @@ def _decode_stage1_kivi_gqa(
     c2 = sm_scale * _LOG2E  # logits in log2 units
     inv_place = tl.exp2(-(BITS * jp).to(tl.float32))  # (P,)
     invp = inv_place[None, None, :] * c2
-    # ---- logits of a tile are (W, GP, P): head g, token s0 + w * P + i
+    # ---- logits of a tile are (W, GP, P): head g (gk), token s0 + w * P + i
     wx = tl.arange(0, W)[:, None, None]
-    gx = tl.arange(0, GP)[None, :, None]
     ix = tl.arange(0, P)[None, None, :]
 
     m1 = tl.full((GP,), _MASKED, tl.float32)
@@ -168,8 +156,7 @@ def _decode_stage1_kivi_gqa(
         n = s0 + wx * P + ix
         x = tl.where(n < s_q, x, float("-inf"))
         if SCORE:
-            tl.store(logit_ptr + b * stride_lb + (h * GRP + gx) * stride_lh + n, x * _LN2,
-                     mask=(n < s_q) & (gx < GRP))
+            tl.store(logit_ptr + b * stride_lb + (h * GRP + gk) * stride_lh + n, x * _LN2, mask=(n < s_q) & gin)
         # ---- online softmax per head, lazily rescaled
         m_t = tl.max(tl.max(x, 2), 0)
         if tl.max(m_t - m1, 0) > _LAZY:
@@ -232,7 +219,7 @@ def _decode_stage1_kivi_gqa(
                      mask=okt[None, :] & own[:, None])
         vt = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (nt[:, None] % Cw) * stride_wvn + dd[None, :],
                      mask=okt[:, None], other=0.0)
-        m1, l1, acc = _online_tail(xt, vt, m1, l1, acc, DOT_PREC, UPCAST)
+        m1, l1, acc = _online_dot(xt, vt, m1, l1, acc, DOT_PREC, UPCAST)
 
     # ---- the full-precision ring: virtual [max(lo, s_len), hi) -> ring slots rr = j - s_len
     r_lo = tl.maximum(lo, s_len) - s_len
@@ -248,7 +235,7 @@ def _decode_stage1_kivi_gqa(
                      mask=in_r[None, :] & own[:, None])
         v = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + r2 * stride_wvn + dd[None, :], mask=valid[:, None],
                     other=0.0)
-        m1, l1, acc = _online_tail(xr, v, m1, l1, acc, DOT_PREC, UPCAST)
+        m1, l1, acc = _online_dot(xr, v, m1, l1, acc, DOT_PREC, UPCAST)
 
     hq = h * GRP + hrow
     tl.store(part_acc_ptr + b * stride_ab + hq[:, None] * stride_ah + sp * stride_as + dd[None, :], acc,
@@ -269,8 +256,7 @@ def gqa_default() -> bool:
     H200). Triton 3.9 lays q's (rows, heads, 1) load out with the heads across lanes (it breaks the tie between
     the two unit-contiguity dimensions the other way), so each key chunk goes through a shared-memory layout
     change (local sm_90 compile: 160 shared loads per 8 chunks); correct, not timed, so not the default there."""
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (major, minor) <= (3, 6)
+    return triton_version() <= (3, 6)
 
 
 def gqa_supported(slots, head_dim: int, grp: int) -> bool:

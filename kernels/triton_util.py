@@ -26,6 +26,12 @@ def interpreting() -> bool:
 
 INTERPRET = tl.constexpr(interpreting())
 
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton: kernels whose best spelling differs across versions pick by it."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return major, minor
+
 # launch options of every kernel here: multiply-add contraction (FFMA) asked for explicitly. The kernels are
 # built on it (the decode's multiply-add chains, the dequantize-scale-shift); Triton 3.9 warns that its default
 # turns it off in 3.10 (the MHA KIVI decode loop: 25% more instructions, FMUL + FADD, in a local sm_90 compile).
