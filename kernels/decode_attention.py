@@ -358,6 +358,7 @@ class DecodeWorkspace:
     block_m: int = 16
     kivi_cc: bool = False
     pv_chain: bool = False
+    h2: bool = False
 
 
 def default_config(slots: KVSlots, grp: int) -> dict:
@@ -374,7 +375,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                      use_dot: bool | None = None, kivi_tc: bool = True,
                      ngt: int | None = None, val_cc: bool = True,
                      vs_vec: bool = True, kivi_cc: bool | None = None,
-                     pv_chain: bool | None = None) -> DecodeWorkspace:
+                     pv_chain: bool | None = None, h2: bool | None = None) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
@@ -385,10 +386,14 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     contiguous value scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI
     goes through a CUDA-core stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where
     `cc_supported`), `kernels.decode_kivi_gqa` with several (the default for 2 bits where `gqa_supported`, under
-    Triton <= 3.6 (`gqa_default`): on an H200 1.24-1.45x faster than `kernels.decode_kivi` for 2 bits, within +-9%
-    of it for 4 bits, so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word rows
-    per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by Triton
-    version). None values come from `default_config` / `kernels.decode_kivi.kivi_config`.
+    Triton <= 3.6 (`gqa_default`): on an H200 1.35-1.7x faster than `kernels.decode_kivi` with h2; 4 bits ties with
+    it (-9..+22% across runs), so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word
+    rows per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by
+    Triton version); h2: the CUDA-core KIVI stage 1s decode two codes and do two multiply-adds per instruction
+    (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for MHA, 32 for GQA), values: over a row's
+    tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of the fp32 sums, relative 3.5e-3 (MHA) /
+    5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries; float32 queries keep fp32 sums unless
+    asked. None values come from `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
@@ -403,11 +408,17 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     if kivi_cc is None:
         kivi_cc = cc_ok and kivi_tc and (Hq == H or (slots.bits == 2 and gqa_default()))
     kivi_cc = bool(kivi_cc)
+    if h2 and not kivi_cc:
+        raise ValueError("decode_workspace: h2 is a mode of the CUDA-core KIVI stage 1s (kivi_cc), which this "
+                         "call does not use")
+    h2 = kivi_cc and q.dtype != torch.float32 if h2 is None else bool(h2)
     block_n = cfg["block_n"] if block_n is None else block_n
-    if num_warps is None:  # kernels.decode_kivi_cc, H200, B=32: 2 warps for 2 bits (6% faster than 4 at 4096 tokens,
-        # within 1% at 32768), 4 for 4 bits (10-15% faster than 2); kernels.decode_kivi_gqa: 2 (5% faster than 4
-        # except at 32768 tokens, 8% slower there)
-        num_warps = (2 if slots.bits == 2 or Hq > H else 4) if kivi_cc else cfg["num_warps"]
+    if num_warps is None and kivi_cc:  # H200, B=16-64: kernels.decode_kivi_cc 2 warps for 2 bits (6-25% faster
+        # than 4) and for 4 bits with h2 (2-40%), else 4 (10-15%); kernels.decode_kivi_gqa 2 (5-40% faster than 4
+        # except at 32768 tokens, within 3% there)
+        num_warps = 2 if slots.bits == 2 or h2 or Hq > H else 4
+    elif num_warps is None:
+        num_warps = cfg["num_warps"]
     # kernels.decode_kivi_cc: 1 and 2 stages time the same on the H200; 1 holds fewer registers
     num_stages = (1 if kivi_cc else cfg["num_stages"]) if num_stages is None else num_stages
     use_dot = cfg["use_dot"] if use_dot is None else use_dot
@@ -428,6 +439,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
         use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
         vs_vec=bool(vs_vec), kivi_cc=kivi_cc, pv_chain=pv_chain_default() if pv_chain is None else bool(pv_chain),
+        h2=h2,
         **kc,
     )
 
@@ -550,7 +562,8 @@ def decode_attention(
                              "these slots (cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
-            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
+            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, H2=ws.h2, num_warps=ws.num_warps, num_stages=ws.num_stages,
+            **LAUNCH,
         )
     elif qid == 1 and ws.kivi_cc:
         if not gqa_supported(slots, D, grp):
@@ -559,7 +572,7 @@ def decode_attention(
         _decode_stage1_kivi_gqa[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, GP=triton.next_power_of_2(grp),
             **gqa_config(slots.bits, ws.num_warps, D), BLOCK_T=64, SCORE=score_mode > 0,
-            DOT_PREC=prec, UPCAST=interpreting(),
+            DOT_PREC=prec, UPCAST=interpreting(), H2=ws.h2,
             num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     elif qid == 1 and ws.kivi_tc:

@@ -5,8 +5,9 @@ shared memory (its profile on an H200: short-scoreboard stalls, 39% issue). Here
 for one query head, a code is decoded once in registers (one LOP3 and one FADD, `decode_kivi._codes`) and used
 by the GP query heads of its KV head in GP multiply-adds (GP = GRP to the next power of two; padding heads are
 masked), never moved between threads. Same contract as the other stage 1s (one program per (sequence, KV head,
-split); partial acc / (max, sum) per query head in natural units). H200, 8 KV heads, 2 bits: 1.24-1.45x faster
-than `kernels.decode_kivi`; 4 bits: within +-9% of it (`jobs/bench_kernels.py`).
+split); partial acc / (max, sum) per query head in natural units). H200, 8 KV heads, 2 bits: 1.35-1.73x faster
+than `kernels.decode_kivi` with fp16x2 sums (H2), 1.24-1.45x with fp32 sums; 4 bits: a tie (-6..+22% across runs;
+`jobs/bench_kernels.py`, README "Kernel benchmark").
 - A tile is W word rows of P = 32 // BITS tokens (BLOCK_N = W * P). Keys: each word row has DQ lanes; in chunk i
   lane dq reads channel i * DQ + dq of its row (the row's lanes read one 4 * DQ-byte run), that channel's scale
   and min, and q of the GP heads there, and adds code * (q * scale) into (GP, P) partial logits: one multiply-add
@@ -28,6 +29,12 @@ than `kernels.decode_kivi`; 4 bits: within +-9% of it (`jobs/bench_kernels.py`).
   and every per-row tensor the same shape, multiplying the accumulators.
 - One online softmax per query head, lazily rescaled (the running max moves only when a tile's max passes it by
   more than 8 in log2 units); log2 units inside.
+- H2 (fp16x2 sums; the default for bf16 / fp16 queries), as in `kernels.decode_kivi_cc`: a pair of codes is
+  decoded once (one LOP3, one HFMA2) and multiplied into the GP heads' fp16x2 sums (GP HFMA2): (1 + GP) / 2
+  instructions per element instead of 2 + GP (local sm_90 compile, Triton 3.6, 2 bits, 4 heads: 6,400 -> 4,900
+  instructions per tile and thread). Keys: a lane's 32 channels of a tile summed in fp16, values: a row's 32 tokens
+  (p * scale times 2**-8), then fp32; output within 5.7-6.8e-3 relative of the fp32 sums (H200), about two bf16
+  ulps, far below the 2-bit quantization's own error.
 Slots in [sv_len, s_len) (quantized key, value still in the full-precision FIFO) and the ring are read after the
 main loop on the tensor cores, 16 rows (head g on row 16 // GP * g, padding rows between with q = 0).
 """
@@ -38,26 +45,27 @@ import triton
 import triton.language as tl
 
 from kernels.decode_kivi import _LAZY, _codes, _online_dot, _place
-from kernels.decode_kivi_cc import _pv_tree
+from kernels.decode_kivi_cc import H2_PV_SCALE, _pv_tree
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
-from kernels.triton_util import dot, ring_tile, split_bounds, triton_version
+from kernels.triton_util import (dot, h2_codes, h2_decode, h2_fma, h2_place, h2_splat, h2_split, ring_tile,
+                                 split_bounds, triton_version)
 
 GQA_MAX_CODES = 64  # GP * P: key partials and value accumulators per thread (each GP * P fp32 registers)
 
 
 @triton.jit
-def _pv_part(acc_v, acc_m, ph, t_first, s_q, vptr, vsptr, vmptr, stride_vsn, rk, vword, vgrp, shp3, maskp3,
-             R: tl.constexpr, GP: tl.constexpr, NWT: tl.constexpr, TR: tl.constexpr, NR: tl.constexpr,
-             NPART: tl.constexpr):
+def _pv_part(acc_v, acc_m, ph, t_first, s_q, vptr, vsptr, vmptr, stride_vsn, rk, vword, vgrp, shp3, maskp3, ha3,
+             hc3, R: tl.constexpr, GP: tl.constexpr, NWT: tl.constexpr, TR: tl.constexpr, NR: tl.constexpr,
+             NPART: tl.constexpr, H2: tl.constexpr):
     """P.V of the tokens t_first + NPART u, u < NR * TR, their p in ph (W, GP, P // NPART) as [w, g, i] (u = w * P //
     NPART + i): to the value layout, row r of round k taking u = k * TR + r // NWT, as (R * GP, NR) (one shared-memory
     exchange), then round by round (columns split off in registers), one word load and GP * P multiply-adds each."""
     pt = tl.reshape(tl.permute(ph, (1, 0, 2)), (GP, NR, TR))  # [g, k, j]: u = k * TR + j
     pr = tl.reshape(tl.permute(pt, (2, 0, 1))[:, None, :, :] + tl.zeros((1, NWT, 1, 1), tl.float32), (R * GP, NR))
     return _pv_tree(acc_v, acc_m, pr, 0, 1, NR, t_first + NPART * (rk // NWT), s_q, vptr, vsptr, vmptr, stride_vsn,
-                    vword, vgrp, shp3, maskp3, R, GP, NWT, NPART * TR)
+                    vword, vgrp, shp3, maskp3, ha3, hc3, R, GP, NWT, NPART * TR, H2)
 
 
 @triton.jit
@@ -83,7 +91,7 @@ def _decode_stage1_kivi_gqa(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GRP: tl.constexpr, GP: tl.constexpr,
     W: tl.constexpr, DQ: tl.constexpr, BLOCK_T: tl.constexpr, SCORE: tl.constexpr, KU: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, H2: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -121,10 +129,18 @@ def _decode_stage1_kivi_gqa(
     # ---- logits of a tile are (W, GP, P): head g (gk), token s0 + w * P + i
     wx = tl.arange(0, W)[:, None, None]
     ix = tl.arange(0, P)[None, None, :]
+    # ---- H2: pairs k = codes (k, k + P2) of a word, decoded once (one LOP3, one HFMA2) for the GP heads' HFMA2s
+    P2: tl.constexpr = P // 2
+    hsh, hmask, ha, hc = h2_place(tl.arange(0, P2), BITS)
+    hsh3, hmask3, ha3, hc3 = hsh[None, None, :], hmask[None, None, :], ha[None, None, :], hc[None, None, :]
 
     m1 = tl.full((GP,), _MASKED, tl.float32)
     l1 = tl.zeros((GP,), tl.float32)
-    acc_v = tl.zeros((R, GP, P), tl.float32)  # sum over the row's tokens of p * scale * code * 2**(B j)
+    if H2:  # sums of p * scale * code: code i of the row's word at [.., i] (i < P2) / [.., i - P2]
+        acc_lo = tl.zeros((R, GP, P2), tl.float32)
+        acc_hi = tl.zeros((R, GP, P2), tl.float32)
+    else:
+        acc_v = tl.zeros((R, GP, P), tl.float32)  # sum over the row's tokens of p * scale * code * 2**(B j)
     acc_m = tl.zeros((R, GP, 1), tl.float32)  # sum of p * min
     kbase = b * stride_skb + h * stride_skh
     ksbase = b * stride_ksb + h * stride_ksh
@@ -141,7 +157,10 @@ def _decode_stage1_kivi_gqa(
         # q is read again each tile (L1 hits): the min(s0, 0) (= 0) in its address keeps the compiler from hoisting
         # its loads out of the loop, where they would hold GP * D / DQ registers for the whole loop and spill
         qt = qbase + qoff + dk + tl.minimum(s0, 0)
-        part = tl.zeros((R, GP, P), tl.float32)
+        if H2:  # fp16x2 sums of code pairs times q * scale (log2 units), over the lane's D // DQ channels
+            part_h = tl.zeros((R, GP, P2), tl.uint32)
+        else:
+            part = tl.zeros((R, GP, P), tl.float32)
         qmp = tl.zeros((R, GP, 1), tl.float32)
         for i0 in tl.range(0, D // DQ, KU):
             for i1 in tl.static_range(KU):
@@ -150,9 +169,17 @@ def _decode_stage1_kivi_gqa(
                 sc = tl.load(sks_ptr + sp_ + i * DQ, mask=kin, other=0.0).to(tl.float32)
                 mn = tl.load(skm_ptr + sp_ + i * DQ, mask=kin, other=0.0).to(tl.float32)
                 qi = tl.load(qt + i * DQ, mask=gin, other=0.0).to(tl.float32)
-                part += _codes(kw, shp3, maskp3) * (qi * sc)
+                if H2:
+                    part_h = h2_fma(h2_decode(h2_codes(kw, hsh3, hmask3), ha3, hc3), h2_splat(qi * sc * c2), part_h)
+                else:
+                    part += _codes(kw, shp3, maskp3) * (qi * sc)
                 qmp += qi * mn
-        x = tl.sum(tl.reshape(part * invp + qmp * c2, (W, DQ, GP, P)), 1)  # (W, GP, P)
+        if H2:
+            x_lo, x_hi = h2_split(part_h)
+            xk = tl.reshape(tl.permute(tl.join(x_lo, x_hi), (0, 1, 3, 2)), (R, GP, P))
+        else:
+            xk = part * invp
+        x = tl.sum(tl.reshape(xk + qmp * c2, (W, DQ, GP, P)), 1)  # (W, GP, P)
         n = s0 + wx * P + ix
         x = tl.where(n < s_q, x, float("-inf"))
         if SCORE:
@@ -163,7 +190,11 @@ def _decode_stage1_kivi_gqa(
             m_new = tl.maximum(m1, m_t)
             alpha = tl.exp2(m1 - m_new)
             l1 = l1 * alpha
-            acc_v = acc_v * alpha[None, :, None]
+            if H2:
+                acc_lo = acc_lo * alpha[None, :, None]
+                acc_hi = acc_hi * alpha[None, :, None]
+            else:
+                acc_v = acc_v * alpha[None, :, None]
             acc_m = acc_m * alpha[None, :, None]
             m1 = m_new
         p = tl.exp2(x - m1[None, :, None])
@@ -174,14 +205,29 @@ def _decode_stage1_kivi_gqa(
         pe, po = tl.split(tl.reshape(p, (W, GP, P // 2, 2)))
         p0, p2 = tl.split(tl.reshape(pe, (W, GP, P // 4, 2)))
         p1, p3 = tl.split(tl.reshape(po, (W, GP, P // 4, 2)))
+        if H2:  # the tile's tokens per row in fp16x2 (acc_x), then into the fp32 sums
+            acc_x = tl.zeros((R, GP, P2), tl.uint32)
+            csh, cmask = hsh3, hmask3
+        else:
+            acc_x = acc_v
+            csh, cmask = shp3, maskp3
         for e in tl.range(0, 4):
             o = (e % 2) * 2 + e // 2
             ph = tl.where(e == 0, p0, tl.where(e == 1, p2, tl.where(e == 2, p1, p3)))
-            acc_v, acc_m = _pv_part(acc_v, acc_m, ph, s0 + o, s_q, sv_ptr + vbase, svs_ptr + vsbase,
-                                    svm_ptr + vsbase, stride_vsn, rk, vword, vgrp, shp3, maskp3, R, GP, NWT, TR,
-                                    NRD // 4, 4)
+            acc_x, acc_m = _pv_part(acc_x, acc_m, ph, s0 + o, s_q, sv_ptr + vbase, svs_ptr + vsbase, svm_ptr + vsbase,
+                                    stride_vsn, rk, vword, vgrp, csh, cmask, ha3, hc3, R, GP, NWT, TR, NRD // 4, 4, H2)
+        if H2:
+            v_lo, v_hi = h2_split(acc_x)
+            acc_lo += v_lo * (1.0 / H2_PV_SCALE)
+            acc_hi += v_hi * (1.0 / H2_PV_SCALE)
+        else:
+            acc_v = acc_x
     # ---- the quantized part to (head, channel): word k holds channels k * P + i
-    a = tl.sum(tl.reshape(acc_v * inv_place[None, None, :] + acc_m, (TR, NWT, GP, P)), 0)  # (NWT, GP, P)
+    if H2:
+        acc_v = tl.reshape(tl.permute(tl.join(acc_lo, acc_hi), (0, 1, 3, 2)), (R, GP, P))
+    else:
+        acc_v = acc_v * inv_place[None, None, :]
+    a = tl.sum(tl.reshape(acc_v + acc_m, (TR, NWT, GP, P)), 0)  # (NWT, GP, P)
     acc = tl.reshape(tl.permute(a, (1, 0, 2)), (GP, D))
 
     # ---- the tails on the tensor cores, 16 rows: row GM // GP * g is head g, the rows between are padding (q = 0)

@@ -107,3 +107,94 @@ def dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+# ---- fp16x2 ("h2"): two fp16 values in one uint32 (low half first), for CUDA-core loops that decode two codes and
+# do two multiply-adds per instruction (HFMA2). PTX under CUDA; fp32 math rounded to fp16 under the interpreter.
+H2_MAGIC = tl.constexpr(0x64006400)  # fp16 1024.0 in both halves: a code masked into bits [0, 10) reads 1024 + code
+
+
+@triton.jit
+def h2_split(x):
+    """uint32 fp16x2 -> (low, high) as float32."""
+    if INTERPRET:
+        lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }", "=r,=r,r", [x],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _h2_join(lo, hi):
+    """(low, high) float32 -> uint32 fp16x2, each rounded to nearest (interpreter only)."""
+    lb = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    hb = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return lb | (hb << 16)
+
+
+@triton.jit
+def h2_splat(x):
+    """float32 -> uint32 fp16x2 holding round(x) in both halves (one cvt.rn.f16x2.f32)."""
+    if INTERPRET:
+        return _h2_join(x, x)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,r", [x], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def h2_codes(words, shift, mask):
+    """Two codes of each word as fp16x2 1024 + code * 2**s: (words >> shift) & mask (one code in each half, below
+    bit 10 of it) | H2_MAGIC: one LOP3 (written out: ptxas leaves the AND and the OR apart), and a SHF per word
+    where shift is not 0."""
+    w = words.to(tl.uint32, bitcast=True) >> shift
+    if INTERPRET:
+        return (w & mask) | H2_MAGIC
+    else:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                         [w, tl.broadcast_to(mask, w.shape), tl.full(w.shape, H2_MAGIC, tl.uint32)],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def h2_decode(v, a, c):
+    """v * a + c on fp16x2 (one HFMA2): with v from `h2_codes`, a = 2**-s and c = -1024 * 2**-s (`h2_place`), the
+    two codes exactly."""
+    if INTERPRET:
+        vl, vh = h2_split(v)
+        al, ah = h2_split(a)
+        cl, ch = h2_split(c)
+        return _h2_join(vl * al + cl, vh * ah + ch)
+    else:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [v, a, c], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def h2_fma(x, y, acc):
+    """acc + x * y on fp16x2 (one HFMA2, one rounding to fp16 per half; the interpreter rounds twice)."""
+    if INTERPRET:
+        xl, xh = h2_split(x)
+        yl, yh = h2_split(y)
+        ql, qh = h2_split(acc)
+        return _h2_join(ql + xl * yl, qh + xh * yh)
+    else:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [x, y, acc], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def h2_place(k, BITS: tl.constexpr):
+    """Pair k of a word's codes (code k in the low half, k + 16 // BITS in the high half) -> (shift, mask, a, c) for
+    `h2_codes` / `h2_decode`: the pair is read from word >> shift (8 where code k's bits would pass bit 10 of
+    the half) at bit s = BITS * j of each half; a = 2**-s and c = -1024 * 2**-s as fp16x2."""
+    hi = BITS * (k + 1) > 10
+    j = tl.where(hi, k - 8 // BITS, k)
+    s = (BITS * j).to(tl.uint32)
+    mask = (((1 << BITS) - 1) << s) * 0x10001
+    a = (15 - s) << 10  # fp16 2**-s
+    c = 0x8000 | ((25 - s) << 10)  # fp16 -2**(10 - s)
+    return tl.where(hi, 8, 0).to(tl.uint32), mask.to(tl.uint32), a | (a << 16), c | (c << 16)

@@ -55,15 +55,19 @@ def test_decode_matches_reference(case, device):
     # score_mode 2 the per-word value scale loads; KIVI storage also once through the generic stage 1. KIVI with
     # the CUDA-core KIVI stage 1s (kernels/decode_kivi_cc.py, one query head per KV head; decode_kivi_gqa.py,
     # several) where they fit: without scores, with scores and another tile (8 word rows per warp; the MHA kernel
-    # in its other P.V spelling, pv_chain), so every kernel sees every mode
+    # in its other P.V spelling, pv_chain), so every kernel sees every mode, with fp16x2 sums (h2, the default for
+    # bf16 / fp16) and fp32 sums (the MHA kernel's in both P.V spellings)
     ws0 = decode_workspace(q, slots, 0, num_splits=1)
     runs = [(0, {}), (1, dict(use_dot=not ws0.use_dot, val_cc=False, kivi_cc=False)),
             (2, dict(vs_vec=False, kivi_cc=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
     if quant == "channel" and (cc_supported(slots, D) if grp == 1 else gqa_supported(slots, D, grp)):
         nw = ws0.num_warps if ws0.kivi_cc else 2
-        runs += [(1, dict(kivi_cc=True, num_warps=6 - nw, pv_chain=not ws0.pv_chain)),
-                 (2, dict(kivi_cc=True, num_warps=1)), (0, dict(kivi_cc=True, num_warps=nw))]
+        runs += [(1, dict(kivi_cc=True, num_warps=6 - nw, pv_chain=not ws0.pv_chain, h2=False)),
+                 (2, dict(kivi_cc=True, num_warps=1, h2=True)), (0, dict(kivi_cc=True, num_warps=nw, h2=False)),
+                 (1, dict(kivi_cc=True, h2=True)), (0, dict(kivi_cc=True, h2=True))]
     for mode, opts in runs:
+        # fp16x2 sums (up to 32 terms in fp16) on float32 inputs: the tolerance of the bf16 models they are for
+        tol_dtype = torch.bfloat16 if opts.get("h2") and dtype == torch.float32 else dtype
         ws = decode_workspace(q, slots, mode, num_splits=splits, **opts)
         ws.out.fill_(float("nan"))
         ws.part_acc.fill_(float("nan"))
@@ -75,9 +79,9 @@ def test_decode_matches_reference(case, device):
         out = decode_attention(q, slots, scale, mode, acc, seed, layer=3, step=7, tau=1.6, workspace=ws)
         ref = decode_attention_ref(q, slots, scale, mode, acc_ref, seed, layer=3, step=7, tau=1.6)
         assert out.data_ptr() == ws.out.data_ptr()
-        assert_close(out, ref, dtype, f"out (score_mode {mode})")
+        assert_close(out, ref, tol_dtype, f"out (score_mode {mode}, {opts})")
         if mode:
-            assert_close(acc - acc0, acc_ref - acc0, dtype, f"scores (score_mode {mode})")
+            assert_close(acc - acc0, acc_ref - acc0, tol_dtype, f"scores (score_mode {mode}, {opts})")
             free = ~held_mask(slots)[:, None, :].expand_as(acc)
             assert torch.equal(acc[free], acc0[free]), "a column that holds no token changed"
 
@@ -182,7 +186,8 @@ def test_kivi_cc_selection(device):
         ws = decode_workspace(q, slots, 0, num_splits=2)
         assert ws.kivi_cc == want_cc
         out = decode_attention(q, slots, q.shape[-1] ** -0.5, workspace=ws)
-        assert_close(out, decode_attention_ref(q, slots, q.shape[-1] ** -0.5), torch.float32, f"cc={want_cc}")
+        tol = torch.bfloat16 if torch.bfloat16 in (q.dtype, slots.win_k.dtype) else q.dtype
+        assert_close(out, decode_attention_ref(q, slots, q.shape[-1] ** -0.5), tol, f"cc={want_cc}")
         if fits or (fits is None and want_cc):
             assert decode_workspace(q, slots, 0, kivi_cc=True).kivi_cc
         else:
@@ -191,10 +196,21 @@ def test_kivi_cc_selection(device):
 
     mha = make_slots(2, 2, 64, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
     check(mha, torch.randn(2, 2, 64, generator=gen).to(device), True)
+    # fp16x2 sums: the CUDA-core kernels' default for half-precision queries only, and only a mode of theirs
+    assert not decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0).h2
+    assert decode_workspace(torch.zeros(2, 2, 64, device=device, dtype=torch.bfloat16), mha, 0).h2
+    assert decode_workspace(torch.zeros(2, 4, 64, device=device, dtype=torch.float16), mha, 0, kivi_cc=True).h2
+    assert not decode_workspace(torch.zeros(2, 2, 64, device=device, dtype=torch.bfloat16), mha, 0, kivi_cc=False).h2
+    with pytest.raises(ValueError, match="h2"):
+        decode_workspace(torch.zeros(2, 2, 64, device=device, dtype=torch.bfloat16), mha, 0, kivi_cc=False, h2=True)
     assert not decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, kivi_tc=False).kivi_cc
     # 2 query heads per KV head: decode_kivi_gqa, the default for 2 bits with the Triton versions it was timed on
     check(mha, torch.randn(2, 4, 64, generator=gen).to(device), gqa_default(), fits=True)
     check(mha, torch.randn(2, 16, 64, generator=gen).to(device), False)  # 8 heads * 16 codes per word > 64
+    # 4 bits with GQA: decode_kivi (a tie on the H200), decode_kivi_gqa when asked, with fp16x2 sums for bf16
+    mha4 = make_slots(2, 2, 64, 64, 8, "channel", 4, 32, torch.bfloat16, device, [64, 20], [60, 20], gen)
+    check(mha4, torch.randn(2, 4, 64, generator=gen).to(torch.bfloat16).to(device), False, fits=True)
+    assert decode_workspace(torch.zeros(2, 4, 64, device=device, dtype=torch.bfloat16), mha4, 0, kivi_cc=True).h2
     narrow = make_slots(2, 2, 32, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
     check(narrow, torch.randn(2, 2, 32, generator=gen).to(device), False)  # 2 value words per token < 4 lanes
     wide = torch.zeros(*mha.s_vc.shape[:3], 2 * mha.s_vc.shape[3], dtype=mha.s_vc.dtype, device=device)
