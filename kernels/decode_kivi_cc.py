@@ -55,6 +55,21 @@ H2_PV_SCALE = tl.constexpr(0.00390625)
 
 
 @triton.jit
+def _h2_unpair(lo, hi):
+    """(A, B, P2) float32 sums of each pair's low and high code -> (A, B, 2 * P2) in code order (pair k holds codes
+    k and k + P2)."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (lo.shape[0], lo.shape[1], 2 * lo.shape[2]))
+
+
+@triton.jit
+def _h2_flush(acc_x, acc_lo, acc_hi):
+    """A tile's fp16x2 P.V sums (acc_x: p * scale * H2_PV_SCALE times codes) into the fp32 sums of each pair's low
+    and high code."""
+    v_lo, v_hi = h2_split(acc_x)
+    return acc_lo + v_lo * (1.0 / H2_PV_SCALE), acc_hi + v_hi * (1.0 / H2_PV_SCALE)
+
+
+@triton.jit
 def _value_groups(r, vword, DQ: tl.constexpr, DWI: tl.constexpr, P: tl.constexpr, G: tl.constexpr):
     """Scale/min group of the value words (r % DQ) * DWI + [0, DWI) of row index r: one per row when a thread's
     words of a token share a group, else one per word."""
@@ -220,7 +235,7 @@ def _decode_stage1_kivi_cc(
             qmp += qi * mn
         if H2:
             x_lo, x_hi = h2_split(part_h)
-            xk = tl.reshape(tl.permute(tl.join(tl.sum(x_lo, 1), tl.sum(x_hi, 1)), (0, 2, 1)), (R, P))
+            xk = tl.sum(_h2_unpair(x_lo, x_hi), 1)
         else:
             xk = tl.sum(part, 1) * invp[None, :]
         xr = tl.reshape(xk + tl.sum(qmp, 1) * c2, (W, DQ, P))
@@ -259,9 +274,7 @@ def _decode_stage1_kivi_cc(
                                     svm_ptr + vsbase, stride_vsn, vword, vgrp, csh, cmask, ha3, hc3, R, 1, D // P, W,
                                     H2)
             if H2:
-                v_lo, v_hi = h2_split(acc_x)
-                acc_lo += v_lo * (1.0 / H2_PV_SCALE)
-                acc_hi += v_hi * (1.0 / H2_PV_SCALE)
+                acc_lo, acc_hi = _h2_flush(acc_x, acc_lo, acc_hi)
             else:
                 acc_v = acc_x
         else:
@@ -269,7 +282,7 @@ def _decode_stage1_kivi_cc(
                                         stride_vsn, shp3, maskp3, P, R, W, DQ, DWI, G)
     # ---- the quantized part to channel order: word k = dq * DWI + dwi holds channels k * P + i
     if H2:
-        a = tl.reshape(tl.permute(tl.join(acc_lo, acc_hi), (0, 1, 3, 2)), (R, DWI, P)) + acc_m
+        a = _h2_unpair(acc_lo, acc_hi) + acc_m
     else:
         a = acc_v * inv_place[None, None, :] + acc_m  # (R, DWI, P)
     acc = tl.reshape(tl.sum(tl.reshape(a, (W, DQ, DWI, P)), 0), (D,))

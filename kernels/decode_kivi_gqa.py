@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_kivi import _LAZY, _codes, _online_dot, _place
-from kernels.decode_kivi_cc import H2_PV_SCALE, _pv_tree
+from kernels.decode_kivi_cc import _h2_flush, _h2_unpair, _pv_tree
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
@@ -176,7 +176,7 @@ def _decode_stage1_kivi_gqa(
                 qmp += qi * mn
         if H2:
             x_lo, x_hi = h2_split(part_h)
-            xk = tl.reshape(tl.permute(tl.join(x_lo, x_hi), (0, 1, 3, 2)), (R, GP, P))
+            xk = _h2_unpair(x_lo, x_hi)
         else:
             xk = part * invp
         x = tl.sum(tl.reshape(xk + qmp * c2, (W, DQ, GP, P)), 1)  # (W, GP, P)
@@ -217,14 +217,12 @@ def _decode_stage1_kivi_gqa(
             acc_x, acc_m = _pv_part(acc_x, acc_m, ph, s0 + o, s_q, sv_ptr + vbase, svs_ptr + vsbase, svm_ptr + vsbase,
                                     stride_vsn, rk, vword, vgrp, csh, cmask, ha3, hc3, R, GP, NWT, TR, NRD // 4, 4, H2)
         if H2:
-            v_lo, v_hi = h2_split(acc_x)
-            acc_lo += v_lo * (1.0 / H2_PV_SCALE)
-            acc_hi += v_hi * (1.0 / H2_PV_SCALE)
+            acc_lo, acc_hi = _h2_flush(acc_x, acc_lo, acc_hi)
         else:
             acc_v = acc_x
     # ---- the quantized part to (head, channel): word k holds channels k * P + i
     if H2:
-        acc_v = tl.reshape(tl.permute(tl.join(acc_lo, acc_hi), (0, 1, 3, 2)), (R, GP, P))
+        acc_v = _h2_unpair(acc_lo, acc_hi)
     else:
         acc_v = acc_v * inv_place[None, None, :]
     a = tl.sum(tl.reshape(acc_v + acc_m, (TR, NWT, GP, P)), 0)  # (NWT, GP, P)
