@@ -166,22 +166,19 @@ def bench_decode(B, ctx, H, bw, rows):
     sdpa = best[("sdpa", 0)]
     rows.append({**base, "impl": "sdpa", "storage": "bf16", "scores": 0, "ms": sdpa, "bytes": full_bytes,
                  "roofline_ms": full_bytes / bw * 1e3, "vs_sdpa": 1.0})
-    for st, s in slots.items():
-        nbytes = slot_bytes(s) + 2 * q.numel() * 2
-        roof = nbytes / bw * 1e3
+    nbytes = {st: slot_bytes(s) + 2 * q.numel() * 2 for st, s in slots.items()}
+    for st in storages:
         for mode in (0, 1, 2):
             ms = best[(st, mode)]
-            rows.append({**base, "impl": "fused", "storage": st, "scores": mode, "ms": ms, "bytes": nbytes,
-                         "roofline_ms": roof, "vs_sdpa": sdpa / ms})
+            rows.append({**base, "impl": "fused", "storage": st, "scores": mode, "ms": ms, "bytes": nbytes[st],
+                         "roofline_ms": nbytes[st] / bw * 1e3, "vs_sdpa": sdpa / ms})
     for st, s in slots.items():
-        nbytes = slot_bytes(s) + 2 * q.numel() * 2
-        roof = nbytes / bw * 1e3
         try:
             ms = time_ms(lambda: decode_attention_ref(q, s, scale, 2, accs[st], seed, 0, 5, 1.5), heavy=True)
         except torch.cuda.OutOfMemoryError:
             ms = float("nan")
-        rows.append({**base, "impl": "torch_ref", "storage": st, "scores": 2, "ms": ms, "bytes": nbytes,
-                     "roofline_ms": roof, "vs_sdpa": sdpa / ms})
+        rows.append({**base, "impl": "torch_ref", "storage": st, "scores": 2, "ms": ms, "bytes": nbytes[st],
+                     "roofline_ms": nbytes[st] / bw * 1e3, "vs_sdpa": sdpa / ms})
         torch.cuda.empty_cache()
     del slots, accs, cells
     torch.cuda.empty_cache()

@@ -387,7 +387,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     goes through a CUDA-core stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where
     `cc_supported`), `kernels.decode_kivi_gqa` with several (the default for 2 bits where `gqa_supported`, under
     Triton <= 3.6 (`gqa_default`): on an H200 1.35-1.7x faster than `kernels.decode_kivi` with h2; 4 bits ties with
-    it (-9..+22% across runs), so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word
+    it (-6..+22% across runs), so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word
     rows per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by
     Triton version); h2: the CUDA-core KIVI stage 1s decode two codes and do two multiply-adds per instruction
     (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for MHA, 32 for GQA), values: over a row's
