@@ -44,6 +44,8 @@ def test_ray_job_submit_against_a_started_cluster(tmp_path):
                                       "object-manager-port", "dashboard-agent-listen-port", "metrics-export-port",
                                       "dashboard-agent-grpc-port", "runtime-env-agent-port")}
     lo = free_port() % 20000 + 30000
+    while any(lo <= p <= lo + 200 for p in ports.values()):  # ray start refuses a port inside the worker range
+        lo = (lo - 30000 + 201) % 20000 + 30000
     cmd = ["ray", "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
            f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"] + [f"--{k}={v}" for k, v in ports.items()]
