@@ -52,17 +52,22 @@ def u32_to_f32(c):
 
 
 @triton.jit
-def masked_to_f32(c, mask):
-    """(c & mask) as float32 exactly, for a mask below bit 23: one LOP3 ((c & mask) | magic; ptxas does not fuse
-    the AND and the OR with two different immediates by itself) and one FADD. Plain ops under the interpreter."""
+def and_or(c, mask, BITS: tl.constexpr):
+    """(c & mask) | BITS on uint32 as one LOP3, written out: ptxas does not fuse the AND and the OR with two
+    different immediates by itself. Plain ops under the interpreter."""
     if INTERPRET:
-        m = (c & mask) | 0x4B000000
+        return (c & mask) | BITS
     else:
-        magic = tl.full(c.shape, 0x4B000000, tl.uint32)
-        m = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                                      [c, tl.broadcast_to(mask, c.shape), magic], dtype=tl.uint32, is_pure=True,
-                                      pack=1)
-    return m.to(tl.float32, bitcast=True) - 8388608.0
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                         [c, tl.broadcast_to(mask, c.shape), tl.full(c.shape, BITS, tl.uint32)],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def masked_to_f32(c, mask):
+    """(c & mask) as float32 exactly, for a mask below bit 23: one LOP3 ((c & mask) | magic, `and_or`) and one
+    FADD."""
+    return and_or(c, mask, 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -148,15 +153,8 @@ def h2_splat(x):
 @triton.jit
 def h2_codes(words, shift, mask):
     """Two codes of each word as fp16x2 1024 + code * 2**s: (words >> shift) & mask (one code in each half, below
-    bit 10 of it) | H2_MAGIC: one LOP3 (written out: ptxas leaves the AND and the OR apart), and a SHF per word
-    where shift is not 0."""
-    w = words.to(tl.uint32, bitcast=True) >> shift
-    if INTERPRET:
-        return (w & mask) | H2_MAGIC
-    else:
-        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                                         [w, tl.broadcast_to(mask, w.shape), tl.full(w.shape, H2_MAGIC, tl.uint32)],
-                                         dtype=tl.uint32, is_pure=True, pack=1)
+    bit 10 of it) | H2_MAGIC: one LOP3 (`and_or`), and a SHF per word where shift is not 0."""
+    return and_or(words.to(tl.uint32, bitcast=True) >> shift, mask, H2_MAGIC)
 
 
 @triton.jit
