@@ -45,6 +45,7 @@ from kernels.triton_util import (LAUNCH, check_device, dot, interpreting, ring_t
 _QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
 SPLIT_TARGET = 8  # stage-1 programs per SM to aim for (memory-level parallelism)
 MIN_SPLIT_TOKENS = 256  # fewest tokens per split
+PREFETCH_TILES = 1  # CUDA-core KIVI stage 1s: L2 prefetch distance in tiles (decode_workspace's prefetch)
 STAGE2_BLOCK_C = 512  # logit columns per stage-2 program of Keyformer's noisy normalizer
 # columns per stage-3 program and its warps (H200, B=32: 128 -> 512 columns takes 3-10% off a step with scores)
 STAGE3_BLOCK_C, STAGE3_WARPS = 512, 4
@@ -359,6 +360,7 @@ class DecodeWorkspace:
     kivi_cc: bool = False
     pv_chain: bool = False
     h2: bool = False
+    prefetch: int = 0
 
 
 def default_config(slots: KVSlots, grp: int) -> dict:
@@ -375,7 +377,8 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                      use_dot: bool | None = None, kivi_tc: bool = True,
                      ngt: int | None = None, val_cc: bool = True,
                      vs_vec: bool = True, kivi_cc: bool | None = None,
-                     pv_chain: bool | None = None, h2: bool | None = None) -> DecodeWorkspace:
+                     pv_chain: bool | None = None, h2: bool | None = None,
+                     prefetch: int | None = None) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
@@ -385,15 +388,16 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     code decode; ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one
     contiguous value scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI
     goes through a CUDA-core stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where
-    `cc_supported`), `kernels.decode_kivi_gqa` with several (the default for 2 bits where `gqa_supported`, under
-    Triton <= 3.6 (`gqa_default`): on an H200 1.35-1.7x faster than `kernels.decode_kivi` with h2; 4 bits ties with
-    it (-6..+22% across runs), so 4 bits keeps the tensor cores unless asked); num_warps then sets its tile (8 word
-    rows per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by
+    `cc_supported`), `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`, under Triton <= 3.6
+    (`gqa_default`): on an H200 with h2 and L2 prefetch 1.35-1.7x faster than `kernels.decode_kivi` for 2 bits,
+    1.03-1.24x for 4 bits); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by
     Triton version); h2: the CUDA-core KIVI stage 1s decode two codes and do two multiply-adds per instruction
     (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for MHA, 32 for GQA), values: over a row's
     tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of the fp32 sums, relative 3.5e-3 (MHA) /
     5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries; float32 queries keep fp32 sums unless
-    asked. None values come from `default_config` / `kernels.decode_kivi.kivi_config`.
+    asked; prefetch: the CUDA-core KIVI stage 1s ask L2 for the quantized tile that many tiles ahead while a tile
+    computes (0: off; the default PREFETCH_TILES). None values come from `default_config` /
+    `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
@@ -406,12 +410,16 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                          f"(heads to a power of two) * (32 // bits) <= {GQA_MAX_CODES} and head_dim // (32 // bits) "
                          "<= 32")
     if kivi_cc is None:
-        kivi_cc = cc_ok and kivi_tc and (Hq == H or (slots.bits == 2 and gqa_default()))
+        kivi_cc = cc_ok and kivi_tc and (Hq == H or gqa_default())
     kivi_cc = bool(kivi_cc)
     if h2 and not kivi_cc:
         raise ValueError("decode_workspace: h2 is a mode of the CUDA-core KIVI stage 1s (kivi_cc), which this "
                          "call does not use")
     h2 = kivi_cc and q.dtype != torch.float32 if h2 is None else bool(h2)
+    prefetch = (PREFETCH_TILES if kivi_cc else 0) if prefetch is None else int(prefetch)
+    if prefetch < 0 or (prefetch and not kivi_cc):
+        raise ValueError(f"decode_workspace: prefetch={prefetch}: a count of tiles >= 0, and > 0 only for the "
+                         "CUDA-core KIVI stage 1s (kivi_cc)")
     block_n = cfg["block_n"] if block_n is None else block_n
     if num_warps is None and kivi_cc:  # H200, B=16-64: kernels.decode_kivi_cc 2 warps for 2 bits (6-25% faster
         # than 4) and for 4 bits with h2 (2-40%), else 4 (10-15%); kernels.decode_kivi_gqa 2 (5-40% faster than 4
@@ -439,7 +447,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
         use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
         vs_vec=bool(vs_vec), kivi_cc=kivi_cc, pv_chain=pv_chain_default() if pv_chain is None else bool(pv_chain),
-        h2=h2,
+        h2=h2, prefetch=prefetch,
         **kc,
     )
 
@@ -562,7 +570,7 @@ def decode_attention(
                              "these slots (cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
-            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, H2=ws.h2, num_warps=ws.num_warps, num_stages=ws.num_stages,
+            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, H2=ws.h2, PF=ws.prefetch, num_warps=ws.num_warps, num_stages=ws.num_stages,
             **LAUNCH,
         )
     elif qid == 1 and ws.kivi_cc:
@@ -572,7 +580,7 @@ def decode_attention(
         _decode_stage1_kivi_gqa[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, GP=triton.next_power_of_2(grp),
             **gqa_config(slots.bits, ws.num_warps, D), BLOCK_T=64, SCORE=score_mode > 0,
-            DOT_PREC=prec, UPCAST=interpreting(), H2=ws.h2,
+            DOT_PREC=prec, UPCAST=interpreting(), H2=ws.h2, PF=ws.prefetch,
             num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     elif qid == 1 and ws.kivi_tc:

@@ -6,8 +6,8 @@ for one query head, a code is decoded once in registers (one LOP3 and one FADD, 
 by the GP query heads of its KV head in GP multiply-adds (GP = GRP to the next power of two; padding heads are
 masked), never moved between threads. Same contract as the other stage 1s (one program per (sequence, KV head,
 split); partial acc / (max, sum) per query head in natural units). H200, 8 KV heads, 2 bits: 1.35-1.73x faster
-than `kernels.decode_kivi` with fp16x2 sums (H2), 1.24-1.45x with fp32 sums; 4 bits: a tie (-6..+22% across runs;
-`jobs/bench_kernels.py`, README "Kernel benchmark").
+than `kernels.decode_kivi` with fp16x2 sums (H2), 1.24-1.45x with fp32 sums; 4 bits: a tie without L2 prefetch
+(-6..+22% across runs), 1.03-1.24x faster with it (`jobs/bench_kernels.py`, README "Kernel benchmark").
 - A tile is W word rows of P = 32 // BITS tokens (BLOCK_N = W * P). Keys: each word row has DQ lanes; in chunk i
   lane dq reads channel i * DQ + dq of its row (the row's lanes read one 4 * DQ-byte run), that channel's scale
   and min, and q of the GP heads there, and adds code * (q * scale) into (GP, P) partial logits: one multiply-add
@@ -35,6 +35,7 @@ than `kernels.decode_kivi` with fp16x2 sums (H2), 1.24-1.45x with fp32 sums; 4 b
   instructions per tile and thread). Keys: a lane's 32 channels of a tile summed in fp16, values: a row's 32 tokens
   (p * scale times 2**-8), then fp32; output within 5.7-6.8e-3 relative of the fp32 sums (H200), about two bf16
   ulps, far below the 2-bit quantization's own error.
+- L2 prefetch (PF tiles ahead, `decode_kivi_cc.prefetch_tile`), as in `kernels.decode_kivi_cc`.
 Slots in [sv_len, s_len) (quantized key, value still in the full-precision FIFO) and the ring are read after the
 main loop on the tensor cores, 16 rows (head g on row 16 // GP * g, padding rows between with q = 0).
 """
@@ -45,7 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_kivi import _LAZY, _codes, _online_dot, _place
-from kernels.decode_kivi_cc import _h2_flush, _h2_unpair, _pv_tree
+from kernels.decode_kivi_cc import _h2_flush, _h2_unpair, _pv_tree, prefetch_tile
 from kernels.triton_util import LN2 as _LN2
 from kernels.triton_util import LOG2E as _LOG2E
 from kernels.triton_util import MASKED as _MASKED
@@ -91,7 +92,7 @@ def _decode_stage1_kivi_gqa(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GRP: tl.constexpr, GP: tl.constexpr,
     W: tl.constexpr, DQ: tl.constexpr, BLOCK_T: tl.constexpr, SCORE: tl.constexpr, KU: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, H2: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, H2: tl.constexpr, PF: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -148,7 +149,15 @@ def _decode_stage1_kivi_gqa(
     vsbase = b * stride_vsb + h * stride_vsh
     # slots [lo, s_q): key and value quantized; [max(lo, sv_len), s_hi): quantized key, value in the ring
     s_q = tl.minimum(s_hi, tl.maximum(sv_len, lo))
+    for j in tl.static_range(1, PF):
+        prefetch_tile(lo + j * BLOCK_N, s_q, sk_ptr + kbase, sks_ptr + ksbase, skm_ptr + ksbase, sv_ptr + vbase,
+                      svs_ptr + vsbase, svm_ptr + vsbase, stride_skn, stride_ksn, stride_svn, stride_vsn, BLOCK_N, P, G,
+                      D)
     for s0 in range(lo, s_q, BLOCK_N):
+        if PF > 0:  # tile s0 + PF * BLOCK_N into L2 while this one computes
+            prefetch_tile(s0 + PF * BLOCK_N, s_q, sk_ptr + kbase, sks_ptr + ksbase, skm_ptr + ksbase, sv_ptr + vbase,
+                          svs_ptr + vsbase, svm_ptr + vsbase, stride_skn, stride_ksn, stride_svn, stride_vsn, BLOCK_N,
+                          P, G, D)
         # ---- keys: x[w, g, i] = 2**-(B j_i) * sum_d (q_gd * s_d) * c_d * 2**(B j_i) + sum_d q_gd * m_d
         t0 = s0 + wk * P  # first token of each word row
         kin = t0 < s_q
@@ -296,8 +305,7 @@ def gqa_config(bits: int, num_warps: int = 2, head_dim: int = 128) -> dict:
 
 
 def gqa_default() -> bool:
-    """Whether decode_workspace picks this kernel for 2-bit GQA by default: with Triton <= 3.6 (timed on the
-    H200). Triton 3.9 lays q's (rows, heads, 1) load out with the heads across lanes (it breaks the tie between
+    """Whether decode_workspace picks this kernel for GQA by default: with Triton <= 3.6 (timed on the H200). Triton 3.9 lays q's (rows, heads, 1) load out with the heads across lanes (it breaks the tie between
     the two unit-contiguity dimensions the other way), so each key chunk goes through a shared-memory layout
     change (local sm_90 compile: 160 shared loads per 8 chunks); correct, not timed, so not the default there."""
     return triton_version() <= (3, 6)

@@ -196,3 +196,33 @@ def h2_place(k, BITS: tl.constexpr):
     a = (15 - s) << 10  # fp16 2**-s
     c = 0x8000 | ((25 - s) << 10)  # fp16 -2**(10 - s)
     return tl.where(hi, 8, 0).to(tl.uint32), mask.to(tl.uint32), a | (a << 16), c | (c << 16)
+
+
+# ---- L2 prefetch: the next tile's bytes asked for while this tile computes (no register holds them; the tile's
+# own loads then wait on L2, not DRAM). A no-op under the interpreter.
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """One `prefetch.global.L2` per element of ptrs where mask (the element's 128-byte line into L2)."""
+    if not INTERPRET:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }", "=r,l,r",
+            [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def line_offsets(row0, rows_valid, NROWS: tl.constexpr, ROW: tl.constexpr, stride, EPL: tl.constexpr):
+    """Element offsets of one element per EPL-element line of rows row0 + [0, NROWS) (ROW elements each, `stride`
+    apart), and which of them lie in rows below rows_valid: every line of the span when the rows are contiguous
+    (stride == ROW); else lines of rows shorter than a line are skipped."""
+    NL: tl.constexpr = (NROWS * ROW + EPL - 1) // EPL
+    e = tl.arange(0, NL) * EPL
+    r = row0 + e // ROW
+    return r * stride + e % ROW, r < rows_valid
+
+
+@triton.jit
+def prefetch_rows(ptr, row0, rows_valid, NROWS: tl.constexpr, ROW: tl.constexpr, stride):
+    """L2 prefetch of rows row0 + [0, NROWS) below rows_valid of ptr's elements (`line_offsets`, 128-byte lines;
+    missed lines cost speed only)."""
+    off, ok = line_offsets(row0, rows_valid, NROWS, ROW, stride, 1024 // ptr.dtype.element_ty.primitive_bitwidth)
+    prefetch_l2(ptr + off, ok)

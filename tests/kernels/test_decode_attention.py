@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from kernels.decode_attention import decode_attention, decode_workspace
+from kernels.decode_attention import PREFETCH_TILES, decode_attention, decode_workspace
 from kernels.decode_attention_ref import decode_attention_ref, held_mask
 from kernels.decode_kivi_cc import cc_supported
 from kernels.decode_kivi_gqa import gqa_default, gqa_supported
 from kernels.kivi_quant_ref import quantize_keys
+from kernels.triton_util import line_offsets
 from tests.kernels.kernel_cases import assert_close, make_slots
 
 # (quant, bits, G, dtype, D, grp, H, Cs, Cw, s_len, sv_len, num_splits)  -- ragged: empty / tiny / full stores
@@ -56,14 +59,16 @@ def test_decode_matches_reference(case, device):
     # the CUDA-core KIVI stage 1s (kernels/decode_kivi_cc.py, one query head per KV head; decode_kivi_gqa.py,
     # several) where they fit: without scores, with scores and another tile (8 word rows per warp; the MHA kernel
     # in its other P.V spelling, pv_chain), so every kernel sees every mode, with fp16x2 sums (h2, the default for
-    # bf16 / fp16) and fp32 sums (the MHA kernel's in both P.V spellings)
+    # bf16 / fp16) and fp32 sums (the MHA kernel's in both P.V spellings), and L2 prefetch 0, 1 (default), 2 tiles
+    # ahead (a no-op under the interpreter: there it runs the prefetch's index math only)
     ws0 = decode_workspace(q, slots, 0, num_splits=1)
     runs = [(0, {}), (1, dict(use_dot=not ws0.use_dot, val_cc=False, kivi_cc=False)),
             (2, dict(vs_vec=False, kivi_cc=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
     if quant == "channel" and (cc_supported(slots, D) if grp == 1 else gqa_supported(slots, D, grp)):
         nw = ws0.num_warps if ws0.kivi_cc else 2
         runs += [(1, dict(kivi_cc=True, num_warps=6 - nw, pv_chain=not ws0.pv_chain, h2=False)),
-                 (2, dict(kivi_cc=True, num_warps=1, h2=True)), (0, dict(kivi_cc=True, num_warps=nw, h2=False)),
+                 (2, dict(kivi_cc=True, num_warps=1, h2=True, prefetch=2)),
+                 (0, dict(kivi_cc=True, num_warps=nw, h2=False, prefetch=0)),
                  (1, dict(kivi_cc=True, h2=True)), (0, dict(kivi_cc=True, h2=True))]
     for mode, opts in runs:
         # fp16x2 sums (up to 32 terms in fp16) on float32 inputs: the tolerance of the bf16 models they are for
@@ -204,12 +209,18 @@ def test_kivi_cc_selection(device):
     with pytest.raises(ValueError, match="h2"):
         decode_workspace(torch.zeros(2, 2, 64, device=device, dtype=torch.bfloat16), mha, 0, kivi_cc=False, h2=True)
     assert not decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, kivi_tc=False).kivi_cc
-    # 2 query heads per KV head: decode_kivi_gqa, the default for 2 bits with the Triton versions it was timed on
+    # L2 prefetch: on by default with the CUDA-core kernels only; a count of tiles
+    assert decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0).prefetch == PREFETCH_TILES > 0
+    assert decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, kivi_cc=False).prefetch == 0
+    for bad in (dict(kivi_cc=False, prefetch=1), dict(prefetch=-1)):
+        with pytest.raises(ValueError, match="prefetch"):
+            decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, **bad)
+    # 2 query heads per KV head: decode_kivi_gqa, the default with the Triton versions it was timed on
     check(mha, torch.randn(2, 4, 64, generator=gen).to(device), gqa_default(), fits=True)
     check(mha, torch.randn(2, 16, 64, generator=gen).to(device), False)  # 8 heads * 16 codes per word > 64
-    # 4 bits with GQA: decode_kivi (a tie on the H200), decode_kivi_gqa when asked, with fp16x2 sums for bf16
+    # 4 bits with GQA: the same, with fp16x2 sums for bf16
     mha4 = make_slots(2, 2, 64, 64, 8, "channel", 4, 32, torch.bfloat16, device, [64, 20], [60, 20], gen)
-    check(mha4, torch.randn(2, 4, 64, generator=gen).to(torch.bfloat16).to(device), False, fits=True)
+    check(mha4, torch.randn(2, 4, 64, generator=gen).to(torch.bfloat16).to(device), gqa_default(), fits=True)
     assert decode_workspace(torch.zeros(2, 4, 64, device=device, dtype=torch.bfloat16), mha4, 0, kivi_cc=True).h2
     narrow = make_slots(2, 2, 32, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
     check(narrow, torch.randn(2, 2, 32, generator=gen).to(device), False)  # 2 value words per token < 4 lanes
@@ -217,3 +228,33 @@ def test_kivi_cc_selection(device):
     wide[..., :mha.s_vc.shape[3]] = mha.s_vc
     mha.s_vc = wide[..., :mha.s_vc.shape[3]]  # value code rows with a gap between them
     check(mha, torch.randn(2, 2, 64, generator=gen).to(device), False)
+
+
+@triton.jit
+def _lines(off_ptr, ok_ptr, row0, rows_valid, stride, NROWS: tl.constexpr, ROW: tl.constexpr, EPL: tl.constexpr,
+           NL: tl.constexpr):
+    off, ok = line_offsets(row0, rows_valid, NROWS, ROW, stride, EPL)
+    tl.store(off_ptr + tl.arange(0, NL), off)
+    tl.store(ok_ptr + tl.arange(0, NL), ok.to(tl.int32))
+
+
+@pytest.mark.parametrize("nrows,row,stride,epl,row0,rows_valid", [
+    (16, 128, 128, 32, 3, 1000),  # key code rows: 4 lines per row, all rows in range
+    (256, 8, 8, 32, 10, 200),  # value code rows of 8 words: 4 rows per line, the tile's end past rows_valid
+    (256, 4, 4, 64, 0, 256),  # value scale rows (bf16, 4 groups): 16 rows per line
+    (2, 128, 128, 64, 7, 8),  # key scale rows: the second row past rows_valid
+    (1, 4, 4, 64, 5, 9),  # a span shorter than one line
+])
+def test_prefetch_lines_cover_the_tile(nrows, row, stride, epl, row0, rows_valid, device):
+    """`triton_util.line_offsets` (the L2 prefetch's addresses): over contiguous rows, one element in every line the
+    rows [row0, min(row0 + nrows, rows_valid)) touch, and none in a row at or past rows_valid."""
+    nl = max(1, nrows * row // epl)
+    off = torch.full((nl,), -1, dtype=torch.int64, device=device)
+    ok = torch.full((nl,), -1, dtype=torch.int32, device=device)
+    _lines[(1,)](off, ok, row0, rows_valid, stride, NROWS=nrows, ROW=row, EPL=epl, NL=nl)
+    off, ok = off.cpu(), ok.cpu().bool()
+    hi = min(row0 + nrows, rows_valid)
+    want = set(range(row0 * stride // epl, (hi * stride + epl - 1) // epl)) if hi > row0 else set()
+    assert {int(o) // epl for o in off[ok]} == want
+    assert bool(((off[ok] // stride) < rows_valid).all())
+    assert not bool(((off[~ok] // stride) < rows_valid).any())
