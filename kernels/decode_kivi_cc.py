@@ -36,8 +36,8 @@ the other stage 1s (one program per (sequence, KV head, split); partial acc / (m
 - L2 prefetch (PF > 0, `prefetch_tile`): at the top of each tile, one `prefetch.global.L2` per 128-byte line of
   the quantized tile PF tiles ahead (key and value codes, scales, mins: 6 instructions per thread for 2 bits and
   2 warps), so that tile's loads wait on L2 rather than DRAM and no register holds the data early. H200: 4 bits
-  8-14% faster with PF = 1 (MHA, 32 KV heads), 2 bits 0-7%; PF = 2 and 4 slower than none (`jobs/bench_kernels.py`
-  tuning log).
+  6-12% faster with PF = 1 (MHA, 32 KV heads), 2 bits -1..+8%; PF = 2 and 4 slower than none (README "Kernel
+  benchmark").
 Slots in [sv_len, s_len) (quantized key, value still in the full-precision FIFO: fewer than the ring's size) are
 read after the main loop with dequantized key tiles, then the ring, both on CUDA cores.
 """
