@@ -381,23 +381,23 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                      prefetch: int | None = None) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
-    num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM,
-    at least MIN_SPLIT_TOKENS tokens each. block_n: tokens per tile (per-channel KIVI keys: <= group_size).
-    use_dot: tensor-core tl.dot for q.K and P.V, else CUDA-core broadcast-multiply-reduce (no 16-row padding
-    for MHA). kivi_tc: per-channel KIVI storage goes through `kernels.decode_kivi` (tensor-core keys, in-place
-    code decode; ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one
-    contiguous value scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI
-    goes through a CUDA-core stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where
-    `cc_supported`), `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`, under Triton <= 3.6
-    (`gqa_default`): on an H200 with h2 and L2 prefetch 1.35-1.7x faster than `kernels.decode_kivi` for 2 bits,
-    1.03-1.24x for 4 bits); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by
-    Triton version); h2: the CUDA-core KIVI stage 1s decode two codes and do two multiply-adds per instruction
-    (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for MHA, 32 for GQA), values: over a row's
-    tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of the fp32 sums, relative 3.5e-3 (MHA) /
-    5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries; float32 queries keep fp32 sums unless
-    asked; prefetch: the CUDA-core KIVI stage 1s ask L2 for the quantized tile that many tiles ahead while a tile
-    computes (0: off; the default PREFETCH_TILES). None values come from `default_config` /
-    `kernels.decode_kivi.kivi_config`.
+    num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM, at least
+    MIN_SPLIT_TOKENS tokens each. block_n: tokens per tile (per-channel KIVI keys: <= group_size). use_dot:
+    tensor-core tl.dot for q.K and P.V, else CUDA-core broadcast-multiply-reduce (no 16-row padding for MHA).
+    kivi_tc: per-channel KIVI storage goes through `kernels.decode_kivi` (tensor-core keys, in-place code decode;
+    ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one contiguous value
+    scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI goes through a CUDA-core
+    stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where `cc_supported`),
+    `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`, under Triton <= 3.6 (`gqa_default`):
+    on an H200 with h2 and L2 prefetch 1.35-1.7x faster than `kernels.decode_kivi` for 2 bits, 1.03-1.24x for 4
+    bits); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's P.V spelling
+    (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version); h2: the CUDA-core KIVI stage 1s decode two codes
+    and do two multiply-adds per instruction (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for
+    MHA, 32 for GQA), values: over a row's tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of
+    the fp32 sums, relative 3.5e-3 (MHA) / 5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries;
+    float32 queries keep fp32 sums unless asked; prefetch: the CUDA-core KIVI stage 1s ask L2 for the quantized tile
+    that many tiles ahead while a tile computes (0: off; the default PREFETCH_TILES). None values come from
+    `default_config` / `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
@@ -570,8 +570,8 @@ def decode_attention(
                              "these slots (cc_supported)")
         _decode_stage1_kivi_cc[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, **cc_config(slots.bits, ws.num_warps), BLOCK_R=64,
-            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, H2=ws.h2, PF=ws.prefetch, num_warps=ws.num_warps, num_stages=ws.num_stages,
-            **LAUNCH,
+            SCORE=score_mode > 0, PV_CHAIN=ws.pv_chain, H2=ws.h2, PF=ws.prefetch, num_warps=ws.num_warps,
+            num_stages=ws.num_stages, **LAUNCH,
         )
     elif qid == 1 and ws.kivi_cc:
         if not gqa_supported(slots, D, grp):

@@ -305,9 +305,10 @@ def gqa_config(bits: int, num_warps: int = 2, head_dim: int = 128) -> dict:
 
 
 def gqa_default() -> bool:
-    """Whether decode_workspace picks this kernel for GQA by default: with Triton <= 3.6 (timed on the H200). Triton 3.9 lays q's (rows, heads, 1) load out with the heads across lanes (it breaks the tie between
-    the two unit-contiguity dimensions the other way), so each key chunk goes through a shared-memory layout
-    change (local sm_90 compile: 160 shared loads per 8 chunks); correct, not timed, so not the default there."""
+    """Whether decode_workspace picks this kernel for GQA by default: with Triton <= 3.6 (timed on the H200).
+    Triton 3.9 lays q's (rows, heads, 1) load out with the heads across lanes (it breaks the tie between the two
+    unit-contiguity dimensions the other way), so each key chunk goes through a shared-memory layout change
+    (local sm_90 compile: 160 shared loads per 8 chunks); correct, not timed, so not the default there."""
     return triton_version() <= (3, 6)
 
 
