@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported, pv_chain_default
-from kernels.decode_kivi_gqa import GQA_MAX_CODES, _decode_stage1_kivi_gqa, gqa_config, gqa_default, gqa_supported
+from kernels.decode_kivi_gqa import GQA_MAX_CODES, _decode_stage1_kivi_gqa, gqa_config, gqa_supported, qt_default
 from kernels.gumbel import gumbel_lg2
 from kernels.slots import KVSlots
 from kernels.triton_util import LN2 as _LN2
@@ -361,6 +361,7 @@ class DecodeWorkspace:
     pv_chain: bool = False
     h2: bool = False
     prefetch: int = 0
+    q_t: torch.Tensor | None = None
 
 
 def default_config(slots: KVSlots, grp: int) -> dict:
@@ -378,7 +379,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                      ngt: int | None = None, val_cc: bool = True,
                      vs_vec: bool = True, kivi_cc: bool | None = None,
                      pv_chain: bool | None = None, h2: bool | None = None,
-                     prefetch: int | None = None) -> DecodeWorkspace:
+                     prefetch: int | None = None, qt: bool | None = None) -> DecodeWorkspace:
     """Allocate the scratch for `decode_attention(q, slots, ..., score_mode)`.
 
     num_splits: programs per (sequence, KV head); default: enough for about `SPLIT_TARGET` programs per SM, at least
@@ -388,7 +389,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one contiguous value
     scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI goes through a CUDA-core
     stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where `cc_supported`),
-    `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`, under Triton <= 3.6 (`gqa_default`):
+    `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`:
     on an H200 with h2 and L2 prefetch 1.35-1.7x faster than `kernels.decode_kivi` for 2 bits, 1.03-1.24x for 4
     bits); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's P.V spelling
     (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version); h2: the CUDA-core KIVI stage 1s decode two codes
@@ -396,8 +397,10 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     MHA, 32 for GQA), values: over a row's tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of
     the fp32 sums, relative 3.5e-3 (MHA) / 5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries;
     float32 queries keep fp32 sums unless asked; prefetch: the CUDA-core KIVI stage 1s ask L2 for the quantized tile
-    that many tiles ahead while a tile computes (0: off; the default PREFETCH_TILES). None values come from
-    `default_config` / `kernels.decode_kivi.kivi_config`.
+    that many tiles ahead while a tile computes (0: off; the default PREFETCH_TILES); qt: `kernels.decode_kivi_gqa`
+    reads q from a heads-last copy made each call (`q_t`, (B, H, D, heads to a power of two); the default after
+    Triton 3.6, `kernels.decode_kivi_gqa.qt_default`). None values come from `default_config` /
+    `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
@@ -410,7 +413,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
                          f"(heads to a power of two) * (32 // bits) <= {GQA_MAX_CODES} and head_dim // (32 // bits) "
                          "<= 32")
     if kivi_cc is None:
-        kivi_cc = cc_ok and kivi_tc and (Hq == H or gqa_default())
+        kivi_cc = cc_ok and kivi_tc
     kivi_cc = bool(kivi_cc)
     if h2 and not kivi_cc:
         raise ValueError("decode_workspace: h2 is a mode of the CUDA-core KIVI stage 1s (kivi_cc), which this "
@@ -420,6 +423,11 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     if prefetch < 0 or (prefetch and not kivi_cc):
         raise ValueError(f"decode_workspace: prefetch={prefetch}: a count of tiles >= 0, and > 0 only for the "
                          "CUDA-core KIVI stage 1s (kivi_cc)")
+    gqa_cc = kivi_cc and Hq > H
+    if qt and not gqa_cc:
+        raise ValueError("decode_workspace: qt is a mode of the CUDA-core GQA stage 1 (kivi_cc with several query "
+                         "heads per KV head), which this call does not use")
+    qt = gqa_cc and (qt_default() if qt is None else bool(qt))
     block_n = cfg["block_n"] if block_n is None else block_n
     if num_warps is None and kivi_cc:  # H200, B=16-64: kernels.decode_kivi_cc 2 warps for 2 bits (6-25% faster
         # than 4) and for 4 bits with h2 (2-40%), else 4 (10-15%); kernels.decode_kivi_gqa 2 (5-40% faster than 4
@@ -448,6 +456,7 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
         use_dot=bool(use_dot), kivi_tc=bool(kivi_tc), val_cc=bool(val_cc),
         vs_vec=bool(vs_vec), kivi_cc=kivi_cc, pv_chain=pv_chain_default() if pv_chain is None else bool(pv_chain),
         h2=h2, prefetch=prefetch,
+        q_t=torch.zeros(B, H, D, triton.next_power_of_2(Hq // H), dtype=q.dtype, device=dev) if qt else None,
         **kc,
     )
 
@@ -500,6 +509,8 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
             raise ValueError(f"{name}: score_mode 2 needs seed (B,)={B} int64, got {got}")
     if ws is not None:
         ok = (ws.out.shape == q.shape and ws.out.dtype == q.dtype and ws.part_acc.shape[:2] == (B, Hq)
+              and (ws.q_t is None or (ws.q_t.shape == (B, H, D, triton.next_power_of_2(Hq // H))
+                                      and ws.q_t.dtype == q.dtype))
               and (not score_mode or scores_acc is None
                    or (ws.logits is not None and ws.logits.shape == (B, Hq, slots.cs + Cw)
                        and ws.stats.shape[2] >= score_blocks(slots.cs + Cw, score_mode))))
@@ -577,10 +588,14 @@ def decode_attention(
         if not gqa_supported(slots, D, grp):
             raise ValueError("decode_attention: the workspace asks for kernels.decode_kivi_gqa, which does not fit "
                              "these slots (gqa_supported)")
+        q_t = q  # a placeholder pointer unless the workspace asks for the heads-last copy
+        if ws.q_t is not None:
+            ws.q_t[..., :grp].copy_(q.unflatten(1, (H, grp)).transpose(2, 3))  # padding heads stay 0
+            q_t = ws.q_t
         _decode_stage1_kivi_gqa[(B, H, NS)](
             *common, BITS=slots.bits, G=slots.group_size, D=D, GRP=grp, GP=triton.next_power_of_2(grp),
             **gqa_config(slots.bits, ws.num_warps, D), BLOCK_T=64, SCORE=score_mode > 0,
-            DOT_PREC=prec, UPCAST=interpreting(), H2=ws.h2, PF=ws.prefetch,
+            DOT_PREC=prec, UPCAST=interpreting(), H2=ws.h2, PF=ws.prefetch, qt_ptr=q_t, QT=ws.q_t is not None,
             num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,
         )
     elif qid == 1 and ws.kivi_tc:

@@ -10,7 +10,7 @@ import triton.language as tl
 from kernels.decode_attention import PREFETCH_TILES, decode_attention, decode_workspace
 from kernels.decode_attention_ref import decode_attention_ref, held_mask
 from kernels.decode_kivi_cc import cc_supported
-from kernels.decode_kivi_gqa import gqa_default, gqa_supported
+from kernels.decode_kivi_gqa import gqa_supported, qt_default
 from kernels.kivi_quant_ref import quantize_keys
 from kernels.triton_util import line_offsets
 from tests.kernels.kernel_cases import assert_close, make_slots
@@ -60,7 +60,8 @@ def test_decode_matches_reference(case, device):
     # several) where they fit: without scores, with scores and another tile (8 word rows per warp; the MHA kernel
     # in its other P.V spelling, pv_chain), so every kernel sees every mode, with fp16x2 sums (h2, the default for
     # bf16 / fp16) and fp32 sums (the MHA kernel's in both P.V spellings), and L2 prefetch 0, 1 (default), 2 tiles
-    # ahead (a no-op under the interpreter: there it runs the prefetch's index math only)
+    # ahead (a no-op under the interpreter: there it runs the prefetch's index math only); the GQA kernel's q from
+    # the heads-last copy and from q itself
     ws0 = decode_workspace(q, slots, 0, num_splits=1)
     runs = [(0, {}), (1, dict(use_dot=not ws0.use_dot, val_cc=False, kivi_cc=False)),
             (2, dict(vs_vec=False, kivi_cc=False))] + ([(2, dict(kivi_tc=False))] if quant == "channel" else [])
@@ -70,6 +71,9 @@ def test_decode_matches_reference(case, device):
                  (2, dict(kivi_cc=True, num_warps=1, h2=True, prefetch=2)),
                  (0, dict(kivi_cc=True, num_warps=nw, h2=False, prefetch=0)),
                  (1, dict(kivi_cc=True, h2=True)), (0, dict(kivi_cc=True, h2=True))]
+        if grp > 1:  # the GQA kernel's q also read the way that is not this Triton's default (qt)
+            runs += [(0, dict(kivi_cc=True, qt=not qt_default())),
+                     (2, dict(kivi_cc=True, h2=False, qt=not qt_default()))]
     for mode, opts in runs:
         # fp16x2 sums (up to 32 terms in fp16) on float32 inputs: the tolerance of the bf16 models they are for
         tol_dtype = torch.bfloat16 if opts.get("h2") and dtype == torch.float32 else dtype
@@ -153,9 +157,11 @@ def test_rejects_bad_inputs(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_cuda_graph_capture_with_workspace(device):
+@pytest.mark.parametrize("qt", [False, True])
+def test_cuda_graph_capture_with_workspace(qt, device):
     """With a workspace and device step/tau, a Keyformer decode step captures in a CUDA graph; a replay after
-    changing the step tensor equals the reference at the new step."""
+    changing the step tensor and q in place equals the reference at the new step and q (the GQA kernel with q
+    read directly and from the heads-last copy the step makes)."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     B, H, D, cs, cw = 2, 2, 64, 96, 16
     slots = make_slots(B, H, D, cs, cw, "channel", 2, 32, torch.bfloat16, device, [96, 40], [90, 33], gen)
@@ -164,7 +170,7 @@ def test_cuda_graph_capture_with_workspace(device):
     step = torch.tensor([3], dtype=torch.int32, device=device)
     tau = torch.tensor([1.5], device=device)
     acc = torch.zeros(B, H, cs + cw, device=device)
-    ws = decode_workspace(q, slots, 2)
+    ws = decode_workspace(q, slots, 2, qt=qt)
     decode_attention(q, slots, 0.125, 2, acc, seed, 1, step, tau, workspace=ws)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -172,6 +178,7 @@ def test_cuda_graph_capture_with_workspace(device):
         out = decode_attention(q, slots, 0.125, 2, acc, seed, 1, step, tau, workspace=ws)
     acc.zero_()
     step.fill_(8)
+    q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
     graph.replay()
     torch.cuda.synchronize()
     ref_acc = torch.zeros_like(acc)
@@ -215,12 +222,19 @@ def test_kivi_cc_selection(device):
     for bad in (dict(kivi_cc=False, prefetch=1), dict(prefetch=-1)):
         with pytest.raises(ValueError, match="prefetch"):
             decode_workspace(torch.zeros(2, 2, 64, device=device), mha, 0, **bad)
-    # 2 query heads per KV head: decode_kivi_gqa, the default with the Triton versions it was timed on
-    check(mha, torch.randn(2, 4, 64, generator=gen).to(device), gqa_default(), fits=True)
+    # 2 query heads per KV head: decode_kivi_gqa, q heads-last (qt) by Triton version, asked for either way
+    check(mha, torch.randn(2, 4, 64, generator=gen).to(device), True)
+    q4 = torch.zeros(2, 4, 64, device=device)
+    assert (decode_workspace(q4, mha, 0).q_t is not None) == qt_default()
+    assert decode_workspace(q4, mha, 0, qt=True).q_t.shape == (2, 2, 64, 2)
+    assert decode_workspace(q4, mha, 0, qt=False).q_t is None
+    for bad in (dict(kivi_cc=False, qt=True), dict(qt=True, q=torch.zeros(2, 2, 64, device=device))):
+        with pytest.raises(ValueError, match="qt"):
+            decode_workspace(bad.pop("q", q4), mha, 0, **bad)
     check(mha, torch.randn(2, 16, 64, generator=gen).to(device), False)  # 8 heads * 16 codes per word > 64
     # 4 bits with GQA: the same, with fp16x2 sums for bf16
     mha4 = make_slots(2, 2, 64, 64, 8, "channel", 4, 32, torch.bfloat16, device, [64, 20], [60, 20], gen)
-    check(mha4, torch.randn(2, 4, 64, generator=gen).to(torch.bfloat16).to(device), gqa_default(), fits=True)
+    check(mha4, torch.randn(2, 4, 64, generator=gen).to(torch.bfloat16).to(device), True)
     assert decode_workspace(torch.zeros(2, 4, 64, device=device, dtype=torch.bfloat16), mha4, 0, kivi_cc=True).h2
     narrow = make_slots(2, 2, 32, 64, 8, "channel", 2, 32, torch.float32, device, [64, 20], [60, 20], gen)
     check(narrow, torch.randn(2, 2, 32, generator=gen).to(device), False)  # 2 value words per token < 4 lanes
