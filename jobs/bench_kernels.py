@@ -92,8 +92,6 @@ def graph_ms(fn, target_ms=25.0, replays=5) -> float:
     if not _FLUSH:
         _FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
     flush = _FLUSH[0]
-    fn()
-    torch.cuda.synchronize()
     n = max(2, min(200, int(target_ms / max(time_ms(fn, heavy=True), 1e-3))))
 
     def capture(with_fn):

@@ -389,17 +389,17 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     ngt key groups per tile; val_cc: CUDA-core P.V for one query head per KV head; vs_vec: one contiguous value
     scale/min row per token); else through the generic stage 1. kivi_cc: per-channel KIVI goes through a CUDA-core
     stage 1: `kernels.decode_kivi_cc` with one query head per KV head (the default where `cc_supported`),
-    `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`:
-    on an H200 with h2 and L2 prefetch 1.35-1.7x faster than `kernels.decode_kivi` for 2 bits, 1.03-1.24x for 4
-    bits); num_warps then sets its tile (8 word rows per warp); pv_chain: the MHA kernel's P.V spelling
-    (`kernels.decode_kivi_cc.pv_chain_default`: by Triton version); h2: the CUDA-core KIVI stage 1s decode two codes
-    and do two multiply-adds per instruction (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for
-    MHA, 32 for GQA), values: over a row's tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of
-    the fp32 sums, relative 3.5e-3 (MHA) / 5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries;
-    float32 queries keep fp32 sums unless asked; prefetch: the CUDA-core KIVI stage 1s ask L2 for the quantized tile
-    that many tiles ahead while a tile computes (0: off; the default PREFETCH_TILES); qt: `kernels.decode_kivi_gqa`
-    reads q from a heads-last copy made each call (`q_t`, (B, H, D, heads to a power of two); the default after
-    Triton 3.6, `kernels.decode_kivi_gqa.qt_default`). None values come from `default_config` /
+    `kernels.decode_kivi_gqa` with several (the default where `gqa_supported`: on an H200 with h2 and L2 prefetch
+    1.35-1.7x faster than `kernels.decode_kivi` for 2 bits, 1.03-1.24x for 4 bits); num_warps then sets its tile (8
+    word rows per warp); pv_chain: the MHA kernel's P.V spelling (`kernels.decode_kivi_cc.pv_chain_default`: by
+    Triton version); h2: the CUDA-core KIVI stage 1s decode two codes and do two multiply-adds per instruction
+    (fp16x2; keys: sums over a lane's channels of a tile in fp16 (8 for MHA, 32 for GQA), values: over a row's
+    tokens of a tile (16 / 32), then in fp32; output within ~1 bf16 ulp of the fp32 sums, relative 3.5e-3 (MHA) /
+    5.7-6.8e-3 (GQA) on an H200): the default for bf16 / fp16 queries; float32 queries keep fp32 sums unless asked;
+    prefetch: the CUDA-core KIVI stage 1s ask L2 for the quantized tile that many tiles ahead while a tile computes
+    (0: off; the default PREFETCH_TILES); qt: `kernels.decode_kivi_gqa` reads q from a heads-last copy made each
+    call (`q_t`, (B, H, D, heads to a power of two); the default after Triton 3.6,
+    `kernels.decode_kivi_gqa.qt_default`). None values come from `default_config` /
     `kernels.decode_kivi.kivi_config`.
     """
     B, Hq, D = q.shape
