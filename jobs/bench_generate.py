@@ -19,9 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kvcache import CacheConfig, CompressedCache  # noqa: E402
+from kvstream.kvcache import CacheConfig, CompressedCache
 
 CONFIGS = {
     "hf-dynamic": None,

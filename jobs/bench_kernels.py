@@ -20,20 +20,17 @@ import argparse
 import csv
 import datetime
 import os
-import sys
 
 import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kernels import prefill_scores as prefill_mod  # noqa: E402
-from kernels.decode_attention import decode_attention, decode_workspace  # noqa: E402
-from kernels.decode_attention_ref import decode_attention_ref  # noqa: E402
-from kernels.prefill_scores import prefill_scores  # noqa: E402
-from kernels.slots import KVSlots  # noqa: E402
-from kvcache.cache import attention_with_lse  # noqa: E402
+from kvstream.kernels import prefill_scores as prefill_mod
+from kvstream.kernels.decode_attention import decode_attention, decode_workspace
+from kvstream.kernels.decode_attention_ref import decode_attention_ref
+from kvstream.kernels.prefill_scores import prefill_scores
+from kvstream.kernels.slots import KVSlots
+from kvstream.kvcache.cache import attention_with_lse
 
 D, HQ, R, G = 128, 32, 128, 32  # head_dim, query heads, full-precision residual (ring), KIVI group size
 DT = torch.bfloat16

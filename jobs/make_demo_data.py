@@ -5,12 +5,9 @@ at them or using them as a template for real inputs.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.demo import converse_rows, summarize_rows, to_jsonl  # noqa: E402
+from kvstream.pipeline.demo import converse_rows, summarize_rows, to_jsonl
 
 
 def main() -> None:

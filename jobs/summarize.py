@@ -1,15 +1,12 @@
 """kvstream summarize job: `python jobs/summarize.py [--config conf/summarize.yaml] [key=value ...]`.
 
 Runs locally (starts a local Ray) or under `ray job submit --working-dir . -- python jobs/summarize.py ...`.
-Configuration keys: pipeline/config.py. Output: <output.path>/results/*.parquet, stats.json, config.yaml.
+Configuration keys: kvstream/pipeline/config.py. Output: <output.path>/results/*.parquet, stats.json, config.yaml.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-
-from pipeline import main  # noqa: E402
+from kvstream.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main("summarize", sys.argv[1:]))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache.config import CacheConfig
-from kvcache.engine import Engine
-from kvcache.llama2c import Llama2cTokenizer
-from kvcache.models import decode_continuation
+from kvstream.kvcache.config import CacheConfig
+from kvstream.kvcache.engine import Engine
+from kvstream.kvcache.llama2c import Llama2cTokenizer
+from kvstream.kvcache.models import decode_continuation
 
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 FIELDS = {"generated_text", "token_ids", "num_input_tokens", "num_generated_tokens", "time_taken_llm", "kv_bytes",

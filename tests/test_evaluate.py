@@ -18,11 +18,10 @@ import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from jobs.evaluate import load_config
-from kvcache import CacheConfig
-from kvcache.fidelity import decode, fidelity_batch, left_pad, make_cache, token_metrics
+from kvstream.pipeline.evaluate import load_config
+from kvstream.kvcache import CacheConfig
+from kvstream.kvcache.fidelity import decode, fidelity_batch, left_pad, make_cache, token_metrics
 
 
 def prompts_of(lengths, vocab=128, seed=1):
@@ -130,7 +129,7 @@ def test_config_errors_name_the_key(override, needle):
 
 
 def test_grid_cells_and_report_notes_survive_a_rerun(tmp_path):
-    from jobs.evaluate import NOTES_MARKER, grid, summarize, write_outputs
+    from kvstream.pipeline.evaluate import NOTES_MARKER, grid, summarize, write_outputs
 
     cfg = load_config(["model.path=x.bin", "eval.policies=[full,h2o,keyformer]", "eval.budgets=[0.2,0.6]",
                        "eval.quants=[none,kivi4]", "eval.quant_policies=[full,keyformer]", "eval.quant_budgets=[0.6]",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvcache.llama2c import Llama2cTokenizer, is_llama2c_checkpoint, load_llama2c_model, read_header
+from kvstream.kvcache.llama2c import Llama2cTokenizer, is_llama2c_checkpoint, load_llama2c_model, read_header
 
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 

@@ -16,10 +16,10 @@ import torch
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kernels.triton_util", "kernels.gumbel", "kernels.kivi_quant", "kernels.decode_kivi",
-                  "kernels.decode_kivi_cc", "kernels.decode_kivi_gqa",
-                  "kernels.decode_attention",
-                  "kernels.prefill_scores"):  # dependency order
+    for _name in ("kvstream.kernels.triton_util", "kvstream.kernels.gumbel", "kvstream.kernels.kivi_quant", "kvstream.kernels.decode_kivi",
+                  "kvstream.kernels.decode_kivi_cc", "kvstream.kernels.decode_kivi_gqa",
+                  "kvstream.kernels.decode_attention",
+                  "kvstream.kernels.prefill_scores"):  # dependency order
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 

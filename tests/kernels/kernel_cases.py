@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kivi_quant_ref import quantize_keys, quantize_values
-from kernels.slots import KVSlots
+from kvstream.kernels.kivi_quant_ref import quantize_keys, quantize_values
+from kvstream.kernels.slots import KVSlots
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GARBAGE = 1.0e4  # finite junk in slots that hold no token: a masking bug shows as a large error, not a NaN

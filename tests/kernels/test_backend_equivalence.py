@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache import CacheConfig, CompressedCache
 from tests.kvcache.tiny import build_model, greedy, padded_batch
 
 LENGTHS = [45, 11]  # ragged, left padded
@@ -43,9 +43,9 @@ def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
     """H2O with the Triton backend on an unpadded bf16 batch takes its prefill normalizer from the fused attention
     (one scoring pass); it then generates what the torch backend generates. Padded batches and Keyformer do not.
     Both kernels that can give the LSE (cuDNN on Hopper, the flash kernel) match SDPA and the reference."""
-    import kvcache.cache as cache_mod
-    from kernels.prefill_scores import prefill_scores
-    from kernels.prefill_scores_ref import prefill_scores_ref
+    import kvstream.kvcache.cache as cache_mod
+    from kvstream.kernels.prefill_scores import prefill_scores
+    from kvstream.kernels.prefill_scores_ref import prefill_scores_ref
 
     calls = []
     real = cache_mod.attention_with_lse

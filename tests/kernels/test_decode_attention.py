@@ -7,12 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import PREFETCH_TILES, decode_attention, decode_workspace
-from kernels.decode_attention_ref import decode_attention_ref, held_mask
-from kernels.decode_kivi_cc import cc_supported
-from kernels.decode_kivi_gqa import gqa_supported, qt_default
-from kernels.kivi_quant_ref import quantize_keys
-from kernels.triton_util import line_offsets
+from kvstream.kernels.decode_attention import PREFETCH_TILES, decode_attention, decode_workspace
+from kvstream.kernels.decode_attention_ref import decode_attention_ref, held_mask
+from kvstream.kernels.decode_kivi_cc import cc_supported
+from kvstream.kernels.decode_kivi_gqa import gqa_supported, qt_default
+from kvstream.kernels.kivi_quant_ref import quantize_keys
+from kvstream.kernels.triton_util import line_offsets
 from tests.kernels.kernel_cases import assert_close, make_slots
 
 # (quant, bits, G, dtype, D, grp, H, Cs, Cw, s_len, sv_len, num_splits)  -- ragged: empty / tiny / full stores

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gumbel import gumbel_triton, neg_log_u
-from kernels.gumbel_ref import gumbel, hash_coords
+from kvstream.kernels.gumbel import gumbel_triton, neg_log_u
+from kvstream.kernels.gumbel_ref import gumbel, hash_coords
 
 
 def test_equals_reference_on_random_coordinates(device):

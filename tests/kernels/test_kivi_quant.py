@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kivi_quant as kq
-from kernels import kivi_quant_ref as ref
+from kvstream.kernels import kivi_quant as kq
+from kvstream.kernels import kivi_quant_ref as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.prefill_scores as prefill_mod
-from kernels.prefill_scores import prefill_scores
-from kernels.prefill_scores_ref import prefill_scores_ref
+import kvstream.kernels.prefill_scores as prefill_mod
+from kvstream.kernels.prefill_scores import prefill_scores
+from kvstream.kernels.prefill_scores_ref import prefill_scores_ref
 from tests.kernels.kernel_cases import assert_close
 
 # (dtype, D, grp, H, T, unpadded lengths (left padding), noise, tau)

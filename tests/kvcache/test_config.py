@@ -5,7 +5,7 @@ import glob
 import pytest
 import torch
 
-from kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache import CacheConfig, CompressedCache
 from tests.kvcache.tiny import build_model, padded_batch
 
 
@@ -94,7 +94,7 @@ def test_other_caches_still_use_sdpa_after_a_compressed_run():
 
 
 def test_auto_backend_falls_back_to_torch_for_shapes_the_kernels_do_not_take():
-    from kvcache.backend import resolve_backend
+    from kvstream.kvcache.backend import resolve_backend
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_backend("auto", cpu, 128, 32, 2) == "torch"

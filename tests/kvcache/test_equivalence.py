@@ -4,7 +4,7 @@ import pytest
 import torch
 from tests.kvcache.tiny import build_model, greedy, padded_batch
 
-from kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache import CacheConfig, CompressedCache
 
 LENGTHS = [23, 40, 31]  # left padded to 40
 NEW = 12

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention_ref import decode_attention_ref
-from kernels.gumbel_ref import gumbel
-from kernels.prefill_scores_ref import prefill_scores_ref
-from kvcache import CacheConfig, CompressedCache
+from kvstream.kernels.decode_attention_ref import decode_attention_ref
+from kvstream.kernels.gumbel_ref import gumbel
+from kvstream.kernels.prefill_scores_ref import prefill_scores_ref
+from kvstream.kvcache import CacheConfig, CompressedCache
 from tests.kvcache.tiny import build_model, greedy, padded_batch
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels.decode_attention_ref import dequantize_store
-from kernels.kivi_quant_ref import (dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values,
+from kvstream.kernels.decode_attention_ref import dequantize_store
+from kvstream.kernels.kivi_quant_ref import (dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values,
                                     unpack)
-from kvcache.config import CacheConfig
+from kvstream.kvcache.config import CacheConfig
 from tests.kvcache.test_policies import H, make_store, step
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache import CacheConfig, CompressedCache
 from tests.kvcache.tiny import build_model, padded_batch
 
 

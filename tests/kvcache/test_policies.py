@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvcache.config import CacheConfig
-from kvcache.policies import get_policy
-from kvcache.storage import LayerStore, SeqPlan
+from kvstream.kvcache.config import CacheConfig
+from kvstream.kvcache.policies import get_policy
+from kvstream.kvcache.storage import LayerStore, SeqPlan
 
 H, D = 2, 16
 

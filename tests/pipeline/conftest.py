@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from tests.pipeline.helpers import ROOT, free_port
+from tests.pipeline.helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -19,9 +18,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        pythonpath = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False

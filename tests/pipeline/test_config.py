@@ -2,8 +2,8 @@
 
 import pytest
 
-from kvcache import CacheConfig
-from pipeline.config import ConfigError, cache_config, load_config
+from kvstream.kvcache import CacheConfig
+from kvstream.pipeline.config import ConfigError, cache_config, load_config
 
 
 def test_layering_yaml_then_cli(tmp_path):

@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.generate import GenerateUDF
-from pipeline.models import ByteTokenizer
+from kvstream.pipeline.generate import GenerateUDF
+from kvstream.pipeline.models import ByteTokenizer
 
 GEN = {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0}
 

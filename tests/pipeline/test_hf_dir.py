@@ -3,7 +3,7 @@
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import load_config, run
+from kvstream.pipeline import load_config, run
 from tests.pipeline.helpers import job_overrides, write_jsonl
 
 WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "how", "are", "you", "fine", "thanks", "?"]

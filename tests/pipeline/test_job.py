@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import load_config, main, run
+from kvstream.pipeline import load_config, main, run
 from tests.pipeline.helpers import ROOT, job_overrides, write_jsonl
 
 

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.fs import InputError, list_inputs
-from pipeline.reader import rows_of_file
+from kvstream.pipeline.fs import InputError, list_inputs
+from kvstream.pipeline.reader import rows_of_file
 
 SPEC = {"task": "summarize", "input_column": "text", "id_column": None, "passthrough": ["ref"], "format": None}
 

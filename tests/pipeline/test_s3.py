@@ -6,7 +6,7 @@ import json
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline import load_config, run
+from kvstream.pipeline import load_config, run
 from tests.pipeline.helpers import job_overrides
 
 

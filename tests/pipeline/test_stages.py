@@ -5,10 +5,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline.models import ByteTokenizer
-from pipeline.prompts import ChatPrompt, SummarizePrompt
-from pipeline.stage import SortByLength
-from pipeline.tokenize import Tokenize, apply_length_policy
+from kvstream.pipeline.models import ByteTokenizer
+from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
+from kvstream.pipeline.stage import SortByLength
+from kvstream.pipeline.tokenize import Tokenize, apply_length_policy
 
 DEMO = {"path": "demo:tiny-llama"}
 
@@ -74,8 +74,8 @@ def test_tokenizer_chat_template_used_when_present(monkeypatch):
         def apply_chat_template(self, messages):
             return [self.bos_token_id, 1] + [ord(c) for m in messages for c in m["content"]] + [2]
 
-    monkeypatch.setattr("pipeline.prompts.load_tokenizer", lambda *a: Tok())
-    monkeypatch.setattr("pipeline.tokenize.load_tokenizer", lambda *a: Tok())
+    monkeypatch.setattr("kvstream.pipeline.prompts.load_tokenizer", lambda *a: Tok())
+    monkeypatch.setattr("kvstream.pipeline.tokenize.load_tokenizer", lambda *a: Tok())
     t = pa.table({"id": ["a"], "error": pa.array([None], pa.string()),
                   "_input": [json.dumps([{"role": "user", "content": "q"}])]})
     out = ChatPrompt(DEMO)(t)

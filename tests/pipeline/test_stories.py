@@ -2,8 +2,8 @@
 
 import pyarrow.parquet as pq
 
-from kvcache import Engine
-from pipeline import load_config, run
+from kvstream.kvcache import Engine
+from kvstream.pipeline import load_config, run
 from tests.pipeline.helpers import job_overrides, write_jsonl
 
 PROMPTS = ["Once upon a time", "One day, a boy named Tom went to the park", "The cat was very hungry"]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from tests.pipeline.helpers import ROOT, free_port
 
-CODE_DIRS = ("pipeline", "kvcache", "kernels", "jobs", "conf")
+CODE_DIRS = ("kvstream", "jobs", "conf")
 
 
 def wait_http(url: str, timeout: float) -> None:

@@ -1,6 +1,0 @@
-"""Selection policies (one per file) and their registry."""
-
-from kvcache.policies import full, h2o, keyformer, sink, window  # noqa: F401  (registration)
-from kvcache.policies.base import POLICY_REGISTRY, Policy, get_policy
-
-__all__ = ["POLICY_REGISTRY", "Policy", "get_policy"]

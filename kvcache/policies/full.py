@@ -1,9 +1,0 @@
-"""`full`: keep every token (the baseline; equal to transformers' own cache)."""
-
-from kvcache.policies.base import Policy, register
-
-
-@register("full")
-class FullPolicy(Policy):
-    def select(self, scores, m, cap, h, device):
-        return self._first(m, m, h, device)

@@ -1,9 +1,0 @@
-"""`window`: keep the last k tokens (a sliding window)."""
-
-from kvcache.policies.base import Policy, register
-
-
-@register("window")
-class WindowPolicy(Policy):
-    def select(self, scores, m, cap, h, device):
-        return self._first(m, 0, h, device)

@@ -1,0 +1,316 @@
+"""CompressedCache: a transformers `Cache` whose layers keep a compressed, slot-based KV store.
+
+    cache = CompressedCache(CacheConfig(policy="keyformer", budget=0.5, quant="kivi2"), model.config)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+The cache registers the "kvstream" attention function with transformers' `AttentionInterface` and sets it on
+the model config it is given. That function attends over the compressed storage (and accumulates the scores
+eviction needs) when the key it receives came from a CompressedCache, and is plain SDPA otherwise, so the model
+keeps working with any other cache. Prefill attends over the whole prompt (SDPA with the padding mask), scores it
+in chunks, then keeps each sequence's budget; decode steps append, attend, then evict or quantize.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvstream.kvcache.backend import ops, resolve_backend
+from kvstream.kvcache.config import CacheConfig
+from kvstream.kvcache.policies import get_policy
+from kvstream.kvcache.storage import LayerStore, SeqPlan
+
+log = logging.getLogger(__name__)
+ATTN_NAME = "kvstream"
+SUPPORTED_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo", "olmo2", "phi3")
+_TAG = "_kvstream_layer"
+
+
+class _Layer(CacheLayerMixin):
+    """Book-keeping of one layer for transformers (sequence length, mask sizes); the data is in `store`."""
+
+    def __init__(self):
+        super().__init__()
+        self.store: LayerStore | None = None
+        self.seen = 0  # tokens seen, padding included (positions transformers counts)
+
+    def lazy_initialization(self, key_states, value_states):  # buffers are built at prefill
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - CompressedCache.update
+        raise RuntimeError("use CompressedCache.update")
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store, self.seen = None, 0
+
+
+class CompressedCache(Cache):
+    """A compressed KV cache for `model.generate` (see the module docstring).
+
+    cfg: a CacheConfig (or dict). model_config: the model's transformers config (its attention implementation is
+    set to "kvstream"). seeds: per-sequence Keyformer noise seeds (default: derived from cfg.seed and the row).
+    """
+
+    def __init__(self, cfg: CacheConfig | dict, model_config, seeds: list[int] | None = None):
+        cfg = cfg if isinstance(cfg, CacheConfig) else CacheConfig.from_dict(cfg)
+        mc = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        check_model_config(cfg, mc)
+        self.cfg, self.policy = cfg, get_policy(cfg)
+        self.num_layers = mc.num_hidden_layers
+        self.n_kv = mc.num_key_value_heads or mc.num_attention_heads
+        self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.user_seeds = seeds
+        self.plan: SeqPlan | None = None
+        self.backend: str | None = None
+        self._workspace = None  # (shape key, kernels.decode_attention.DecodeWorkspace) for the triton backend
+        super().__init__(layers=[_Layer() for _ in range(self.num_layers)])
+        install_attention(model_config)
+        if cfg.policy == "keyformer" and cfg.max_new_tokens is None:
+            log.warning("CacheConfig.max_new_tokens is None: Keyformer's tau schedule assumes T=128 new tokens")
+
+    # ---- transformers Cache API ------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store the new tokens of `layer_idx`; returns them tagged so the kvstream attention finds this cache."""
+        layer = self.layers[layer_idx]
+        q_len = key_states.shape[2]
+        if layer.store is not None:
+            if q_len != 1:
+                raise NotImplementedError(
+                    f"CompressedCache decodes one token per step; got {q_len} new tokens after the prompt "
+                    "(chunked prefill, assisted or speculative decoding are not supported)"
+                )
+            layer.store.append(key_states, value_states)
+        layer.seen += q_len
+        setattr(key_states, _TAG, (self, layer_idx))
+        return key_states, value_states
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("CompressedCache does not support beam search; use greedy or sampling")
+
+    def crop(self, max_length):
+        raise NotImplementedError("CompressedCache cannot be cropped (evicted tokens are gone)")
+
+    def reset(self):
+        super().reset()
+        self.plan = None
+
+    # ---- attention -------------------------------------------------------------------------------------------
+    def attend(self, layer_idx: int, module, query, key, value, attention_mask, scaling: float):
+        """query (B, Hq, q_len, D); key/value (B, H, q_len, D) -> attention output (B, q_len, Hq, D)."""
+        layer = self.layers[layer_idx]
+        decode_fn, prefill_fn = ops(self.backend or self._resolve_backend(query.device))
+        if layer.store is None:
+            return self._prefill(layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn)
+        store = layer.store
+        step = store.t + 1
+        score_mode = 0 if not self.policy.scored else (2 if self.policy.noisy else 1)
+        slots = store.slots()
+        extra = {}
+        if self.backend == "triton":  # one scratch for all layers (same shapes), so steps allocate nothing
+            key = (tuple(query.shape), slots.cs, slots.cw, score_mode)
+            if self._workspace is None or self._workspace[0] != key:
+                from kvstream.kernels.decode_attention import decode_workspace
+
+                self._workspace = (key, decode_workspace(query[:, :, 0], slots, score_mode))
+            extra["workspace"] = self._workspace[1]
+        out = decode_fn(query[:, :, 0], slots, scaling, score_mode, store.scores, self.plan.seeds, layer_idx, step,
+                        self.cfg.tau(step), **extra)
+        store.after_attend()
+        return out.unsqueeze(1)
+
+    def _prefill(self, layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn):
+        B, _, T, _ = key.shape
+        valid = padding_valid(attention_mask, B, T, key.device)
+        if self.plan is None:
+            self.backend = self._resolve_backend(key.device)
+            self.plan = self._make_plan(valid)
+        # H2O on an unpadded batch: the fused attention SDPA would run anyway, asked for its row log-sum-exp, which
+        # is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
+        res = attention_with_lse(query, key, value, scaling) if self._lse_prefill(module, query, T) else None
+        if res is not None:
+            out, lse = res
+        else:
+            # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
+            lse = None
+        scores = None
+        if self.policy.scored:
+            scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
+                                layer_idx, self.cfg.prefill_chunk, row_lse=lse)
+        store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device)
+        store.prefill(key, value, scores)
+        self.layers[layer_idx].store = store
+        if all(layer.store is not None for layer in self.layers):
+            self.plan.order = None  # only prefill needs it
+        return out
+
+    def _lse_prefill(self, module, query, T: int) -> bool:
+        """Whether this prefill can take H2O's row normalizer from the attention (see `attention_with_lse`)."""
+        return (self.backend == "triton" and self.policy.scored and not self.policy.noisy and self.cfg.tau_init == 1.0
+                and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and min(self.plan.n) == T
+                and getattr(module, "sliding_window", None) is None and query.shape[-1] % 8 == 0
+                and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
+                and (torch.backends.cuda.flash_sdp_enabled() or _use_cudnn(query.device)))
+
+    def _resolve_backend(self, device) -> str:
+        return resolve_backend(self.cfg.backend, device, self.head_dim, self.cfg.group_size, self.cfg.bits)
+
+    def _make_plan(self, valid: torch.Tensor) -> SeqPlan:
+        n = valid.sum(-1).tolist()  # the one host read of a generation
+        if min(n) == 0:
+            raise ValueError("CompressedCache: a sequence in the batch has an empty prompt (all padding)")
+        k = [self.policy.budget(x) for x in n]
+        w = [self.policy.recent_window(x) for x in k]
+        cap = [x - y for x, y in zip(k, w)]
+        if self.cfg.max_new_tokens is not None:  # a window that can never fill needs no more ring slots
+            w = [min(x, m + self.cfg.max_new_tokens) for x, m in zip(w, n)]
+        B = len(n)
+        if self.user_seeds is not None:
+            if len(self.user_seeds) != B:
+                raise ValueError(f"CompressedCache: {len(self.user_seeds)} seeds for a batch of {B} sequences")
+            seeds = list(self.user_seeds)
+        else:
+            seeds = [(self.cfg.seed * 1_000_003 + b) & 0x7FFFFFFF for b in range(B)]
+        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+        return SeqPlan(n=n, k=k, w=w, cap=cap, order=order, max_new=self.cfg.max_new_tokens,
+                       seeds=torch.tensor(seeds, dtype=torch.int64, device=valid.device))
+
+    # ---- accounting ------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Bytes and tokens the cache holds.
+
+        kv_bytes: every byte of every tensor held (the allocation, slack and per-slot metadata included);
+        kv_bytes_full: what a full-precision cache of every token seen would hold; tokens_kept / tokens_seen:
+        batch totals (per layer). kv_bytes_per_seq: the bytes of the slots each sequence uses (its tokens, their
+        scales and metadata), so a short row in a batch of long ones is not charged for their slots.
+        """
+        stores = [layer.store for layer in self.layers if layer.store is not None]
+        if not stores:
+            return {"kv_bytes": 0, "kv_bytes_full": 0, "tokens_kept": 0, "tokens_seen": 0,
+                    "kv_bytes_per_seq": [], "kv_bytes_full_per_seq": []}
+        B = stores[0].B
+        held = sum(t.numel() * t.element_size() for t in self.tensors())
+        seen = [n + stores[0].t for n in self.plan.n]
+        per_tok = 2 * self.n_kv * self.head_dim * stores[0].win_k.element_size()  # K and V, one layer
+        full = [len(stores) * per_tok * x for x in seen]
+        return {
+            "kv_bytes": held,
+            "kv_bytes_full": sum(full),
+            "tokens_kept": sum(stores[0].tokens_kept()),
+            "tokens_seen": sum(seen),
+            "kv_bytes_per_seq": [sum(s.row_bytes()[b] for s in stores) for b in range(B)],
+            "kv_bytes_full_per_seq": full,
+        }
+
+    def kept_positions(self, layer_idx: int = 0) -> list[list[list[int]]]:
+        """Positions layer `layer_idx` holds, [sequence][KV head] -> sorted list (reads the device)."""
+        store = self.layers[layer_idx].store
+        return [] if store is None else store.kept_positions()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (what `stats()["kv_bytes"]` counts)."""
+        held = [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]
+        return held + ([self.plan.seeds] if self.plan is not None else [])
+
+
+_CUDNN_LSE = {"ok": True}  # cleared the first time cuDNN turns a call down; the flash kernel is used from then on
+
+
+def _use_cudnn(device) -> bool:
+    """cuDNN's fused attention is what SDPA dispatches to on Hopper and later (and the fastest there, measured
+    in jobs/bench_kernels.py); elsewhere the flash kernel is."""
+    return (_CUDNN_LSE["ok"] and torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _cudnn_attention(query, key, value, scaling: float):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
+                                                              scale=scaling)
+
+
+def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention of an unpadded prefill through the fused kernel SDPA uses on this GPU (cuDNN on Hopper,
+    else flash), also returning each row's log-sum-exp: query (B, Hq, T, D), key/value (B, H, T, D) fp16/bf16
+    on CUDA -> (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32), or None when cuDNN
+    turns the call down and the flash kernel is disabled (torch.backends.cuda.enable_flash_sdp(False))."""
+    B, Hq, T, _ = query.shape
+    grp = Hq // key.shape[1]
+    if grp > 1:
+        key, value = key.repeat_interleave(grp, 1), value.repeat_interleave(grp, 1)
+    if _use_cudnn(query.device):
+        try:
+            res = _cudnn_attention(query, key, value, scaling)
+            return res[0].transpose(1, 2).contiguous(), res[1].reshape(B, Hq, T).float()
+        except RuntimeError:  # a shape or build cuDNN does not take: the flash kernel from now on
+            _CUDNN_LSE["ok"] = False
+    if not torch.backends.cuda.flash_sdp_enabled():
+        return None
+    res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
+    return res[0].transpose(1, 2).contiguous(), res[1]
+
+
+def padding_valid(attention_mask, B: int, T: int, device) -> torch.Tensor:
+    """(B, T) bool of real (non-padding) tokens from the mask transformers passes to the attention function."""
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    m = attention_mask
+    if m.dim() == 4:  # (B, 1, q, kv): the last query row sees every real key
+        m = m[:, 0, -1, -T:]
+        return (m if m.dtype == torch.bool else m == 0).to(device)
+    return m[:, -T:].to(device=device).bool()
+
+
+def check_model_config(cfg: CacheConfig, mc) -> None:
+    """Clear errors for models and shapes the cache does not support."""
+    mtype = getattr(mc, "model_type", None)
+    if mtype not in SUPPORTED_MODELS:
+        raise NotImplementedError(
+            f"CompressedCache does not support model type {mtype!r}; supported: {', '.join(SUPPORTED_MODELS)}"
+        )
+    if getattr(mc, "attn_logit_softcapping", None):
+        raise NotImplementedError(f"CompressedCache does not support attention logit soft-capping ({mtype})")
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    if cfg.quant != "none":
+        if head_dim % cfg.group_size:
+            raise ValueError(
+                f"head_dim {head_dim} is not a multiple of CacheConfig.group_size={cfg.group_size}: choose a group "
+                f"size that divides {head_dim}"
+            )
+
+
+def kvstream_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: compressed attention when `key` came from a CompressedCache, else SDPA."""
+    tag = getattr(key, _TAG, None)
+    if tag is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cache, layer_idx = tag
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return cache.attend(layer_idx, module, query, key, value, attention_mask, scaling), None
+
+
+AttentionInterface.register(ATTN_NAME, kvstream_attention)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)  # prefill gets SDPA's (B, 1, q, kv) padding-aware mask
+
+
+def install_attention(model_config) -> None:
+    """Route the model's attention through kvstream_attention (SDPA for any other cache)."""
+    model_config._attn_implementation = ATTN_NAME
+    sub = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
+    if sub is not None and sub is not model_config:
+        sub._attn_implementation = ATTN_NAME

@@ -1,0 +1,322 @@
+"""Slot storage of one layer: preallocated buffers sized by the budget, lengths on the device, no per-step cat.
+
+Two regions per (sequence, KV head), read by the decode kernels as `kernels.slots.KVSlots`:
+- the ring W: the most recent tokens in full precision. With an evicting policy it holds the recent window
+  (w + 1 slots: the window plus the new token); ring slot of position p is p % (w + 1).
+- the kept store S: older tokens that stay, in the model dtype or quantized (KIVI layouts).
+
+Two modes:
+- `evict` (every policy except full+kivi): after each decode step the token leaving the recent window moves to S
+  while S has room; once S holds its budget, it competes with S's tokens (scored policies: the lowest accumulated
+  score is evicted; window/sink: the leaving token is). Writing into a quantized S re-quantizes the touched key
+  group(s) from their dequantized members (per-channel keys) or encodes just that token (per-token layouts); the
+  freed slot is reused at once, so memory stays at the budget.
+- `kivi` (policy full with kivi2/kivi4): KIVI's own rules. S slot = position. Prefill quantizes keys
+  [0, T - T % R) and values [0, T - R); the ring (R slots) holds the last R tokens; during decode the value of
+  the token that is R positions old leaves the ring into S (FIFO), and keys are flushed a block of R at a time
+  when R keys wait in full precision (after the step that used the newest one in full precision).
+Host-side counters mirror the lengths (each decode step adds exactly one token to every sequence), so no step
+reads a device value back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstream.kernels.slots import KVSlots
+from kvstream.kvcache.config import CacheConfig
+from kvstream.kvcache.kept_store import KeptStore, round_up
+from kvstream.kvcache.policies import Policy
+
+_GROWTH = 64
+
+
+@dataclass
+class SeqPlan:
+    """Per-sequence facts fixed at prefill, shared by all layers."""
+
+    n: list[int]  # unpadded prompt lengths
+    k: list[int]  # token budgets
+    w: list[int]  # recent windows
+    cap: list[int]  # slots of S per sequence (k - w, or unbounded)
+    order: torch.Tensor  # (B, T) int64: gathers each row's valid tokens first, in position order
+    seeds: torch.Tensor  # (B,) int64 Keyformer noise seeds
+    max_new: int | None
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a host sync (pinned staging, non-blocking copy on CUDA)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+class LayerStore:
+    """Compressed K/V of one layer for a batch: see the module docstring."""
+
+    def __init__(self, cfg: CacheConfig, policy: Policy, plan: SeqPlan, n_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.cfg, self.policy, self.plan = cfg, policy, plan
+        self.B, self.H, self.D, self.dtype, self.device = len(plan.n), n_heads, head_dim, dtype, device
+        self.kivi = cfg.policy == "full" and cfg.quant in ("kivi2", "kivi4")
+        self.quant = {"none": "none", "kivi2": "channel", "kivi4": "channel", "token2": "token"}[cfg.quant]
+        self.bits = cfg.bits or 16
+        self.G = cfg.group_size
+        self.scored = policy.scored
+        self.bidx = torch.arange(self.B, device=device)
+        self.s_cnt = [0] * self.B  # S slots in use (keys), host mirror of s_len
+        self.sv_cnt = [0] * self.B  # S slots whose value is in S (kivi mode), host mirror of sv_len
+        self.t = 0  # decode tokens appended so far
+
+    # ---- allocation ------------------------------------------------------------------------------------------
+    def _init_buffers(self, cs: int, cw: int) -> None:
+        B, H, D, dev = self.B, self.H, self.D, self.device
+        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs)
+        self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
+        self.win_v = torch.zeros_like(self.win_k)
+        self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
+        self.win_lo = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.s_len = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.sv_len = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.scores = torch.zeros(B, H, self.cs + cw, dtype=torch.float32, device=dev) if self.scored else None
+
+    @property
+    def cs(self) -> int:
+        return self.kept.cs
+
+    @property
+    def cw(self) -> int:
+        return self.win_k.shape[2]
+
+    @property
+    def s_pos(self) -> torch.Tensor:
+        return self.kept.s_pos
+
+    def _grow(self, need: int) -> None:
+        """Enlarge S to hold `need` slots (unbounded budgets only; rare, amortized by _GROWTH)."""
+        old_cs = self.cs
+        new_cs = self.kept.grow(need, max(_GROWTH, old_cs // 2))
+        if self.scores is not None:
+            s = torch.zeros(self.B, self.H, new_cs + self.cw, dtype=torch.float32, device=self.device)
+            s[:, :, :old_cs] = self.scores[:, :, :old_cs]
+            s[:, :, new_cs:] = self.scores[:, :, old_cs:]
+            self.scores = s
+
+    # ---- prefill ---------------------------------------------------------------------------------------------
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None) -> None:
+        """k, v (B, H, T, D) post-RoPE, left padded; scores (B, H, T) float32 prefill scores or None."""
+        order = self.plan.order
+        gi = order.view(self.B, 1, -1, 1).expand(-1, self.H, -1, self.D)
+        kc, vc = k.gather(2, gi), v.gather(2, gi)  # valid tokens first, in position order
+        sc = None if scores is None else scores.gather(2, order.view(self.B, 1, -1).expand(-1, self.H, -1))
+        if self.kivi:
+            self._prefill_kivi(kc, vc)
+        else:
+            self._prefill_evict(kc, vc, sc)
+
+    def _prefill_evict(self, kc, vc, sc) -> None:
+        plan, B, H, D, dev = self.plan, self.B, self.H, self.D, self.device
+        older = [max(0, n - w) for n, w in zip(plan.n, plan.w)]
+        cs_need = [min(c, m + (plan.max_new or 0)) if plan.max_new is not None else min(c, m) + _GROWTH
+                   for c, m in zip(plan.cap, older)]
+        self._init_buffers(max([0, *cs_need]), max(plan.w) + 1)
+        ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
+        vs = torch.zeros_like(ks)
+        k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        for b in range(B):
+            n, w, m = plan.n[b], plan.w[b], older[b]
+            sel = self.policy.select(None if sc is None else sc[b, :, :m], m, plan.cap[b], H, dev)  # (H, c)
+            c = sel.shape[1]
+            self.s_cnt[b] = self.sv_cnt[b] = c
+            if c:
+                gi = sel.unsqueeze(-1).expand(H, c, D)
+                ks[b, :, :c], vs[b, :, :c] = kc[b].gather(1, gi), vc[b].gather(1, gi)
+                k_valid[b, :, :c] = True
+                self.s_pos[b, :, :c] = sel.to(torch.int32)
+                if sc is not None:
+                    self.scores[b, :, :c] = sc[b].gather(1, sel)
+            pos = torch.arange(m, n, device=dev)  # the recent window
+            ring = pos % (w + 1)
+            self.win_k[b, :, ring], self.win_v[b, :, ring] = kc[b, :, m:n], vc[b, :, m:n]
+            self.win_pos[b, ring] = pos.to(torch.int32)
+            self.win_lo[b] = m
+            if sc is not None:
+                self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
+        self.kept.encode_all(ks, vs, k_valid)
+        self._sync_lengths()
+
+    def _prefill_kivi(self, kc, vc) -> None:
+        plan, R, B, H, D, dev = self.plan, self.cfg.residual, self.B, self.H, self.D, self.device
+        span = max(plan.n) + (plan.max_new if plan.max_new is not None else _GROWTH)
+        self._init_buffers(round_up(span, R), R)
+        ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
+        vs = torch.zeros_like(ks)
+        k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        for b, n in enumerate(plan.n):
+            nq_k, nq_v = n - n % R, max(0, n - R)
+            ks[b, :, :nq_k], vs[b, :, :nq_v] = kc[b, :, :nq_k], vc[b, :, :nq_v]
+            k_valid[b, :, :nq_k] = True
+            self.s_pos[b, :, :nq_k] = torch.arange(nq_k, dtype=torch.int32, device=dev)
+            self.s_cnt[b], self.sv_cnt[b] = nq_k, nq_v
+            pos = torch.arange(max(0, n - R), n, device=dev)
+            self.win_k[b, :, pos % R], self.win_v[b, :, pos % R] = kc[b, :, pos], vc[b, :, pos]
+            self.win_pos[b, pos % R] = pos.to(torch.int32)
+            self.win_lo[b] = nq_k
+        self.kept.encode_all(ks, vs, k_valid)
+        self._sync_lengths()
+
+    def _sync_lengths(self) -> None:
+        self.s_len.copy_(to_device(self.s_cnt, torch.int32, self.device))
+        self.sv_len.copy_(to_device(self.sv_cnt, torch.int32, self.device))
+
+    # ---- decode ----------------------------------------------------------------------------------------------
+    def positions(self) -> list[int]:
+        """Position of the token being decoded, per sequence."""
+        return [n + self.t for n in self.plan.n]
+
+    def append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        """Write the new token's k, v (B, H, 1, D) into the ring before attention."""
+        p = self.positions()
+        if self.kivi:
+            R = self.cw
+            leaving = [b for b in range(self.B) if p[b] - R >= 0]  # its value leaves the ring (FIFO)
+            if leaving:
+                need = max(p) - R + 1
+                if need > self.cs:
+                    self._grow(need)
+                slot = to_device([max(0, q - R) for q in p], torch.int64, self.device).view(-1, 1).expand(-1, self.H)
+                do = to_device([p[b] - R >= 0 for b in range(self.B)], torch.bool, self.device)
+                do = do.view(-1, 1).expand(-1, self.H)
+                self.kept.write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
+                for b in leaving:
+                    self.sv_cnt[b] = p[b] - R + 1
+                self._sync_lengths()  # attention reads those values from S now
+            ring = [q % R for q in p]
+        else:
+            ring = [q % (w + 1) for q, w in zip(p, self.plan.w)]
+        r = to_device(ring, torch.int64, self.device)
+        self.win_k[self.bidx, :, r] = k1[:, :, 0]
+        self.win_v[self.bidx, :, r] = v1[:, :, 0]
+        self.win_pos[self.bidx, r] = to_device(p, torch.int32, self.device)
+        if self.scores is not None:
+            self.scores[self.bidx, :, self.cs + r] = 0.0
+        if not self.kivi:
+            self.win_lo.copy_(to_device([max(0, q - w) for q, w in zip(p, self.plan.w)], torch.int32, self.device))
+
+    def after_attend(self) -> None:
+        """After the step's attention: KIVI key flush, or the leaving token's move/eviction."""
+        if self.kivi:
+            self._flush_keys()
+        else:
+            self._leave()
+        self.t += 1
+        self._sync_lengths()
+
+    def _flush_keys(self) -> None:
+        R, p = self.cw, self.positions()
+        for b in range(self.B):
+            nq = self.s_cnt[b]
+            if p[b] + 1 - nq < R:
+                continue
+            if nq + R > self.cs:
+                self._grow(nq + R)
+            self.kept.write_key_block(b, nq, self.win_k[b])  # ring slots 0..R-1 hold positions nq..nq+R-1
+            self.s_cnt[b] = nq + R
+            self.win_lo[b] = nq + R
+
+    def _leave(self) -> None:
+        plan, p = self.plan, self.positions()
+        act, tgt_host = [], []
+        for b in range(self.B):
+            left = p[b] - plan.w[b]
+            if left < 0:
+                act.append("none")
+            elif self.s_cnt[b] < plan.cap[b]:
+                act.append("insert")
+            elif plan.cap[b] > 0 and self.scored:
+                act.append("compete")
+            else:
+                act.append("drop")
+            tgt_host.append(self.s_cnt[b])
+        self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)  # the token left
+        if all(a in ("none", "drop") for a in act):
+            return
+        need = max(c + 1 for c, a in zip(self.s_cnt, act) if a == "insert") if "insert" in act else 0
+        if need > self.cs:
+            self._grow(need)
+        src = to_device([(q - w) % (w + 1) if q - w >= 0 else 0 for q, w in zip(p, plan.w)], torch.int64, self.device)
+        k, v = self.win_k[self.bidx, :, src], self.win_v[self.bidx, :, src]  # (B, H, D)
+        a_ins = to_device([a == "insert" for a in act], torch.bool, self.device).view(-1, 1)
+        a_cmp = to_device([a == "compete" for a in act], torch.bool, self.device).view(-1, 1)
+        tgt = to_device(tgt_host, torch.int64, self.device).view(-1, 1).expand(-1, self.H)
+        do = a_ins.expand(-1, self.H)
+        if self.scored:
+            leave_score = self.scores[self.bidx, :, self.cs + src]  # (B, H)
+            if "compete" in act:
+                s = self.scores[:, :, : self.cs]
+                in_use = torch.arange(self.cs, device=self.device).view(1, 1, -1) < self.s_len.view(-1, 1, 1)
+                low, arg = torch.where(in_use, s, torch.inf).min(-1)  # (B, H)
+                win = a_cmp & (leave_score > low)
+                tgt = torch.where(a_cmp, arg, tgt)
+                do = do | win
+        n_valid = to_device([c + (a == "insert") for c, a in zip(self.s_cnt, act)], torch.int64, self.device)
+        tgt = tgt.clamp(max=max(self.cs - 1, 0))
+        self.kept.write_keys(tgt, do, k, n_valid)
+        self.kept.write_values(tgt, do, v)
+        self.kept.write_pos(tgt, do, to_device([q - w for q, w in zip(p, plan.w)], torch.int32, self.device))
+        if self.scored:
+            old = self.scores[:, :, : self.cs].gather(2, tgt.unsqueeze(-1)).squeeze(-1)
+            self.scores[:, :, : self.cs].scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_score, old).unsqueeze(-1))
+        for b, a in enumerate(act):
+            if a == "insert":
+                self.s_cnt[b] += 1
+                self.sv_cnt[b] += 1
+
+    # ---- views and accounting --------------------------------------------------------------------------------
+    def slots(self) -> KVSlots:
+        return KVSlots(quant=self.quant, bits=self.bits, group_size=self.G, s_len=self.s_len, sv_len=self.sv_len,
+                       win_k=self.win_k, win_v=self.win_v, win_pos=self.win_pos, win_lo=self.win_lo, **self.kept.S)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this layer holds."""
+        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.bidx]
+        ts += self.kept.tensors()
+        return ts + ([self.scores] if self.scores is not None else [])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def kept_positions(self) -> list[list[list[int]]]:
+        """Sorted positions held, [sequence][KV head] -> list (for tests and inspection; reads the device)."""
+        win_pos, win_lo, s_pos = self.win_pos.tolist(), self.win_lo.tolist(), self.s_pos.tolist()
+        out = []
+        for b in range(self.B):
+            ring = [q for q in win_pos[b] if q >= win_lo[b]]
+            if self.kivi:  # keys of positions >= s_len are read from the ring, the rest from S
+                out.append([sorted(set(s_pos[b][h][: self.s_cnt[b]]) | set(ring)) for h in range(self.H)])
+            else:
+                out.append([sorted(s_pos[b][h][: self.s_cnt[b]] + ring) for h in range(self.H)])
+        return out
+
+    def row_bytes(self) -> list[int]:
+        """Bytes of the slots each sequence uses: S slots in use and ring slots holding tokens."""
+        per_ring = sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.win_pos)) / (self.B * self.cw)
+        per_s = sum(t.numel() * t.element_size() for t in self.kept.tensors()) / max(1, self.B * self.cs)
+        if self.scores is not None:
+            per_ring += self.H * 4
+            per_s += self.H * 4
+        in_ring = self._in_ring()
+        return [int(self.s_cnt[b] * per_s + in_ring[b] * per_ring) for b in range(self.B)]
+
+    def _in_ring(self) -> list[int]:
+        """Ring slots holding a token, per sequence (the last R positions in kivi mode, else the window)."""
+        last = [n + self.t - 1 for n in self.plan.n]  # last appended position
+        return [min(q + 1, self.cw if self.kivi else w) for q, w in zip(last, self.plan.w)]
+
+    def tokens_kept(self) -> list[int]:
+        """Tokens held per sequence (S plus the valid part of the ring)."""
+        if self.kivi:  # every position: keys or values of the ring's tokens may already be in S
+            return [n + self.t for n in self.plan.n]
+        return [c + r for c, r in zip(self.s_cnt, self._in_ring())]

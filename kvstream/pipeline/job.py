@@ -1,0 +1,240 @@
+"""A batch job end to end: config -> Ray Data pipeline -> Parquet results + stats.
+
+read files -> [limit] -> [skip rows already in the output] -> prompt -> tokenize + length policy
+-> sort windows by length -> generate (actor pool, one Engine per actor) -> driver writes Parquet parts.
+
+Everything up to the driver's loop is lazy; Ray Data streams batches through it. The driver starts a local Ray
+unless `runtime.address` or RAY_ADDRESS names a cluster (as `ray job submit` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
+from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
+from kvstream.pipeline.fs import InputError, join, list_inputs, s3_options, write_bytes_atomic
+from kvstream.pipeline.generate import Generate
+from kvstream.pipeline.models import model_context
+from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
+from kvstream.pipeline.reader import iter_records, read_batch
+from kvstream.pipeline.stage import SkipDone, SortByLength
+from kvstream.pipeline.stats import RunStats, summary, write_stats
+from kvstream.pipeline.tokenize import Tokenize
+from kvstream.pipeline.writer import ResultWriter, clear_results, done_ids
+
+log = logging.getLogger("kvstream")
+PRECHECK_ROWS = 1000
+
+
+def input_spec(cfg: DictConfig) -> dict[str, Any]:
+    d = cfg.data
+    col = d.text_column if cfg.task == "summarize" else d.messages_column
+    passthrough = [c for c in [d.reference_column, *d.passthrough_columns] if c]
+    for c in passthrough:
+        if c in ("id", "error", "generated_text", "num_input_tokens", "num_generated_tokens"):
+            raise ConfigError(f"data passthrough column {c!r} collides with an output column; rename it in the data")
+    return {"task": cfg.task, "input_column": col, "id_column": d.id_column, "format": d.format,
+            "passthrough": list(dict.fromkeys(passthrough))}
+
+
+def precheck_columns(url: str, spec: dict, s3: dict) -> None:
+    """Stop early when a configured column is in none of the first rows of the first file."""
+    seen: set[str] = set()
+    n = 0
+    for _, rec in iter_records(url, spec["format"], s3):
+        if isinstance(rec, dict):
+            seen.update(rec)
+            n += 1
+        if n >= PRECHECK_ROWS:
+            break
+    if n == 0:
+        return
+    keys = {"data.text_column" if spec["task"] == "summarize" else "data.messages_column": spec["input_column"],
+            "data.id_column": spec["id_column"]}
+    keys.update({f"data column {c!r}": c for c in spec["passthrough"]})
+    for key, col in keys.items():
+        if col and col not in seen:
+            raise InputError(f"{key}={col!r}: no row of {url} has this column (checked {n} rows); "
+                             f"columns there: {', '.join(sorted(seen))}")
+
+
+def max_input_tokens(cfg: DictConfig) -> int:
+    ctx = model_context(cfg.model.path)
+    room = ctx - cfg.generate.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} leaves no room in the model's "
+                          f"{ctx}-token context")
+    m = cfg.generate.max_input_tokens
+    if m is None:
+        return room
+    if m > room:
+        raise ConfigError(f"generate.max_input_tokens={m} + generate.max_new_tokens={cfg.generate.max_new_tokens} "
+                          f"exceeds the model's {ctx}-token context; lower one of them")
+    return int(m)
+
+
+def init_ray(cfg: DictConfig) -> None:
+    import ray
+
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+            return
+        ray.init()
+    if not address:
+        check_fits(cfg, ray.cluster_resources())
+
+
+def check_fits(cfg: DictConfig, resources: dict) -> None:
+    """On a fixed (local) cluster: the actor pool must fit, and leave a CPU for the read/tokenize tasks
+    (else Ray Data waits forever for a CPU that the actors hold)."""
+    r = cfg.runtime
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if r.num_actors * r.num_gpus_per_actor > gpus:
+        raise ConfigError(f"runtime.num_actors={r.num_actors} x runtime.num_gpus_per_actor={r.num_gpus_per_actor} "
+                          f"needs more GPUs than this Ray has ({gpus:g}); lower one of them")
+    if r.num_actors * r.num_cpus_per_actor > cpus - 1:
+        raise ConfigError(f"runtime.num_actors={r.num_actors} x runtime.num_cpus_per_actor={r.num_cpus_per_actor} "
+                          f"leaves no CPU of this Ray's {cpus:g} for reading and tokenizing; lower one of them "
+                          f"(fractions such as 0.5 are fine)")
+
+
+def injected_faults() -> dict:
+    """Test hooks from the driver's environment (see pipeline/generate.py)."""
+    env = os.environ
+    out: dict[str, Any] = {}
+    if env.get("KVSTREAM_INJECT_OOM_ABOVE"):
+        out["oom_above"] = int(env["KVSTREAM_INJECT_OOM_ABOVE"])
+    if env.get("KVSTREAM_INJECT_CRASH_MARKER"):
+        out["crash_marker"] = env["KVSTREAM_INJECT_CRASH_MARKER"]
+        out["crash_after"] = int(env.get("KVSTREAM_INJECT_CRASH_AFTER", "1"))
+    return out
+
+
+def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict):
+    """The lazy Ray Dataset of result rows."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.data.limit is not None  # the same first rows on every run
+    items = [{"file": f, "rel": f.split("://", 1)[-1][len(base):].lstrip("/") or f} for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec, "s3": s3})
+    r = cfg.runtime
+    window = r.sort_window or 16 * r.batch_size
+    ds = ds.repartition(target_num_rows_per_block=window)  # files -> windows: tokenizing runs in parallel
+    if cfg.data.limit is not None:
+        ds = ds.limit(int(cfg.data.limit))
+    if done:
+        ds = SkipDone(ray.put(done)).apply(ds)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    p = cfg.prompt
+    if cfg.task == "summarize":
+        prompt = SummarizePrompt(p.template)
+    else:
+        prompt = ChatPrompt(model, p.chat_template, p.system, p.turn_template, p.generation_prefix)
+    ds = prompt.apply(ds)
+    ds = Tokenize(model, max_input_tokens(cfg), cfg.generate.truncation).apply(ds)
+    ds = SortByLength(window).apply(ds)
+    ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per generation batch: spread, streamed
+    gen = Generate(model, cache_config(cfg).to_dict(), OmegaConf.to_container(cfg.generate, resolve=True),
+                   r.num_actors, r.num_gpus_per_actor, r.num_cpus_per_actor, r.batch_size, injected_faults())
+    return gen.apply(ds)
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    safe = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for k in ("key", "secret"):
+        if safe.s3[k]:
+            safe.s3[k] = "***"
+    return to_yaml(safe)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job; returns the stats dict (also written to <output.path>/stats.json)."""
+    s3 = s3_options(OmegaConf.to_container(cfg.s3, resolve=True))
+    output = cfg.output.path
+    if cfg.data.path.startswith("demo:"):
+        kind = cfg.data.path.split(":", 1)[1]
+        path = materialize(kind, output, s3, cfg.data.demo_rows)
+        cfg = OmegaConf.merge(cfg, {"data": {"path": path, **DEMO_COLUMNS.get(kind, {})}})
+    spec = input_spec(cfg)
+    files, base = list_inputs(cfg.data.path, s3, cfg.data.format)
+    precheck_columns(files[0], spec, s3)
+    if cfg.output.overwrite:
+        clear_results(output, s3)
+    done = done_ids(output, s3)
+    if done and not cfg.output.resume:
+        raise ConfigError(f"output.path={output} already holds {len(done)} result rows: "
+                          "set output.resume=true to continue or output.overwrite=true to replace them")
+    write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
+    init_ray(cfg)
+    ds = build_dataset(cfg, files, base, spec, done, s3)
+
+    stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
+    last = time.time()
+    try:
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            stats.add(table)
+            writer.add(table)
+            if time.time() - last >= cfg.runtime.progress_every_s:
+                last = time.time()
+                print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
+                      f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+    finally:
+        writer.flush()  # rows finished before a failure stay written; a rerun resumes after them
+    stats.skipped = len(set(done))
+    c = cache_config(cfg)
+    result = stats.result({
+        "task": cfg.task, "model": cfg.model.path, "results": join(output, "results"), "files_written": writer.files,
+        "cache": f"{c.policy}(budget={c.budget})+{c.quant}" if c.policy != "full" else f"full+{c.quant}",
+    })
+    write_stats(output, result, s3)
+    return result
+
+
+def main(task: str, argv: list[str] | None = None) -> int:
+    """CLI: `python jobs/<task>.py [--config conf/<task>.yaml] [key=value ...]`."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{task}.py", description=f"kvstream {task} batch job")
+    parser.add_argument("--config", help="YAML file merged over the defaults")
+    parser.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist), e.g. cache.policy=keyformer")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(task, args.config, args.overrides)
+        stats = run(cfg)
+    except (ConfigError, InputError) as e:
+        print(f"kvstream: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        cause = find_input_error(e)
+        if cause is None:
+            raise
+        print(f"kvstream: error: {cause}", file=sys.stderr)
+        return 2
+    print(summary(stats), flush=True)
+    return 0
+
+
+def find_input_error(e: BaseException) -> str | None:
+    """The InputError message inside an exception raised through Ray (task errors wrap the original)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, InputError):
+            return str(e).strip().splitlines()[-1]
+        if "InputError" in str(e):
+            lines = [ln for ln in str(e).splitlines() if "InputError" in ln]
+            return lines[-1].split("InputError:", 1)[-1].strip()
+        e = e.__cause__ or e.__context__
+    return None
