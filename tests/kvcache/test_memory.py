@@ -22,7 +22,7 @@ def _tensors_reachable(obj, seen=None) -> dict[int, torch.Tensor]:
             stack.extend(o.values())
         elif isinstance(o, (list, tuple)):
             stack.extend(o)
-        elif hasattr(o, "__dict__") and type(o).__module__.startswith("kvcache"):
+        elif hasattr(o, "__dict__") and type(o).__module__.startswith("kvstream"):
             stack.extend(vars(o).values())
         elif hasattr(o, "__dict__") and type(o).__name__ == "_Layer":
             stack.extend(vars(o).values())
