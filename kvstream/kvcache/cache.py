@@ -224,7 +224,7 @@ class CompressedCache(Cache):
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (what `stats()["kv_bytes"]` counts)."""
         held = [t for layer in self.layers if layer.store is not None for t in layer.store.tensors()]
-        return held + ([self.plan.seeds] if self.plan is not None else [])
+        return held + (self.plan.tensors() if self.plan is not None else [])
 
 
 _CUDNN_LSE = {"ok": True}  # cleared the first time cuDNN turns a call down; the flash kernel is used from then on
@@ -284,7 +284,7 @@ def check_model_config(cfg: CacheConfig, mc) -> None:
     if getattr(mc, "attn_logit_softcapping", None):
         raise NotImplementedError(f"CompressedCache does not support attention logit soft-capping ({mtype})")
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    if cfg.quant != "none":
+    if cfg.format.quantized:
         if head_dim % cfg.group_size:
             raise ValueError(
                 f"head_dim {head_dim} is not a multiple of CacheConfig.group_size={cfg.group_size}: choose a group "

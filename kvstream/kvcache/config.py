@@ -10,8 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstream.kvcache.formats import FORMATS, get_format
+
 POLICIES = ("full", "window", "sink", "h2o", "keyformer")
-QUANTS = ("none", "kivi2", "kivi4", "token2")
+QUANTS = tuple(FORMATS)  # the storage formats' registry (kvstream.kvcache.formats)
 BACKENDS = ("auto", "torch", "triton")
 GROUP_SIZES = (8, 16, 32, 64, 128)
 
@@ -60,8 +62,8 @@ class CacheConfig:
             raise ValueError(f"CacheConfig: unknown keys {sorted(self.extra)}; valid keys: {', '.join(self.field_names())}")
         if self.policy not in POLICIES:
             raise _choices_error("policy", self.policy, POLICIES)
-        if self.quant not in QUANTS:
-            raise _choices_error("quant", self.quant, QUANTS)
+        if self.quant not in FORMATS:
+            raise _choices_error("quant", self.quant, tuple(FORMATS))
         if self.backend not in BACKENDS:
             raise _choices_error("backend", self.backend, BACKENDS)
         self._check_budget()
@@ -106,8 +108,18 @@ class CacheConfig:
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
+    def format(self):
+        """The storage format (kvstream.kvcache.formats.StorageFormat) named by `quant`."""
+        return get_format(self.quant)
+
+    @property
     def bits(self) -> int | None:
-        return {"none": None, "kivi2": 2, "kivi4": 4, "token2": 2}[self.quant]
+        return self.format.bits
+
+    @property
+    def kivi_residual(self) -> bool:
+        """Policy full over a KIVI format: KIVI's own residual rules (see kvstream.kvcache.storage)."""
+        return self.policy == "full" and self.format.kivi_residual
 
     @property
     def evicts(self) -> bool:

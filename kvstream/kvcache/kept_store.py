@@ -127,11 +127,16 @@ class KeptStore:
         self._put("s_ks", gidx, ksc, do)
         self._put("s_km", gidx, kmn, do)
 
-    def write_key_block(self, b: int, start: int, k: torch.Tensor) -> None:
-        """Quantize a block of whole groups k (H, R, D) of sequence b into slots [start, start + R) (KIVI flush)."""
-        kq, ksc, kmn = quantize_keys(k.unsqueeze(0), self.bits, self.G)
-        P, G, R = 32 // self.bits, self.G, k.shape[1]
-        self.S["s_kc"][b, :, start // P : (start + R) // P] = kq[0]
-        self.S["s_ks"][b, :, start // G : (start + R) // G] = ksc[0]
-        self.S["s_km"][b, :, start // G : (start + R) // G] = kmn[0]
-        self.s_pos[b, :, start : start + R] = torch.arange(start, start + R, dtype=torch.int32, device=self.device)
+    def write_key_blocks(self, start: torch.Tensor, do: torch.Tensor, k: torch.Tensor) -> None:
+        """KIVI flush, predicated per sequence: quantize k (B, H, R, D) (R whole groups) into slots
+        [start[b], start[b] + R) where do[b]; start (B,) a multiple of R; the rest stays as it was."""
+        B, H, R, _ = k.shape
+        P, G = 32 // self.bits, self.G
+        kq, ksc, kmn = quantize_keys(k, self.bits, G)
+        start = torch.where(do, start, 0).to(torch.int64).view(B, 1, 1)  # an in-range index where nothing is done
+        ar = lambda n: torch.arange(n, device=self.device).view(1, 1, n).expand(B, H, n)  # noqa: E731
+        hdo = do.view(B, 1).expand(B, H)
+        self._put("s_kc", start // P + ar(R // P), kq, hdo)
+        self._put("s_ks", start // G + ar(R // G), ksc, hdo)
+        self._put("s_km", start // G + ar(R // G), kmn, hdo)
+        self._put("s_pos", start + ar(R), (start + ar(R)).to(torch.int32), hdo)

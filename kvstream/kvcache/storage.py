@@ -15,8 +15,8 @@ Two modes:
   [0, T - T % R) and values [0, T - R); the ring (R slots) holds the last R tokens; during decode the value of
   the token that is R positions old leaves the ring into S (FIFO), and keys are flushed a block of R at a time
   when R keys wait in full precision (after the step that used the newest one in full precision).
-Host-side counters mirror the lengths (each decode step adds exactly one token to every sequence), so no step
-reads a device value back.
+Lengths live on the device only; a decode step decides everything there (predicated per sequence), so no step
+reads a device value back. Buffers grow (unbounded budgets only) by host bounds from prompt lengths and steps.
 """
 
 from __future__ import annotations
@@ -45,6 +45,17 @@ class SeqPlan:
     seeds: torch.Tensor  # (B,) int64 Keyformer noise seeds
     max_new: int | None
 
+    def __post_init__(self) -> None:
+        # the same facts on the device, read by every decode step without a host list
+        dev = self.seeds.device
+        self.n_dev = to_device(self.n, torch.int64, dev)  # (B,)
+        self.w_dev = to_device(self.w, torch.int64, dev)  # (B,)
+        self.cap_dev = to_device([min(c, 2**62) for c in self.cap], torch.int64, dev)  # (B,)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The per-sequence device tensors every layer shares (counted once by the cache's stats)."""
+        return [self.seeds, self.n_dev, self.w_dev, self.cap_dev]
+
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on the device without a host sync (pinned staging, non-blocking copy on CUDA)."""
@@ -60,14 +71,14 @@ class LayerStore:
                  dtype: torch.dtype, device: torch.device):
         self.cfg, self.policy, self.plan = cfg, policy, plan
         self.B, self.H, self.D, self.dtype, self.device = len(plan.n), n_heads, head_dim, dtype, device
-        self.kivi = cfg.policy == "full" and cfg.quant in ("kivi2", "kivi4")
-        self.quant = {"none": "none", "kivi2": "channel", "kivi4": "channel", "token2": "token"}[cfg.quant]
+        self.kivi = cfg.kivi_residual
+        self.quant = cfg.format.layout
         self.bits = cfg.bits or 16
         self.G = cfg.group_size
         self.scored = policy.scored
         self.bidx = torch.arange(self.B, device=device)
-        self.s_cnt = [0] * self.B  # S slots in use (keys), host mirror of s_len
-        self.sv_cnt = [0] * self.B  # S slots whose value is in S (kivi mode), host mirror of sv_len
+        self.s_cnt = [0] * self.B  # S slots in use (keys) after prefill; the device's s_len from then on
+        self.sv_cnt = [0] * self.B  # S slots whose value is in S (kivi mode) after prefill
         self.t = 0  # decode tokens appended so far
 
     # ---- allocation ------------------------------------------------------------------------------------------
@@ -172,38 +183,31 @@ class LayerStore:
         self.sv_len.copy_(to_device(self.sv_cnt, torch.int32, self.device))
 
     # ---- decode ----------------------------------------------------------------------------------------------
-    def positions(self) -> list[int]:
-        """Position of the token being decoded, per sequence."""
-        return [n + self.t for n in self.plan.n]
+    def positions(self) -> torch.Tensor:
+        """(B,) int64 position of the token being decoded, per sequence (device arithmetic, no host list)."""
+        return self.plan.n_dev + self.t
 
     def append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
         """Write the new token's k, v (B, H, 1, D) into the ring before attention."""
         p = self.positions()
         if self.kivi:
             R = self.cw
-            leaving = [b for b in range(self.B) if p[b] - R >= 0]  # its value leaves the ring (FIFO)
-            if leaving:
-                need = max(p) - R + 1
-                if need > self.cs:
-                    self._grow(need)
-                slot = to_device([max(0, q - R) for q in p], torch.int64, self.device).view(-1, 1).expand(-1, self.H)
-                do = to_device([p[b] - R >= 0 for b in range(self.B)], torch.bool, self.device)
-                do = do.view(-1, 1).expand(-1, self.H)
-                self.kept.write_values(slot, do, self.win_v[self.bidx, :, slot[:, 0] % R])
-                for b in leaving:
-                    self.sv_cnt[b] = p[b] - R + 1
-                self._sync_lengths()  # attention reads those values from S now
-            ring = [q % R for q in p]
+            self._grow_to(max(self.plan.n) + self.t - R + 1)  # host bound: the S slot of the value leaving
+            do = p >= R  # its value leaves the ring (FIFO) into S slot p - R
+            slot = (p - R).clamp(min=0)
+            h_slot, h_do = slot.view(-1, 1).expand(-1, self.H), do.view(-1, 1).expand(-1, self.H)
+            self.kept.write_values(h_slot, h_do, self.win_v[self.bidx, :, slot % R])
+            self.sv_len.copy_(torch.where(do, p - R + 1, self.sv_len))  # attention reads those values from S now
+            ring = p % R
         else:
-            ring = [q % (w + 1) for q, w in zip(p, self.plan.w)]
-        r = to_device(ring, torch.int64, self.device)
-        self.win_k[self.bidx, :, r] = k1[:, :, 0]
-        self.win_v[self.bidx, :, r] = v1[:, :, 0]
-        self.win_pos[self.bidx, r] = to_device(p, torch.int32, self.device)
+            w = self.plan.w_dev
+            ring = p % (w + 1)
+            self.win_lo.copy_((p - w).clamp(min=0))
+        self.win_k[self.bidx, :, ring] = k1[:, :, 0]
+        self.win_v[self.bidx, :, ring] = v1[:, :, 0]
+        self.win_pos[self.bidx, ring] = p.to(torch.int32)
         if self.scores is not None:
-            self.scores[self.bidx, :, self.cs + r] = 0.0
-        if not self.kivi:
-            self.win_lo.copy_(to_device([max(0, q - w) for q, w in zip(p, self.plan.w)], torch.int32, self.device))
+            self.scores[self.bidx, :, self.cs + ring] = 0.0
 
     def after_attend(self) -> None:
         """After the step's attention: KIVI key flush, or the leaving token's move/eviction."""
@@ -212,19 +216,22 @@ class LayerStore:
         else:
             self._leave()
         self.t += 1
-        self._sync_lengths()
+
+    def _grow_to(self, need: int) -> None:
+        """S holds at least `need` slots (a host bound from prompt lengths and steps; never reads the device)."""
+        if need > self.cs:
+            self._grow(need)
 
     def _flush_keys(self) -> None:
+        """KIVI: where R keys wait in full precision (p + 1 - s_len >= R), quantize the ring's block (ring slots
+        0..R-1 hold positions s_len..s_len+R-1 then) into S slots [s_len, s_len + R), predicated per sequence."""
         R, p = self.cw, self.positions()
-        for b in range(self.B):
-            nq = self.s_cnt[b]
-            if p[b] + 1 - nq < R:
-                continue
-            if nq + R > self.cs:
-                self._grow(nq + R)
-            self.kept.write_key_block(b, nq, self.win_k[b])  # ring slots 0..R-1 hold positions nq..nq+R-1
-            self.s_cnt[b] = nq + R
-            self.win_lo[b] = nq + R
+        self._grow_to(round_up(max(self.plan.n) + self.t + 1, R))
+        do = p + 1 - self.s_len >= R  # (B,)
+        self.kept.write_key_blocks(self.s_len, do, self.win_k)
+        new_len = torch.where(do, self.s_len + R, self.s_len)
+        self.s_len.copy_(new_len)
+        self.win_lo.copy_(torch.where(do, new_len, self.win_lo))
 
     def _leave(self) -> None:
         plan, p = self.plan, self.positions()
@@ -273,6 +280,7 @@ class LayerStore:
             if a == "insert":
                 self.s_cnt[b] += 1
                 self.sv_cnt[b] += 1
+        self._sync_lengths()
 
     # ---- views and accounting --------------------------------------------------------------------------------
     def slots(self) -> KVSlots:
@@ -291,13 +299,13 @@ class LayerStore:
     def kept_positions(self) -> list[list[list[int]]]:
         """Sorted positions held, [sequence][KV head] -> list (for tests and inspection; reads the device)."""
         win_pos, win_lo, s_pos = self.win_pos.tolist(), self.win_lo.tolist(), self.s_pos.tolist()
-        out = []
+        s_len, out = self.s_len.tolist(), []
         for b in range(self.B):
             ring = [q for q in win_pos[b] if q >= win_lo[b]]
             if self.kivi:  # keys of positions >= s_len are read from the ring, the rest from S
-                out.append([sorted(set(s_pos[b][h][: self.s_cnt[b]]) | set(ring)) for h in range(self.H)])
+                out.append([sorted(set(s_pos[b][h][: s_len[b]]) | set(ring)) for h in range(self.H)])
             else:
-                out.append([sorted(s_pos[b][h][: self.s_cnt[b]] + ring) for h in range(self.H)])
+                out.append([sorted(s_pos[b][h][: s_len[b]] + ring) for h in range(self.H)])
         return out
 
     def row_bytes(self) -> list[int]:
@@ -308,7 +316,7 @@ class LayerStore:
             per_ring += self.H * 4
             per_s += self.H * 4
         in_ring = self._in_ring()
-        return [int(self.s_cnt[b] * per_s + in_ring[b] * per_ring) for b in range(self.B)]
+        return [int(c * per_s + r * per_ring) for c, r in zip(self.s_len.tolist(), in_ring)]
 
     def _in_ring(self) -> list[int]:
         """Ring slots holding a token, per sequence (the last R positions in kivi mode, else the window)."""
@@ -319,4 +327,4 @@ class LayerStore:
         """Tokens held per sequence (S plus the valid part of the ring)."""
         if self.kivi:  # every position: keys or values of the ring's tokens may already be in S
             return [n + self.t for n in self.plan.n]
-        return [c + r for c, r in zip(self.s_cnt, self._in_ring())]
+        return [c + r for c, r in zip(self.s_len.tolist(), self._in_ring())]

@@ -54,8 +54,8 @@ def test_keys_group_along_tokens_values_along_channels():
 def test_prefill_split(T):
     R = 32
     store = make_store(CacheConfig(policy="full", quant="kivi2", group_size=16, residual=R), [T])
-    assert store.s_cnt == [T - T % R]  # keys quantized
-    assert store.sv_cnt == [max(0, T - R)]  # values quantized
+    assert store.s_len.tolist() == [T - T % R]  # keys quantized
+    assert store.sv_len.tolist() == [max(0, T - R)]  # values quantized
     assert store.kept_positions()[0] == [list(range(T))] * H
 
 
@@ -64,13 +64,13 @@ def test_decode_flush_rules():
     after the step that used the newest key in full precision."""
     R, T = 32, 40
     store = make_store(CacheConfig(policy="full", quant="kivi4", group_size=16, residual=R), [T])
-    assert (store.s_cnt, store.sv_cnt) == ([32], [8])
+    assert (store.s_len.tolist(), store.sv_len.tolist()) == ([32], [8])
     for t in range(1, 30):
         step(store)
         p = T + t - 1  # last position appended
-        assert store.sv_cnt == [p + 1 - R], t
+        assert store.sv_len.tolist() == [p + 1 - R], t
         expect_k = 64 if p + 1 >= 64 else 32
-        assert store.s_cnt == [expect_k], t
+        assert store.s_len.tolist() == [expect_k], t
         assert store.win_lo.tolist() == [expect_k]
     assert store.kept_positions()[0] == [list(range(T + 29))] * H
 
@@ -83,7 +83,7 @@ def test_kivi_store_dequantizes_to_the_tokens_it_was_given():
     k = torch.randn(1, H, T, 16, generator=g)
     v = torch.randn(1, H, T, 16, generator=g)
     ks, vs = dequantize_store(store.slots())
-    nq_k, nq_v = store.s_cnt[0], store.sv_cnt[0]
+    nq_k, nq_v = store.s_len.tolist()[0], store.sv_len.tolist()[0]
     assert (ks[0, :, :nq_k] - k[0, :, :nq_k]).abs().max() < 0.5
     assert (vs[0, :, :nq_v] - v[0, :, :nq_v]).abs().max() < 0.5
     # values of quantized-key slots not yet quantized come from the full-precision ring, exactly
