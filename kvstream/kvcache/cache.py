@@ -115,8 +115,9 @@ class CompressedCache(Cache):
         decode_fn, prefill_fn = ops(self.backend or self._resolve_backend(query.device))
         if layer.store is None:
             return self._prefill(layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn)
-        store = layer.store
-        step = store.t + 1
+        store, plan = layer.store, self.plan
+        if layer_idx == 0:
+            plan.begin_step()
         score_mode = 0 if not self.policy.scored else (2 if self.policy.noisy else 1)
         slots = store.slots()
         extra = {}
@@ -127,9 +128,12 @@ class CompressedCache(Cache):
 
                 self._workspace = (key, decode_workspace(query[:, :, 0], slots, score_mode))
             extra["workspace"] = self._workspace[1]
-        out = decode_fn(query[:, :, 0], slots, scaling, score_mode, store.scores, self.plan.seeds, layer_idx, step,
-                        self.cfg.tau(step), **extra)
+        # step and tau as device tensors: no host number enters the step, so it captures in a CUDA graph
+        out = decode_fn(query[:, :, 0], slots, scaling, score_mode, store.scores, plan.seeds, layer_idx,
+                        plan.step_dev, plan.tau_dev, **extra)
         store.after_attend()
+        if layer_idx == self.num_layers - 1:
+            plan.end_step()
         return out.unsqueeze(1)
 
     def _prefill(self, layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn):
@@ -186,8 +190,9 @@ class CompressedCache(Cache):
         else:
             seeds = [(self.cfg.seed * 1_000_003 + b) & 0x7FFFFFFF for b in range(B)]
         order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+        taus = [self.cfg.tau(s) for s in range((self.cfg.max_new_tokens or 128) + 1)] if self.policy.noisy else None
         return SeqPlan(n=n, k=k, w=w, cap=cap, order=order, max_new=self.cfg.max_new_tokens,
-                       seeds=torch.tensor(seeds, dtype=torch.int64, device=valid.device))
+                       seeds=torch.tensor(seeds, dtype=torch.int64, device=valid.device), taus=taus)
 
     # ---- accounting ------------------------------------------------------------------------------------------
     def stats(self) -> dict:

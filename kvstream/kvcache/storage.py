@@ -44,17 +44,33 @@ class SeqPlan:
     order: torch.Tensor  # (B, T) int64: gathers each row's valid tokens first, in position order
     seeds: torch.Tensor  # (B,) int64 Keyformer noise seeds
     max_new: int | None
+    taus: list[float] | None = None  # Keyformer's tau at decode steps 0 .. len - 1 (later steps: the last)
 
     def __post_init__(self) -> None:
-        # the same facts on the device, read by every decode step without a host list
+        # the same facts on the device, read by every decode step without a host list or a host number, so a
+        # step's work is the same launches every time (CUDA-graph capturable)
         dev = self.seeds.device
         self.n_dev = to_device(self.n, torch.int64, dev)  # (B,)
         self.w_dev = to_device(self.w, torch.int64, dev)  # (B,)
         self.cap_dev = to_device([min(c, 2**62) for c in self.cap], torch.int64, dev)  # (B,)
+        self.t_dev = torch.zeros(1, dtype=torch.int64, device=dev)  # decode steps done
+        self.step_dev = torch.ones(1, dtype=torch.int32, device=dev)  # the step being decoded (t + 1)
+        self.tau_table = to_device(self.taus or [1.0], torch.float32, dev)  # (T + 1,)
+        self.tau_dev = self.tau_table[1:2].clone() if len(self.tau_table) > 1 else self.tau_table.clone()  # (1,)
+
+    def begin_step(self) -> None:
+        """Before the first layer of a decode step: step = t + 1 and its tau, in place on the device."""
+        self.step_dev.copy_(self.t_dev + 1)
+        self.tau_dev.copy_(self.tau_table[(self.t_dev + 1).clamp(max=len(self.tau_table) - 1)])
+
+    def end_step(self) -> None:
+        """After the last layer of a decode step."""
+        self.t_dev += 1
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-sequence device tensors every layer shares (counted once by the cache's stats)."""
-        return [self.seeds, self.n_dev, self.w_dev, self.cap_dev]
+        return [self.seeds, self.n_dev, self.w_dev, self.cap_dev, self.t_dev, self.step_dev, self.tau_table,
+                self.tau_dev]
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -185,7 +201,7 @@ class LayerStore:
     # ---- decode ----------------------------------------------------------------------------------------------
     def positions(self) -> torch.Tensor:
         """(B,) int64 position of the token being decoded, per sequence (device arithmetic, no host list)."""
-        return self.plan.n_dev + self.t
+        return self.plan.n_dev + self.plan.t_dev
 
     def append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
         """Write the new token's k, v (B, H, 1, D) into the ring before attention."""

@@ -103,6 +103,7 @@ def test_combined_eviction_requantizes_only_what_it_touches(quant):
         new.append(k1)
         store.scores[:, :, store.cs :] = 100.0
         store.after_attend()
+        store.plan.end_step()  # what the cache does after its last layer
     ks, _ = dequantize_store(store.slots())
     positions = store.s_pos[0].tolist()
     w = store.plan.w[0]

@@ -30,7 +30,9 @@ def make_store(cfg: CacheConfig, lengths: list[int], scores=None, seed=0):
 
 
 def step(store, leaving_scores=None, s_scores=None):
-    """One decode step with hand-set scores: append a token, set scores, then evict."""
+    """One decode step with hand-set scores: append a token, set scores, then evict (one layer: the step
+    counter the cache advances after its last layer is advanced here)."""
+    store.plan.begin_step()
     store.append(torch.randn(store.B, H, 1, D), torch.randn(store.B, H, 1, D))
     if s_scores is not None:
         store.scores[:, :, : store.cs] = s_scores
@@ -40,6 +42,7 @@ def step(store, leaving_scores=None, s_scores=None):
             w = store.plan.w[b]
             store.scores[b, :, store.cs + (p[b] - w) % (w + 1)] = leaving_scores[b]
     store.after_attend()
+    store.plan.end_step()
 
 
 def test_window_keeps_last_k():
