@@ -194,6 +194,37 @@ class CompressedCache(Cache):
         return SeqPlan(n=n, k=k, w=w, cap=cap, order=order, max_new=self.cfg.max_new_tokens,
                        seeds=torch.tensor(seeds, dtype=torch.int64, device=valid.device), taus=taus)
 
+    # ---- the fast decode path (kvstream.kvcache.fast_decode) -------------------------------------------------
+    def capture_blocker(self) -> str | None:
+        """Why a decode step over this cache cannot be captured in a CUDA graph (None: it can)."""
+        if self.backend != "triton":
+            return f"backend {self.backend!r} (the Triton kernels are the capturable path)"
+        for layer in self.layers:
+            reason = None if layer.store is None else layer.store.capture_blocker()
+            if reason:
+                return reason
+        return None
+
+    def capturable(self) -> bool:
+        return self.capture_blocker() is None
+
+    def host_state(self) -> list[tuple[int, int]]:
+        """The host-side counters of every layer (tokens seen, decode steps), for a capture to put back."""
+        return [(layer.seen, layer.store.t if layer.store is not None else 0) for layer in self.layers]
+
+    def restore_host(self, state: list[tuple[int, int]]) -> None:
+        for layer, (seen, t) in zip(self.layers, state):
+            layer.seen = seen
+            if layer.store is not None:
+                layer.store.t = t
+
+    def advance_host(self, steps: int) -> None:
+        """Move the host-side counters by `steps` decode steps (after graph replays, which run no Python)."""
+        for layer in self.layers:
+            layer.seen += steps
+            if layer.store is not None:
+                layer.store.t += steps
+
     # ---- accounting ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Bytes and tokens the cache holds.

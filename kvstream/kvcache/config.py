@@ -15,6 +15,7 @@ from kvstream.kvcache.formats import FORMATS, get_format
 POLICIES = ("full", "window", "sink", "h2o", "keyformer")
 QUANTS = tuple(FORMATS)  # the storage formats' registry (kvstream.kvcache.formats)
 BACKENDS = ("auto", "torch", "triton")
+ENGINES = ("auto", "fast", "hf")
 GROUP_SIZES = (8, 16, 32, 64, 128)
 
 
@@ -40,6 +41,9 @@ class CacheConfig:
     seed: base seed of Keyformer's Gumbel noise; each sequence gets its own stream (see CompressedCache).
     backend: torch (reference, always available) | triton | auto (triton on CUDA, else torch).
     prefill_chunk: query rows per chunk when accumulating prefill scores (never an n x n matrix).
+    engine: how `Engine.generate` decodes. fast: the static decode step of kvstream.kvcache.fast_decode (CUDA
+        graph on CUDA, eager on CPU; Llama / Mistral / Qwen2 / Qwen3); hf: transformers' `model.generate` over
+        CompressedCache (the reference path, any supported family); auto: fast where the model allows, else hf.
     """
 
     policy: str = "full"
@@ -55,6 +59,7 @@ class CacheConfig:
     seed: int = 0
     backend: str = "auto"
     prefill_chunk: int = 512
+    engine: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,8 @@ class CacheConfig:
             raise _choices_error("quant", self.quant, tuple(FORMATS))
         if self.backend not in BACKENDS:
             raise _choices_error("backend", self.backend, BACKENDS)
+        if self.engine not in ENGINES:
+            raise _choices_error("engine", self.engine, ENGINES)
         self._check_budget()
         if not 0.0 <= float(self.recent_ratio) <= 1.0:
             raise ValueError(f"CacheConfig.recent_ratio={self.recent_ratio} must be in [0, 1]")

@@ -1,14 +1,17 @@
 """Engine: batched generation over a transformers causal LM with a compressed KV cache.
 
-The API the pipeline calls (issue 2, section 3). Built on `model.generate` + `CompressedCache`: each call
-left-pads its prompts, makes a fresh cache sized for that batch, generates, then cuts every row at EOS or a stop
-string. A fast path can replace the inside of `generate` later behind the same API.
+The API the pipeline calls. Each call left-pads its prompts, makes a fresh `CompressedCache` sized for that batch,
+prefills it with the model's own forward, decodes, then cuts every row at EOS or a stop string. Decoding runs on
+the fast path (`kvstream.kvcache.fast_decode`: a static step, CUDA-graph captured on CUDA, device sampling) for the
+Llama family, else through transformers' `model.generate` over the same cache (`CacheConfig.engine`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import logging
 import time
 
 import torch
@@ -16,7 +19,10 @@ from transformers import StoppingCriteria
 
 from kvstream.kvcache.cache import CompressedCache, check_model_config
 from kvstream.kvcache.config import CacheConfig
+from kvstream.kvcache.fast_decode import DecodeRunner, unsupported_reason
 from kvstream.kvcache.models import decode_continuation, load_model, max_context
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -46,6 +52,20 @@ class Engine:
         if pad is None:
             pad = model.generation_config.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
+        self.decode_path = self._decode_path()
+
+    def _decode_path(self) -> str:
+        """"fast" or "hf", from CacheConfig.engine and what the model allows (a log line says why not fast)."""
+        want = self.cache_config.engine
+        if want == "hf":
+            return "hf"
+        reason = unsupported_reason(self.model)
+        if reason is None:
+            return "fast"
+        if want == "fast":
+            raise ValueError(f"CacheConfig.engine='fast': {reason}; use engine='auto' or 'hf' for this model")
+        log.info("kvstream: decoding through transformers' generate: %s", reason)
+        return "hf"
 
     @classmethod
     def from_pretrained(cls, model, tokenizer=None, cache: CacheConfig | dict | None = None, dtype=None,
@@ -112,15 +132,11 @@ class Engine:
             mask[i, width - len(x):] = 1
         cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
         cache = CompressedCache(cfg, self.model.config, seeds=[_row_seed(cfg.seed, seed, x) for x in ids])
-        criteria = [StopStrings(self.tokenizer, stops, width)] if stops else []
         t0 = time.perf_counter()
-        with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache,
-                generation_config=self._generation_config(max_new_tokens, temperature, top_p),
-                stopping_criteria=criteria or None,
-            )
+        if self.decode_path == "fast":
+            gen_ids = self._decode_fast(cache, input_ids, mask, max_new_tokens, temperature, top_p)
+        else:
+            gen_ids = self._decode_hf(cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
@@ -128,8 +144,7 @@ class Engine:
         held, full = stats["kv_bytes_per_seq"], stats["kv_bytes_full_per_seq"]
         rows = []
         for i, x in enumerate(ids):
-            gen = out[i, width:].tolist()
-            gen = _cut_at_eos(gen, self.eos_token_ids)
+            gen = _cut_at_eos(gen_ids[i], self.eos_token_ids)
             text, gen = self._text(x, gen, stops)
             rows.append({
                 "generated_text": text, "token_ids": gen, "num_input_tokens": len(x),
@@ -137,6 +152,36 @@ class Engine:
                 "kv_bytes": int(held[i]), "kv_bytes_full": int(full[i]),
             })
         return rows
+
+    def _decode_fast(self, cache, input_ids, mask, max_new_tokens, temperature, top_p) -> list[list[int]]:
+        """Prefill through the model's forward, then the static decode step (fast_decode.DecodeRunner). Sampling is
+        on the device with counter-based noise per row (the row's seed), so it needs no torch RNG."""
+        B, dev = input_ids.shape[0], self.device
+        ids, m = input_ids.to(dev), mask.to(dev)
+        pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # what generate passes for a left-padded batch
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **{_cache_kwarg(self.model): cache})
+            runner = DecodeRunner(
+                self.model, cache, max_new_tokens,
+                temperature=torch.full((B,), float(temperature), dtype=torch.float32, device=dev),
+                top_p=torch.full((B,), float(top_p), dtype=torch.float32, device=dev),
+                seeds=cache.plan.seeds, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id)
+            tokens = runner.run(out.logits[:, -1])
+        return tokens.tolist()
+
+    def _decode_hf(self, cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
+        """transformers' generate over the CompressedCache (the reference path)."""
+        width = input_ids.shape[1]
+        criteria = [StopStrings(self.tokenizer, stops, width)] if stops else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache,
+                generation_config=self._generation_config(max_new_tokens, temperature, top_p),
+                stopping_criteria=criteria or None,
+            )
+        return out[:, width:].tolist()
 
     def _text(self, prompt: list[int], gen: list[int], stops: list[str]) -> tuple[str, list[int]]:
         if self.tokenizer is None:
@@ -162,6 +207,11 @@ class Engine:
 
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the cache argument (transformers 5.x renamed past_key_values to cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_config(cache) -> CacheConfig:

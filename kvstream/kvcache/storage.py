@@ -233,6 +233,14 @@ class LayerStore:
             self._leave()
         self.t += 1
 
+    def capture_blocker(self) -> str | None:
+        """Why this layer's decode step is not the same device work every time (None: it is)."""
+        if not self.kivi:
+            return "the eviction of the token leaving the window is planned on the host"
+        if self.plan.max_new is None:
+            return "no max_new_tokens: the kept store may have to grow"
+        return None
+
     def _grow_to(self, need: int) -> None:
         """S holds at least `need` slots (a host bound from prompt lengths and steps; never reads the device)."""
         if need > self.cs:

@@ -1,0 +1,186 @@
+"""The fast decode path: a static-shape decode step over a prefilled CompressedCache, captured in a CUDA graph.
+
+`model.generate` runs a decode step as hundreds of host decisions (logits processors, stopping criteria, mask
+building, cache book-keeping) around the model. Here a step is only device work, the same launches every time:
+
+    embed (B, 1) -> rotary cos/sin at positions n + t (device) -> each decoder layer of the model itself
+    (its norms, projections, RoPE, MLP; attention through the registered kvstream function over the
+    compressed cache: ring write, fused attention with scores, eviction / KIVI writes) -> final norm, lm_head
+    -> device sampling (kvstream.kvcache.sampling) -> EOS / max-new flags -> the token into the output buffer.
+
+On CUDA the step is captured once per generation in a CUDA graph (gpt-fast's and SGLang's shape: static buffers,
+the host replays) after two eager steps (kernel compilation, the decode workspace); on CPU it runs eagerly, the
+same code, so CI tests it. The host reads the finished flags one step late (a pinned copy and an event per step),
+so it never waits on the step it just queued. Families: Llama, Mistral, Qwen2, Qwen3 (their decoder layers take
+`position_embeddings` and no mask at decode); the Engine runs other families through `model.generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from kvstream.kvcache.cache import CompressedCache
+from kvstream.kvcache.sampling import sample
+
+log = logging.getLogger(__name__)
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+WARMUP_STEPS = 2  # eager steps before capture: Triton compiles, the decode workspace is allocated
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `model` cannot take the fast decode path (None when it can)."""
+    mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mtype = getattr(mc, "model_type", None)
+    if mtype not in FAST_FAMILIES:
+        return f"model type {mtype!r} is not one of the fast path's families ({', '.join(FAST_FAMILIES)})"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return f"{type(model).__name__} does not have the Llama-family module layout"
+    return None
+
+
+def _cache_kwarg(layer) -> str:
+    """The decoder layer's name for the cache argument (transformers 5.x renamed past_key_values to cache)."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class DecodeRunner:
+    """Decodes a batch whose prompts a CompressedCache holds, up to `max_new_tokens` per row.
+
+    model: a Llama-family causal LM (see `unsupported_reason`); cache: the CompressedCache its prefill filled
+    (created with max_new_tokens, so every buffer is preallocated); temperature, top_p (B,) float32 and seeds (B,)
+    int64 on the model's device; eos_ids: token ids that end a row; pad_id: what a finished row emits;
+    graph: capture the step in a CUDA graph (None: on CUDA when the cache's step is capturable).
+    """
+
+    def __init__(self, model, cache: CompressedCache, max_new_tokens: int, temperature: torch.Tensor,
+                 top_p: torch.Tensor, seeds: torch.Tensor, eos_ids: list[int], pad_id: int,
+                 graph: bool | None = None):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"DecodeRunner: {reason}")
+        if cache.plan is None:
+            raise ValueError("DecodeRunner: the cache holds no prompt yet; run the prefill through it first")
+        if cache.cfg.max_new_tokens is None or cache.cfg.max_new_tokens < max_new_tokens:
+            raise ValueError(f"DecodeRunner: the cache was built for max_new_tokens={cache.cfg.max_new_tokens}, "
+                             f"not {max_new_tokens}; set CacheConfig.max_new_tokens before the prefill")
+        self.model, self.cache, self.max_new = model, cache, max_new_tokens
+        self.inner = model.model
+        self.device = seeds.device
+        B = len(cache.plan.n)
+        self.B = B
+        self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
+        self.eos = torch.tensor(eos_ids or [-1], dtype=torch.int64, device=self.device)
+        self.pad_id = int(pad_id)
+        self.kw = _cache_kwarg(self.inner.layers[0])
+        # static buffers: the step reads tok_in and writes tokens / done / gen_t in place
+        self.tok_in = torch.zeros(B, dtype=torch.int64, device=self.device)
+        self.tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.int64, device=self.device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.gen_t = torch.zeros(1, dtype=torch.int64, device=self.device)  # tokens written per row so far
+        capturable = self.device.type == "cuda" and cache.capturable()
+        if graph and not capturable:
+            raise ValueError("DecodeRunner: graph=True needs a CUDA device and a capturable cache step "
+                             f"({cache.capture_blocker() or 'not on CUDA'})")
+        self.use_graph = capturable if graph is None else bool(graph)
+        if self.device.type == "cuda" and not self.use_graph:
+            log.info("decode step not captured in a CUDA graph: %s", cache.capture_blocker())
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps_run = 0
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def _emit(self, tok: torch.Tensor) -> None:
+        """Write the drawn tokens (B,) as output column gen_t, update the finished flags, feed them back."""
+        tok = torch.where(self.done, self.pad_id, tok)
+        self.tokens.scatter_(1, self.gen_t.expand(self.B).view(self.B, 1), tok.view(self.B, 1))
+        self.done |= torch.isin(tok, self.eos) | (self.gen_t + 1 >= self.max_new)
+        self.gen_t += 1
+        self.tok_in.copy_(tok)
+
+    def first(self, logits: torch.Tensor) -> None:
+        """Emit the first token from the prefill's last-position logits (B, V)."""
+        self._emit(sample(logits.float(), self.temperature, self.top_p, self.seeds, self.gen_t))
+
+    def _forward(self) -> torch.Tensor:
+        B, plan = self.B, self.cache.plan
+        x = self.inner.embed_tokens(self.tok_in.view(B, 1))  # (B, 1, hidden)
+        pos = (plan.n_dev + plan.t_dev).view(B, 1)  # (B, 1) the unpadded position of this token
+        pe = self.inner.rotary_emb(x, pos)
+        for layer in self.inner.layers:
+            out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True,
+                        **{self.kw: self.cache})
+            x = out[0] if isinstance(out, tuple) else out
+        x = self.inner.norm(x)
+        return self.model.lm_head(x[:, -1]).float()  # (B, V)
+
+    def _step(self) -> None:
+        logits = self._forward()
+        self._emit(sample(logits, self.temperature, self.top_p, self.seeds, self.gen_t))
+
+    def step(self) -> None:
+        """One decode step for every row (finished rows run too and emit pad)."""
+        if not self.use_graph or self.steps_run < WARMUP_STEPS:
+            self._step()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            self.cache.advance_host(1)  # the host counters the replayed Python did not move
+        self.steps_run += 1
+
+    def _capture(self) -> None:
+        torch.cuda.synchronize(self.device)
+        snap = self.cache.host_state()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # records, does not run: the state is as it was before the capture
+            self._step()
+        self.cache.restore_host(snap)
+        self.graph = g
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def run(self, prefill_logits: torch.Tensor) -> torch.Tensor:
+        """Decode to the end: (B, max_new_tokens) int64 tokens, pad after a row's EOS (and its EOS kept)."""
+        self.first(prefill_logits)
+        lagged = _LaggedFlags(self.done)
+        for _ in range(1, self.max_new):
+            if lagged.all_done():  # the flags of the step before the last one queued: no wait on the GPU
+                break
+            self.step()
+            lagged.push(self.done)
+        return self.tokens
+
+
+class _LaggedFlags:
+    """The finished flags, read one step late: each step copies them into one of two pinned host buffers behind an
+    event; the host reads the copy of the step before the one just queued (its event already passed, or about
+    to), so the GPU always has a step queued. On CPU the flags are read at once."""
+
+    def __init__(self, done: torch.Tensor):
+        self.cuda = done.is_cuda
+        if self.cuda:
+            self.host = [torch.empty(done.shape, dtype=done.dtype, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.pushed = 0
+        self.push(done)
+
+    def push(self, done: torch.Tensor) -> None:
+        if self.cuda:
+            i = self.pushed % 2
+            self.host[i].copy_(done, non_blocking=True)
+            self.events[i].record()
+        else:
+            self.last = done
+        self.pushed += 1
+
+    def all_done(self) -> bool:
+        if not self.cuda:
+            return bool(self.last.all())
+        if self.pushed < 2:
+            return False
+        i = self.pushed % 2  # the older of the two buffers: the step before the last one queued
+        self.events[i].synchronize()
+        return bool(self.host[i].all())
