@@ -155,7 +155,8 @@ class CompressedCache(Cache):
         if self.policy.scored:
             scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
                                 layer_idx, self.cfg.prefill_chunk, row_lse=lse)
-        store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device)
+        store = LayerStore(self.cfg, self.policy, self.plan, key.shape[1], key.shape[3], key.dtype, key.device,
+                           self.backend)
         store.prefill(key, value, scores)
         self.layers[layer_idx].store = store
         if all(layer.store is not None for layer in self.layers):

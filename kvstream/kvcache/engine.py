@@ -53,6 +53,7 @@ class Engine:
             pad = model.generation_config.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
         self.decode_path = self._decode_path()
+        self.last_graph: bool | None = None  # whether the last fast decode ran as CUDA-graph replays
 
     def _decode_path(self) -> str:
         """"fast" or "hf", from CacheConfig.engine and what the model allows (a log line says why not fast)."""
@@ -168,6 +169,7 @@ class Engine:
                 top_p=torch.full((B,), float(top_p), dtype=torch.float32, device=dev),
                 seeds=cache.plan.seeds, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id)
             tokens = runner.run(out.logits[:, -1])
+        self.last_graph = runner.use_graph
         return tokens.tolist()
 
     def _decode_hf(self, cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:

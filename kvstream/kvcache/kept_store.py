@@ -25,8 +25,12 @@ def round_up(x: int, m: int) -> int:
 
 
 class KeptStore:
-    def __init__(self, quant: str, bits: int, group_size: int, B: int, H: int, D: int, dtype, device, cs: int):
-        self.quant, self.bits, self.G = quant, bits, group_size
+    """backend "triton": the predicated block writes (KIVI value exit, key flush) run as the Triton quantizers with
+    device offsets (one launch each; sequences with nothing to write exit at once); "torch": the references."""
+
+    def __init__(self, quant: str, bits: int, group_size: int, B: int, H: int, D: int, dtype, device, cs: int,
+                 backend: str = "torch"):
+        self.quant, self.bits, self.G, self.backend = quant, bits, group_size, backend
         self.B, self.H, self.D, self.dtype, self.device = B, H, D, dtype, device
         self.unit = max(group_size, 32 // bits) if quant == "channel" else 1
         self.cs = round_up(cs, self.unit)
@@ -102,6 +106,21 @@ class KeptStore:
         for name, t in (("s_vc", vc), ("s_vs", vsc), ("s_vm", vmn)):
             self._put(name, idx, t, do)
 
+    def write_values_from_ring(self, slot: torch.Tensor, do: torch.Tensor, ring_v: torch.Tensor) -> None:
+        """KIVI value exit, predicated per sequence: the value at ring row slot[b] % Cw of ring_v (B, H, Cw, D)
+        into S slot slot[b] where do[b] (slot (B,) int64, may be negative where not do)."""
+        B, H, Cw, _ = ring_v.shape
+        if self.backend == "triton" and self.quant != "none":
+            from kvstream.kernels.kivi_quant import quantize_values_into
+
+            dst = torch.where(do, slot, -1).to(torch.int32)
+            quantize_values_into(ring_v, self.S["s_vc"], self.S["s_vs"], self.S["s_vm"], self.bits, self.G, 1,
+                                 dst_start=dst, src_start=(slot % Cw).to(torch.int32))
+            return
+        slot = slot.clamp(min=0)
+        bidx = torch.arange(B, device=ring_v.device)
+        self.write_values(slot.view(B, 1).expand(B, H), do.view(B, 1).expand(B, H), ring_v[bidx, :, slot % Cw])
+
     def write_keys(self, slot: torch.Tensor, do: torch.Tensor, k: torch.Tensor, n_valid: torch.Tensor) -> None:
         """Key of one token per (b, h) into slot `slot` (B, H); n_valid (B,) slots in use after the write."""
         idx = slot.unsqueeze(-1)
@@ -132,11 +151,18 @@ class KeptStore:
         [start[b], start[b] + R) where do[b]; start (B,) a multiple of R; the rest stays as it was."""
         B, H, R, _ = k.shape
         P, G = 32 // self.bits, self.G
-        kq, ksc, kmn = quantize_keys(k, self.bits, G)
-        start = torch.where(do, start, 0).to(torch.int64).view(B, 1, 1)  # an in-range index where nothing is done
-        ar = lambda n: torch.arange(n, device=self.device).view(1, 1, n).expand(B, H, n)  # noqa: E731
         hdo = do.view(B, 1).expand(B, H)
-        self._put("s_kc", start // P + ar(R // P), kq, hdo)
-        self._put("s_ks", start // G + ar(R // G), ksc, hdo)
-        self._put("s_km", start // G + ar(R // G), kmn, hdo)
+        ar = lambda n: torch.arange(n, device=self.device).view(1, 1, n).expand(B, H, n)  # noqa: E731
+        if self.backend == "triton":
+            from kvstream.kernels.kivi_quant import quantize_keys_into
+
+            quantize_keys_into(k, self.S["s_kc"], self.S["s_ks"], self.S["s_km"], self.bits, G, R,
+                               dst_start=torch.where(do, start, -1).to(torch.int32))
+            start = torch.where(do, start, 0).to(torch.int64).view(B, 1, 1)
+        else:
+            kq, ksc, kmn = quantize_keys(k, self.bits, G)
+            start = torch.where(do, start, 0).to(torch.int64).view(B, 1, 1)  # in range where nothing is done
+            self._put("s_kc", start // P + ar(R // P), kq, hdo)
+            self._put("s_ks", start // G + ar(R // G), ksc, hdo)
+            self._put("s_km", start // G + ar(R // G), kmn, hdo)
         self._put("s_pos", start + ar(R), (start + ar(R)).to(torch.int32), hdo)

@@ -84,8 +84,8 @@ class LayerStore:
     """Compressed K/V of one layer for a batch: see the module docstring."""
 
     def __init__(self, cfg: CacheConfig, policy: Policy, plan: SeqPlan, n_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.cfg, self.policy, self.plan = cfg, policy, plan
+                 dtype: torch.dtype, device: torch.device, backend: str = "torch"):
+        self.cfg, self.policy, self.plan, self.backend = cfg, policy, plan, backend
         self.B, self.H, self.D, self.dtype, self.device = len(plan.n), n_heads, head_dim, dtype, device
         self.kivi = cfg.kivi_residual
         self.quant = cfg.format.layout
@@ -100,7 +100,7 @@ class LayerStore:
     # ---- allocation ------------------------------------------------------------------------------------------
     def _init_buffers(self, cs: int, cw: int) -> None:
         B, H, D, dev = self.B, self.H, self.D, self.device
-        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs)
+        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs, self.backend)
         self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
@@ -210,9 +210,7 @@ class LayerStore:
             R = self.cw
             self._grow_to(max(self.plan.n) + self.t - R + 1)  # host bound: the S slot of the value leaving
             do = p >= R  # its value leaves the ring (FIFO) into S slot p - R
-            slot = (p - R).clamp(min=0)
-            h_slot, h_do = slot.view(-1, 1).expand(-1, self.H), do.view(-1, 1).expand(-1, self.H)
-            self.kept.write_values(h_slot, h_do, self.win_v[self.bidx, :, slot % R])
+            self.kept.write_values_from_ring(p - R, do, self.win_v)
             self.sv_len.copy_(torch.where(do, p - R + 1, self.sv_len))  # attention reads those values from S now
             ring = p % R
         else:
