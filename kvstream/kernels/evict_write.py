@@ -29,6 +29,8 @@ from kvstream.kernels.triton_util import check_device, to_dtype_rne
 
 # exact reference arithmetic: q * scale + mn must round twice like torch's two ops, never as one FMA
 _LAUNCH = {"enable_fp_fusion": False}
+# S slots per tile of the competition's minimum scan (capped to the store); tests lower it to cover several tiles
+CONFIG = {"block_s": 256}
 
 
 @triton.jit
@@ -256,7 +258,7 @@ def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None
             *slots.win_k.stride(), *slots.win_v.stride(), *s_pos.stride(), *sc.stride(),
             *_strides(kc, 4), *_strides(ks, 4), *_strides(vc, 4), *_strides(vs, 4),
             QUANT=quant, BITS=bits, G=G, D=D, UNIT=unit, BLOCK_D=block_d, NWB=nwb,
-            BLOCK_S=min(max(triton.next_power_of_2(Cs), 16), 256), SCORED=bool(scored),
+            BLOCK_S=min(max(triton.next_power_of_2(Cs), 16), CONFIG["block_s"]), SCORED=bool(scored),
             HAS_SCORES=scores is not None, **_LAUNCH,
         )
     block_b = min(max(triton.next_power_of_2(B), 16), 1024)

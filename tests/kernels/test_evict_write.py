@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 
+from kvstream.kernels import evict_write as evict_mod
 from kvstream.kernels.evict_write import evict_write
 from kvstream.kernels.evict_write_ref import evict_write as evict_write_ref
 from kvstream.kernels.evict_write_ref import unit_of
@@ -43,6 +44,14 @@ MIXES = {
     "one": ["mixed"],
     "edge": ["over", "w0", "tie"],
 }
+
+
+BLOCK_S = 16  # the kernel's competition scan in tiles of 16 slots here: several tiles for Cs >= 24
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setitem(evict_mod.CONFIG, "block_s", BLOCK_S)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -90,6 +99,11 @@ def _case(layout, mix, H, seed, device):
         elif st == "tie":  # the minimum held by several slots; head 0 ties the leaving score (no write)
             scores[b, :, : s_len[b]] = torch.where(live == low[:, None], low[:, None], live + 1)
             scores[b, :, (s_len[b] - 1)] = low
+            first = (scores[b, :, : s_len[b]] == low[:, None]).int().argmax(-1)  # (H,) lowest tied slot
+            same_lane = first + BLOCK_S  # the same lane of the next tile of the kernel's scan
+            for h in range(H):
+                if same_lane[h] < s_len[b]:
+                    scores[b, h, same_lane[h]] = low[h]
             scores[b, :, Cs + src] = low + 0.5
             scores[b, 0, Cs + src] = low[0]
     s_pos = torch.randint(0, 1000, (B, H, Cs), generator=g, dtype=torch.int32)
