@@ -249,7 +249,7 @@ def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None
     if H > 0 and Cs > 0:
         unit = unit_of(slots)
         block_d = min(triton.next_power_of_2(D), 64) if quant != 1 else min(triton.next_power_of_2(D),
-                                                                            max(16, 4096 // unit))
+                                                                            max(16, 2048 // unit))
         nwb = triton.next_power_of_2(-(-D // P)) if quant else 1
         sc = scores if scores is not None else s_pos
         _evict_write_kernel[(B, H)](
