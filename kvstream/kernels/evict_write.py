@@ -62,6 +62,35 @@ def _encode_token(src_row, stride_xd, codes_row, stride_cd, scale_row, mn_row, s
 
 
 @triton.jit
+def _store_key_span(x, valid, kc_bh, ks_bh, km_bh, stride_kcn, stride_kcd, stride_ksn, stride_ksd, start, d0,
+                    D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, UNIT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-channel quantize UNIT slots x (UNIT // G, G, BLOCK_D) fp32 (channels d0 + [0, BLOCK_D)) into store slots
+    start + [0, UNIT) (start a multiple of UNIT): min/max per (group, channel) over `valid` members (code 0 else)."""
+    P: tl.constexpr = 32 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    NGU: tl.constexpr = UNIT // G
+    NWU: tl.constexpr = UNIT // P
+    mn = tl.min(tl.where(valid, x, float("inf")), axis=1)  # (NGU, BLOCK_D)
+    mx = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+    empty = mn == float("inf")
+    mn = tl.where(empty, 0.0, mn)[:, None, :]
+    mx = tl.where(empty, 0.0, mx)[:, None, :]
+    q, scale, mn_q = _codes(x, valid, mn, mx, ks_bh.dtype.element_ty, QMAX)
+    # pack along tokens: member s = word * P + i
+    qw = tl.reshape(q, (NWU, P, BLOCK_D))
+    i = tl.arange(0, P)[None, :, None]
+    words = tl.sum(qw << (i * BITS).to(tl.uint32), axis=1).to(tl.int32, bitcast=True)  # (NWU, BLOCK_D)
+    w2 = tl.arange(0, NWU)[:, None]
+    d2 = d0 + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(kc_bh + (start // P + w2) * stride_kcn + d2 * stride_kcd, words, mask=d2 < D)
+    g = tl.arange(0, NGU)[:, None, None]
+    d = d0 + tl.arange(0, BLOCK_D)[None, None, :]
+    soff = (start // G + g) * stride_ksn + d * stride_ksd  # (NGU, 1, BLOCK_D)
+    tl.store(ks_bh + soff, scale, mask=d < D)
+    tl.store(km_bh + soff, mn_q, mask=d < D)
+
+
+@triton.jit
 def _requant_key_span(knew_row, stride_xd, kc_bh, ks_bh, km_bh, stride_kcn, stride_kcd, stride_ksn, stride_ksd,
                       t, n_valid, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, UNIT: tl.constexpr,
                       BLOCK_D: tl.constexpr):
@@ -70,43 +99,24 @@ def _requant_key_span(knew_row, stride_xd, kc_bh, ks_bh, km_bh, stride_kcn, stri
     P: tl.constexpr = 32 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     NGU: tl.constexpr = UNIT // G
-    NWU: tl.constexpr = UNIT // P
     start = (t // UNIT) * UNIT
     g = tl.arange(0, NGU)[:, None, None]
-    j = tl.arange(0, G)[None, :, None]
-    s = g * G + j  # (NGU, G, 1) member of the span
-    word = (start + s) // P
-    shift = (((start + s) % P) * BITS).to(tl.uint32)
-    valid_s = (start + s) < n_valid
-    hit = (start + s) == t
+    s = start + g * G + tl.arange(0, G)[None, :, None]  # (NGU, G, 1) slot of each member of the span
+    shift = ((s % P) * BITS).to(tl.uint32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)[None, None, :]
         dm = d < D
         # dequantize the span as the reference does: fp32 q * scale + mn, rounded to the model dtype
-        wv = tl.load(kc_bh + word * stride_kcn + d * stride_kcd, mask=dm, other=0).to(tl.uint32, bitcast=True)
+        wv = tl.load(kc_bh + (s // P) * stride_kcn + d * stride_kcd, mask=dm, other=0).to(tl.uint32, bitcast=True)
         code = ((wv >> shift) & QMAX).to(tl.float32)  # (NGU, G, BLOCK_D)
         soff = (start // G + g) * stride_ksn + d * stride_ksd  # (NGU, 1, BLOCK_D)
         sc = tl.load(ks_bh + soff, mask=dm, other=0.0).to(tl.float32)
         mo = tl.load(km_bh + soff, mask=dm, other=0.0).to(tl.float32)
         x = to_dtype_rne(code * sc + mo, ks_bh.dtype.element_ty).to(tl.float32)
         kn = tl.load(knew_row + d * stride_xd, mask=dm, other=0.0).to(tl.float32)  # (1, 1, BLOCK_D)
-        x = tl.where(hit, kn, x)
-        valid = valid_s & dm
-        mn = tl.min(tl.where(valid, x, float("inf")), axis=1)  # (NGU, BLOCK_D)
-        mx = tl.max(tl.where(valid, x, float("-inf")), axis=1)
-        empty = mn == float("inf")
-        mn = tl.where(empty, 0.0, mn)[:, None, :]
-        mx = tl.where(empty, 0.0, mx)[:, None, :]
-        q, scale, mn_q = _codes(x, valid, mn, mx, ks_bh.dtype.element_ty, QMAX)
-        # pack along tokens: member s = word * P + i
-        qw = tl.reshape(q, (NWU, P, BLOCK_D))
-        i = tl.arange(0, P)[None, :, None]
-        words = tl.sum(qw << (i * BITS).to(tl.uint32), axis=1).to(tl.int32, bitcast=True)  # (NWU, BLOCK_D)
-        w2 = tl.arange(0, NWU)[:, None]
-        d2 = d0 + tl.arange(0, BLOCK_D)[None, :]
-        tl.store(kc_bh + (start // P + w2) * stride_kcn + d2 * stride_kcd, words, mask=d2 < D)
-        tl.store(ks_bh + soff, scale, mask=dm)
-        tl.store(km_bh + soff, mn_q, mask=dm)
+        x = tl.where(s == t, kn, x)
+        _store_key_span(x, (s < n_valid) & dm, kc_bh, ks_bh, km_bh, stride_kcn, stride_kcd, stride_ksn, stride_ksd,
+                        start, d0, D, BITS, G, UNIT, BLOCK_D)
 
 
 @triton.jit
