@@ -19,9 +19,7 @@ from kvstream.kernels.evict_write_ref import unit_of
 from kvstream.kvcache.config import CacheConfig
 from kvstream.kvcache.policies import get_policy
 from kvstream.kvcache.storage import LayerStore, SeqPlan
-from tests.kernels.kernel_cases import make_slots
-
-TENSORS = ("s_len", "sv_len", "win_lo", "s_k", "s_v", "s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm")
+from tests.kernels.kernel_cases import assert_equal_written, clone_written, make_slots
 
 # (quant, bits, G, D, Cs, dtype): head_dim 8 and 24 are not multiples of P = 16 at 2 bits (padded value words);
 # Cs 24 / 48 are multiples of the span max(G, P) but not of a power of two above it; "none" / "token" take any Cs
@@ -113,23 +111,12 @@ def _case(layout, mix, H, seed, device):
 
 
 def _clone(slots, args):
-    s = dataclasses.replace(slots, **{n: getattr(slots, n).clone() for n in TENSORS if getattr(slots, n) is not None})
-    return s, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    s, *a = clone_written(slots, *args)
+    return s, a
 
 
 def _assert_same(got, want, args_got, args_want, what):
-    for n in TENSORS:
-        a, b = getattr(got, n), getattr(want, n)
-        if a is None:
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {n} {a.dtype}{tuple(a.shape)} vs {b.dtype}"
-        diff = (a.cpu() != b.cpu())
-        assert not diff.any(), f"{what}: {n} differs at {diff.nonzero()[:6].tolist()} ({int(diff.sum())} elements)"
-    for n, a, b in zip(("s_pos", "scores"), args_got[:2], args_want[:2]):
-        if a is None:
-            continue
-        diff = a.cpu() != b.cpu()
-        assert not diff.any(), f"{what}: {n} differs at {diff.nonzero()[:6].tolist()}"
+    assert_equal_written(got, want, what, s_pos=(args_got[0], args_want[0]), scores=(args_got[1], args_want[1]))
 
 
 RUNS = [("five", 3, True), ("four", 4, True), ("one", 1, True), ("edge", 2, True), ("five", 3, False),
