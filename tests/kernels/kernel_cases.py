@@ -1,6 +1,9 @@
-"""Shared helpers of the kernel tests: tolerance check, random `KVSlots` with ragged, partially filled regions."""
+"""Shared helpers of the kernel tests: tolerance check, random `KVSlots` with ragged, partially filled regions,
+clone / exact comparison of the slot tensors a write updates."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -56,3 +59,24 @@ def make_slots(B, H, D, cs, cw, quant, bits, group_size, dtype, device, s_len, s
         if t is not None:
             setattr(s, name, t.to(device).contiguous())
     return s
+
+
+# the slot tensors a cache write updates (lengths and the kept store S)
+WRITTEN = ("s_len", "sv_len", "win_lo", "s_k", "s_v", "s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm")
+
+
+def clone_written(slots: KVSlots, *extra):
+    """A KVSlots sharing the ring with `slots` but owning copies of WRITTEN, and copies of the extra tensors."""
+    s = dataclasses.replace(slots, **{n: getattr(slots, n).clone() for n in WRITTEN if getattr(slots, n) is not None})
+    return (s, *[a.clone() if isinstance(a, torch.Tensor) else a for a in extra])
+
+
+def assert_equal_written(got: KVSlots, want: KVSlots, what: str, **extra) -> None:
+    """WRITTEN tensors and the named extra (got, want) pairs equal bit for bit, with where they differ."""
+    pairs = {n: (getattr(got, n), getattr(want, n)) for n in WRITTEN} | extra
+    for n, (a, b) in pairs.items():
+        if a is None and b is None:
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {n} {a.dtype}{tuple(a.shape)} vs {b.dtype}"
+        diff = a.cpu() != b.cpu()
+        assert not diff.any(), f"{what}: {n} differs at {diff.nonzero()[:6].tolist()} ({int(diff.sum())} elements)"
