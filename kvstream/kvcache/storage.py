@@ -1,6 +1,6 @@
 """Slot storage of one layer: preallocated buffers sized by the budget, lengths on the device, no per-step cat.
 
-Two regions per (sequence, KV head), read by the decode kernels as `kernels.slots.KVSlots`:
+Two regions per (sequence, KV head), read by the decode kernels as `kvstream.kernels.slots.KVSlots`:
 - the ring W: the most recent tokens in full precision. With an evicting policy it holds the recent window
   (w + 1 slots: the window plus the new token); ring slot of position p is p % (w + 1).
 - the kept store S: older tokens that stay, in the model dtype or quantized (KIVI layouts).
@@ -15,13 +15,15 @@ Two modes:
   [0, T - T % R) and values [0, T - R); the ring (R slots) holds the last R tokens; during decode the value of
   the token that is R positions old leaves the ring into S (FIFO), and keys are flushed a block of R at a time
   when R keys wait in full precision (after the step that used the newest one in full precision).
-Lengths live on the device only; a decode step decides everything there (predicated per sequence), so no step
-reads a device value back. Buffers grow (unbounded budgets only) by host bounds from prompt lengths and steps.
+Each decode step's writes are predicated device kernels (`kvstream.kernels.evict_write`, `kivi_residual`; their torch
+references on the torch backend): lengths live on the device only and no step reads a device value back. Buffers grow (unbounded budgets only) by host bounds from prompt lengths and steps.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -31,6 +33,17 @@ from kvstream.kvcache.kept_store import KeptStore, round_up
 from kvstream.kvcache.policies import Policy
 
 _GROWTH = 64
+
+
+@functools.cache
+def write_ops(backend: str) -> SimpleNamespace:
+    """evict_write, kivi_value_exit, kivi_key_flush: the Triton kernels, or their torch references."""
+    if backend == "triton":
+        from kvstream.kernels import evict_write as ev, kivi_residual as kr
+    else:
+        from kvstream.kernels import evict_write_ref as ev, kivi_residual_ref as kr
+    return SimpleNamespace(evict_write=ev.evict_write, kivi_value_exit=kr.kivi_value_exit,
+                           kivi_key_flush=kr.kivi_key_flush)
 
 
 @dataclass
@@ -53,6 +66,9 @@ class SeqPlan:
         self.n_dev = to_device(self.n, torch.int64, dev)  # (B,)
         self.w_dev = to_device(self.w, torch.int64, dev)  # (B,)
         self.cap_dev = to_device([min(c, 2**62) for c in self.cap], torch.int64, dev)  # (B,)
+        self.w32 = self.w_dev.to(torch.int32)  # (B,) what the write kernels take
+        self.cap32 = self.cap_dev.clamp(max=2**31 - 1).to(torch.int32)  # (B,)
+        self.active = torch.ones(len(self.n), dtype=torch.bool, device=dev)  # (B,) every row decodes
         self.t_dev = torch.zeros(1, dtype=torch.int64, device=dev)  # decode steps done
         self.step_dev = torch.ones(1, dtype=torch.int32, device=dev)  # the step being decoded (t + 1)
         self.tau_table = to_device(self.taus or [1.0], torch.float32, dev)  # (T + 1,)
@@ -69,8 +85,8 @@ class SeqPlan:
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-sequence device tensors every layer shares (counted once by the cache's stats)."""
-        return [self.seeds, self.n_dev, self.w_dev, self.cap_dev, self.t_dev, self.step_dev, self.tau_table,
-                self.tau_dev]
+        return [self.seeds, self.n_dev, self.w_dev, self.cap_dev, self.w32, self.cap32, self.active, self.t_dev,
+                self.step_dev, self.tau_table, self.tau_dev]
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -100,7 +116,7 @@ class LayerStore:
     # ---- allocation ------------------------------------------------------------------------------------------
     def _init_buffers(self, cs: int, cw: int) -> None:
         B, H, D, dev = self.B, self.H, self.D, self.device
-        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs, self.backend)
+        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs)
         self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
@@ -209,9 +225,8 @@ class LayerStore:
         if self.kivi:
             R = self.cw
             self._grow_to(max(self.plan.n) + self.t - R + 1)  # host bound: the S slot of the value leaving
-            do = p >= R  # its value leaves the ring (FIFO) into S slot p - R
-            self.kept.write_values_from_ring(p - R, do, self.win_v)
-            self.sv_len.copy_(torch.where(do, p - R + 1, self.sv_len))  # attention reads those values from S now
+            # the value R positions old leaves the ring into S (FIFO) before the new token takes its ring slot
+            self._ops.kivi_value_exit(self.slots(), p.to(torch.int32), self.plan.active)
             ring = p % R
         else:
             w = self.plan.w_dev
@@ -233,8 +248,6 @@ class LayerStore:
 
     def capture_blocker(self) -> str | None:
         """Why this layer's decode step is not the same device work every time (None: it is)."""
-        if not self.kivi:
-            return "the eviction of the token leaving the window is planned on the host"
         if self.plan.max_new is None:
             return "no max_new_tokens: the kept store may have to grow"
         return None
@@ -245,64 +258,22 @@ class LayerStore:
             self._grow(need)
 
     def _flush_keys(self) -> None:
-        """KIVI: where R keys wait in full precision (p + 1 - s_len >= R), quantize the ring's block (ring slots
-        0..R-1 hold positions s_len..s_len+R-1 then) into S slots [s_len, s_len + R), predicated per sequence."""
-        R, p = self.cw, self.positions()
-        self._grow_to(round_up(max(self.plan.n) + self.t + 1, R))
-        do = p + 1 - self.s_len >= R  # (B,)
-        self.kept.write_key_blocks(self.s_len, do, self.win_k)
-        new_len = torch.where(do, self.s_len + R, self.s_len)
-        self.s_len.copy_(new_len)
-        self.win_lo.copy_(torch.where(do, new_len, self.win_lo))
+        """KIVI: where R keys wait in full precision, the ring's block goes into S (kivi_key_flush)."""
+        self._grow_to(round_up(max(self.plan.n) + self.t + 1, self.cw))  # host bound, unbounded budgets only
+        self._ops.kivi_key_flush(self.slots(), self.s_pos, self.positions().to(torch.int32), self.plan.active)
 
     def _leave(self) -> None:
-        plan, p = self.plan, self.positions()
-        act, tgt_host = [], []
-        for b in range(self.B):
-            left = p[b] - plan.w[b]
-            if left < 0:
-                act.append("none")
-            elif self.s_cnt[b] < plan.cap[b]:
-                act.append("insert")
-            elif plan.cap[b] > 0 and self.scored:
-                act.append("compete")
-            else:
-                act.append("drop")
-            tgt_host.append(self.s_cnt[b])
-        self.win_lo += to_device([int(a != "none") for a in act], torch.int32, self.device)  # the token left
-        if all(a in ("none", "drop") for a in act):
-            return
-        need = max(c + 1 for c, a in zip(self.s_cnt, act) if a == "insert") if "insert" in act else 0
-        if need > self.cs:
-            self._grow(need)
-        src = to_device([(q - w) % (w + 1) if q - w >= 0 else 0 for q, w in zip(p, plan.w)], torch.int64, self.device)
-        k, v = self.win_k[self.bidx, :, src], self.win_v[self.bidx, :, src]  # (B, H, D)
-        a_ins = to_device([a == "insert" for a in act], torch.bool, self.device).view(-1, 1)
-        a_cmp = to_device([a == "compete" for a in act], torch.bool, self.device).view(-1, 1)
-        tgt = to_device(tgt_host, torch.int64, self.device).view(-1, 1).expand(-1, self.H)
-        do = a_ins.expand(-1, self.H)
-        if self.scored:
-            leave_score = self.scores[self.bidx, :, self.cs + src]  # (B, H)
-            if "compete" in act:
-                s = self.scores[:, :, : self.cs]
-                in_use = torch.arange(self.cs, device=self.device).view(1, 1, -1) < self.s_len.view(-1, 1, 1)
-                low, arg = torch.where(in_use, s, torch.inf).min(-1)  # (B, H)
-                win = a_cmp & (leave_score > low)
-                tgt = torch.where(a_cmp, arg, tgt)
-                do = do | win
-        n_valid = to_device([c + (a == "insert") for c, a in zip(self.s_cnt, act)], torch.int64, self.device)
-        tgt = tgt.clamp(max=max(self.cs - 1, 0))
-        self.kept.write_keys(tgt, do, k, n_valid)
-        self.kept.write_values(tgt, do, v)
-        self.kept.write_pos(tgt, do, to_device([q - w for q, w in zip(p, plan.w)], torch.int32, self.device))
-        if self.scored:
-            old = self.scores[:, :, : self.cs].gather(2, tgt.unsqueeze(-1)).squeeze(-1)
-            self.scores[:, :, : self.cs].scatter_(2, tgt.unsqueeze(-1), torch.where(do, leave_score, old).unsqueeze(-1))
-        for b, a in enumerate(act):
-            if a == "insert":
-                self.s_cnt[b] += 1
-                self.sv_cnt[b] += 1
-        self._sync_lengths()
+        """The token leaving the window moves into S, competes for a slot, or is dropped (evict_write)."""
+        plan = self.plan
+        if plan.max_new is None:  # S may have to grow: a host bound on the slots in use after this step
+            self._grow_to(max(min(c, max(0, n - w) + self.t + 1) for n, w, c in zip(plan.n, plan.w, plan.cap)))
+        self._ops.evict_write(self.slots(), self.s_pos, self.scores, self.positions().to(torch.int32), plan.w32,
+                              plan.cap32, plan.active, self.scored)
+
+    @property
+    def _ops(self):
+        """The write kernels (Triton) or their torch references, by the cache's backend."""
+        return write_ops(self.backend)
 
     # ---- views and accounting --------------------------------------------------------------------------------
     def slots(self) -> KVSlots:

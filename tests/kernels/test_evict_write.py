@@ -1,5 +1,6 @@
-"""Fused eviction write (kernels/evict_write.py) against evict_write_ref, and the reference against the
-host-planned path it replaces (`LayerStore._leave` + `KeptStore.write_*`).
+"""Fused eviction write (kvstream/kernels/evict_write.py) against evict_write_ref, and both against the decode steps
+of a LayerStore (which runs them; the reference replaced a host-planned path that these cases were first checked
+against, and tests/kvcache/test_policies.py pins exactly what each policy keeps).
 
 Everything is compared exactly: kept positions, codes, scales/mins, scores and lengths. The kernel does the
 reference's fp32 arithmetic step for step (and turns FMA contraction off), so no tolerance is needed.
@@ -193,9 +194,9 @@ HOST_CASES = [
 
 @pytest.mark.parametrize("case", HOST_CASES, ids=[f"{c[0]}-{c[1]}-G{c[2]}" for c in HOST_CASES])
 def test_reference_matches_host_path(case):
-    """Step by step from the same LayerStore state: the reference on a copy == `after_attend` (host planning);
-    scores accumulate integer increments, so ties between kept tokens and with the leaving token happen.
-    The kernel runs on a third copy: kernel == host path directly."""
+    """Step by step from the same LayerStore state: the reference on a copy == `after_attend` (the store's own
+    step); scores accumulate integer increments, so ties between kept tokens and with the leaving token happen.
+    The kernel runs on a third copy: kernel == the store's step directly."""
     policy, quant, G, budget, rr, lengths = case
     H, D, steps = 2, 16, 9
     cfg = CacheConfig(policy=policy, quant=quant, group_size=G, budget=budget, recent_ratio=rr)
@@ -206,25 +207,28 @@ def test_reference_matches_host_path(case):
     active = torch.ones(B, dtype=torch.bool)
     saw = set()
     for _ in range(steps):
+        store.plan.begin_step()
         store.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
         if store.scores is not None:
             store.scores += (torch.rand(store.scores.shape, generator=g) * 2).floor()
-        pos = torch.tensor(store.positions(), dtype=torch.int32)
+        pos = store.positions().to(torch.int32)
+        s_cnt = store.s_len.tolist()
         for b in range(B):
             left = int(pos[b] - w[b])
-            saw.add("fill" if left < 0 else "insert" if store.s_cnt[b] < cap[b] else "full")
+            saw.add("fill" if left < 0 else "insert" if s_cnt[b] < cap[b] else "full")
         args = [store.s_pos, store.scores, pos, w, cap, active]
         copies = [_clone(store.slots(), args) for _ in range(2)]
         evict_write_ref(copies[0][0], *copies[0][1], scored=store.scored)
         evict_write(copies[1][0], *copies[1][1], scored=store.scored)
-        full = [c == int(cap[b]) > 0 for b, c in enumerate(store.s_cnt)]
+        full = [c == int(cap[b]) > 0 for b, c in enumerate(s_cnt)]
         store.after_attend()
+        store.plan.end_step()
         for b in range(B):
             left = int(pos[b] - w[b])
             if left >= 0 and full[b] and store.scored:
                 saw.add("win" if bool((store.s_pos[b] == left).any()) else "loss")
         for i, (s, a) in enumerate(copies):
-            _assert_same(s, store.slots(), a, args, "kernel vs host path" if i else "reference vs host path")
+            _assert_same(s, store.slots(), a, args, "kernel vs store step" if i else "reference vs store step")
     want = {"full"} | ({"insert"} if policy != "window" else set()) | ({"win", "loss"} if store.scored else set())
     assert want <= saw, f"the steps never reached every state: {saw}"
 

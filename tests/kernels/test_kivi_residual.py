@@ -1,5 +1,6 @@
-"""KIVI residual moves (kernels/kivi_residual.py) against kivi_residual_ref, and the reference against the
-host-planned path (`LayerStore.append` / `_flush_keys` in kivi mode). Exact comparisons (same fp32 steps)."""
+"""KIVI residual moves (kvstream/kernels/kivi_residual.py) against kivi_residual_ref, and both against a kivi-mode
+LayerStore's steps (`append` / `after_attend`, which run them; first checked against the host-planned path they
+replaced). Exact comparisons (same fp32 steps)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_kernels_match_reference(layout, H, device):
 @pytest.mark.parametrize("quant,G,R", [("kivi2", 16, 16), ("kivi4", 8, 16), ("kivi2", 8, 32)])
 def test_reference_and_kernels_match_host_path(quant, G, R):
     """Step by step from the same LayerStore state (ragged prompts: flushes and value exits at different steps):
-    before `append`, the value exit on copies == the host's; before `after_attend`, the flush likewise."""
+    before `append`, the value exit on copies == the store's step; before `after_attend`, the flush likewise."""
     H, D, steps = 2, 16, 20
     cfg = CacheConfig(policy="full", quant=quant, group_size=G, residual=R)
     store, g = _make_store(cfg, [R + R // 2, R - 3, 3 * R - 10], steps, H, D, seed=G + R)
@@ -93,22 +94,24 @@ def test_reference_and_kernels_match_host_path(quant, G, R):
     active = torch.ones(B, dtype=torch.bool)
     flushed, exited = 0, 0
     for _ in range(steps):
-        pos = torch.tensor(store.positions(), dtype=torch.int32)
+        store.plan.begin_step()
+        pos = store.positions().to(torch.int32)
         copies = [clone_written(store.slots()) for _ in range(2)]
         kivi_value_exit_ref(copies[0][0], pos, active)
         kivi_value_exit(copies[1][0], pos, active)
         store.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
         exited += int((pos >= R).sum())
         for (s,), what in zip(copies, ("reference", "kernel")):
-            assert_equal_written(s, store.slots(), f"value exit: {what} vs host path")
+            assert_equal_written(s, store.slots(), f"value exit: {what} vs store step")
         copies = [clone_written(store.slots(), store.s_pos) for _ in range(2)]
         kivi_key_flush_ref(copies[0][0], copies[0][1], pos, active)
         kivi_key_flush(copies[1][0], copies[1][1], pos, active)
         len_before = store.s_len.clone()
         store.after_attend()
+        store.plan.end_step()
         flushed += int((store.s_len != len_before).sum())
         for (s, sp), what in zip(copies, ("reference", "kernel")):
-            assert_equal_written(s, store.slots(), f"key flush: {what} vs host path", s_pos=(sp, store.s_pos))
+            assert_equal_written(s, store.slots(), f"key flush: {what} vs store step", s_pos=(sp, store.s_pos))
     assert flushed >= 3 and exited >= 10, (flushed, exited)
 
 
