@@ -118,6 +118,47 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
                 peak_gib_above_weights=peak / 2**30)
 
 
+def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: int = 3) -> str:
+    """GPU kernel time of `steps` eager decode steps of a kvstream config (torch.profiler), by kernel, to `path`.
+
+    Eager and graph-replayed steps run the same kernels; the sum here against the graph step's measured time
+    says whether the step is bound by kernel time or by the gaps between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvstream.kvcache.cache import CompressedCache
+    from kvstream.kvcache.fast_decode import DecodeRunner
+
+    dev = next(model.parameters()).device
+    cfg = CacheConfig(**CONFIGS[name], max_new_tokens=steps + 4)
+    ids = torch.tensor(prompts, device=dev)
+    B = ids.shape[0]
+    cache = CompressedCache(cfg, model.config)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        z = torch.zeros(B, device=dev)
+        runner = DecodeRunner(model, cache, steps + 4, z, z + 1, cache.plan.seeds, [], 0, graph=False)
+        runner.first(out.logits[:, -1])
+        for _ in range(2):
+            runner.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner.step()
+            torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    lines = [f"## {name}: GPU kernel time per eager decode step {total:.2f} ms, {sum(r[2] for r in rows)} launches",
+             "| kernel | ms / step | launches / step |", "| --- | --- | --- |"]
+    lines += [f"| {k[:90]} | {ms:.3f} | {n} |" for k, ms, n in rows[:25]]
+    text = "\n".join(lines) + "\n"
+    with open(path, "a") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
@@ -127,8 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default="bench/engine.csv")
+    ap.add_argument("--profile", default="", help="kvstream configs whose eager decode step to profile, by kernel")
     a = ap.parse_args(argv)
-    bad = [c for c in a.configs.split(",") if c not in CONFIGS]
+    bad = [c for c in a.configs.split(",") + [p for p in a.profile.split(",") if p] if c not in CONFIGS]
     if bad:
         ap.error(f"unknown --configs {bad}; valid: {', '.join(CONFIGS)}")
     if not torch.cuda.is_available():
@@ -150,6 +192,11 @@ def main(argv=None) -> int:
         except torch.cuda.OutOfMemoryError as e:
             print(f"{name}: out of memory ({str(e).splitlines()[0]})", flush=True)
         print(rows[-1] if rows else None, flush=True)
+        torch.cuda.empty_cache()
+    for name in [p for p in a.profile.split(",") if p]:
+        if CONFIGS[name] is None:
+            ap.error(f"--profile {name}: only kvstream configs are profiled")
+        print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
         torch.cuda.empty_cache()
     import pandas as pd
 

@@ -62,7 +62,9 @@ def _minmax_codes(x: torch.Tensor, bits: int, valid: torch.Tensor | None, reduce
         mn = torch.where(empty, 0.0, mn)
         mx = torch.where(empty, 0.0, mx)
     qmax = (1 << bits) - 1
-    scale = ((mx - mn) / qmax).to(dtype)
+    # a tensor divisor: true division on every device (CUDA turns a division by a Python number into a
+    # multiplication by its reciprocal, which is an ulp off now and then; the kernels divide exactly)
+    scale = ((mx - mn) / torch.full_like(mx, qmax)).to(dtype)
     mn = mn.to(dtype)
     s32, m32 = scale.float(), mn.float()
     codes = torch.where(s32 > 0, torch.round((xf - m32) / torch.where(s32 > 0, s32, 1.0)), 0.0)

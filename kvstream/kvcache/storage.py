@@ -109,6 +109,7 @@ class LayerStore:
         self.G = cfg.group_size
         self.scored = policy.scored
         self.bidx = torch.arange(self.B, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self.s_cnt = [0] * self.B  # S slots in use (keys) after prefill; the device's s_len from then on
         self.sv_cnt = [0] * self.B  # S slots whose value is in S (kivi mode) after prefill
         self.t = 0  # decode tokens appended so far
@@ -236,7 +237,7 @@ class LayerStore:
         self.win_v[self.bidx, :, ring] = v1[:, :, 0]
         self.win_pos[self.bidx, ring] = p.to(torch.int32)
         if self.scores is not None:
-            self.scores[self.bidx, :, self.cs + ring] = 0.0
+            self.scores[self.bidx, :, self.cs + ring] = self._zero  # a device scalar: no host copy in a graph
 
     def after_attend(self) -> None:
         """After the step's attention: KIVI key flush, or the leaving token's move/eviction."""
@@ -282,7 +283,7 @@ class LayerStore:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every device tensor this layer holds."""
-        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.bidx]
+        ts = [self.win_k, self.win_v, self.win_pos, self.win_lo, self.s_len, self.sv_len, self.bidx, self._zero]
         ts += self.kept.tensors()
         return ts + ([self.scores] if self.scores is not None else [])
 
