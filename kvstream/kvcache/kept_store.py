@@ -25,8 +25,12 @@ def round_up(x: int, m: int) -> int:
 
 
 class KeptStore:
-    def __init__(self, quant: str, bits: int, group_size: int, B: int, H: int, D: int, dtype, device, cs: int):
-        self.quant, self.bits, self.G = quant, bits, group_size
+    """backend: "triton" quantizes the prompt at prefill with the Triton quantizers, straight into the store
+    (the same codes as the torch references, which the "torch" backend uses)."""
+
+    def __init__(self, quant: str, bits: int, group_size: int, B: int, H: int, D: int, dtype, device, cs: int,
+                 backend: str = "torch"):
+        self.quant, self.bits, self.G, self.backend = quant, bits, group_size, backend
         self.B, self.H, self.D, self.dtype, self.device = B, H, D, dtype, device
         self.unit = max(group_size, 32 // bits) if quant == "channel" else 1
         self.cs = round_up(cs, self.unit)
@@ -70,6 +74,16 @@ class KeptStore:
             self.S["s_v"].copy_(vs)
             return
         if self.cs == 0:
+            return
+        if self.backend == "triton":
+            from kvstream.kernels.kivi_quant import quantize_keys_into, quantize_values_into
+
+            S, b, G = self.S, self.bits, self.G
+            if self.quant == "channel":
+                quantize_keys_into(ks, S["s_kc"], S["s_ks"], S["s_km"], b, G, self.cs, valid=k_valid)
+            else:
+                quantize_values_into(ks, S["s_kc"], S["s_ks"], S["s_km"], b, G, self.cs)
+            quantize_values_into(vs, S["s_vc"], S["s_vs"], S["s_vm"], b, G, self.cs)
             return
         if self.quant == "channel":
             kc, ksc, kmn = quantize_keys(ks, self.bits, self.G, valid=k_valid)

@@ -117,7 +117,7 @@ class LayerStore:
     # ---- allocation ------------------------------------------------------------------------------------------
     def _init_buffers(self, cs: int, cw: int) -> None:
         B, H, D, dev = self.B, self.H, self.D, self.device
-        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs)
+        self.kept = KeptStore(self.quant, self.bits, self.G, B, H, D, self.dtype, dev, cs, self.backend)
         self.win_k = torch.zeros(B, H, cw, D, dtype=self.dtype, device=dev)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((B, cw), -1, dtype=torch.int32, device=dev)
