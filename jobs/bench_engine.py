@@ -189,15 +189,18 @@ def main(argv=None) -> int:
         try:
             rows.append(bench_one(model, name, ids.to(dev), prompts, a.new, w_bytes, bw, mc.num_hidden_layers,
                                   mc.num_key_value_heads, mc.hidden_size // mc.num_attention_heads))
+            print(rows[-1], flush=True)
         except torch.cuda.OutOfMemoryError as e:
-            print(f"{name}: out of memory ({str(e).splitlines()[0]})", flush=True)
-        print(rows[-1] if rows else None, flush=True)
+            print(f"{name}: out of memory at batch {a.batch} ({str(e).splitlines()[0]})", flush=True)
         torch.cuda.empty_cache()
     for name in [p for p in a.profile.split(",") if p]:
         if CONFIGS[name] is None:
             ap.error(f"--profile {name}: only kvstream configs are profiled")
         print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
         torch.cuda.empty_cache()
+    if not rows:
+        print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch", file=sys.stderr)
+        return 1
     import pandas as pd
 
     df = pd.DataFrame(rows)

@@ -163,7 +163,7 @@ class _LaggedFlags:
         self.cuda = done.is_cuda
         if self.cuda:
             self.host = [torch.empty(done.shape, dtype=done.dtype, pin_memory=True) for _ in range(2)]
-            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+            self.events = [torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)]  # wait asleep
         self.pushed = 0
         self.push(done)
 

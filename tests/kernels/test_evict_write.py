@@ -162,7 +162,8 @@ def test_kernel_matches_reference(layout, mix, H, scored, device):
                 assert written[h].sum() == 1 and bool(written[h, low_slot]), f"tie: head {h} replaced the wrong slot"
 
 
-def _make_store(cfg: CacheConfig, lengths: list[int], max_new: int, H: int, D: int, seed: int):
+def _make_store(cfg: CacheConfig, lengths: list[int], max_new: int, H: int, D: int, seed: int, device="cpu"):
+    """A LayerStore on `device` prefilled with random k / v (drawn on the CPU, so every device sees the same)."""
     pol = get_policy(cfg)
     B, T = len(lengths), max(lengths)
     valid = torch.zeros(B, T, dtype=torch.bool)
@@ -171,12 +172,13 @@ def _make_store(cfg: CacheConfig, lengths: list[int], max_new: int, H: int, D: i
     k = [pol.budget(n) for n in lengths]
     w = [pol.recent_window(x) for x in k]
     plan = SeqPlan(n=list(lengths), k=k, w=w, cap=[a - c for a, c in zip(k, w)],
-                   order=torch.argsort((~valid).to(torch.int8), dim=-1, stable=True),
-                   seeds=torch.zeros(B, dtype=torch.int64), max_new=max_new)
+                   order=torch.argsort((~valid).to(torch.int8), dim=-1, stable=True).to(device),
+                   seeds=torch.zeros(B, dtype=torch.int64, device=device), max_new=max_new)
     g = _gen(seed)
-    store = LayerStore(cfg, pol, plan, H, D, torch.float32, torch.device("cpu"))
-    sc = (torch.rand(B, H, T, generator=g) * 4).round() if pol.scored else None
-    store.prefill(torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g), sc)
+    store = LayerStore(cfg, pol, plan, H, D, torch.float32, torch.device(device))
+    sc = (torch.rand(B, H, T, generator=g) * 4).round().to(device) if pol.scored else None
+    k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    store.prefill(k.to(device), v.to(device), sc)
     return store, g
 
 
@@ -193,24 +195,25 @@ HOST_CASES = [
 
 
 @pytest.mark.parametrize("case", HOST_CASES, ids=[f"{c[0]}-{c[1]}-G{c[2]}" for c in HOST_CASES])
-def test_reference_matches_host_path(case):
+def test_reference_matches_host_path(case, device):
     """Step by step from the same LayerStore state: the reference on a copy == `after_attend` (the store's own
     step); scores accumulate integer increments, so ties between kept tokens and with the leaving token happen.
     The kernel runs on a third copy: kernel == the store's step directly."""
     policy, quant, G, budget, rr, lengths = case
     H, D, steps = 2, 16, 9
     cfg = CacheConfig(policy=policy, quant=quant, group_size=G, budget=budget, recent_ratio=rr)
-    store, g = _make_store(cfg, lengths, steps, H, D, seed=len(lengths) * 31 + G)
+    store, g = _make_store(cfg, lengths, steps, H, D, seed=len(lengths) * 31 + G, device=device)
     B = store.B
-    w = torch.tensor(store.plan.w, dtype=torch.int32)
-    cap = torch.tensor(store.plan.cap, dtype=torch.int32)
-    active = torch.ones(B, dtype=torch.bool)
+    w = torch.tensor(store.plan.w, dtype=torch.int32, device=device)
+    cap = torch.tensor(store.plan.cap, dtype=torch.int32, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
     saw = set()
     for _ in range(steps):
         store.plan.begin_step()
-        store.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
+        k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        store.append(k1.to(device), v1.to(device))
         if store.scores is not None:
-            store.scores += (torch.rand(store.scores.shape, generator=g) * 2).floor()
+            store.scores += (torch.rand(store.scores.shape, generator=g) * 2).floor().to(device)
         pos = store.positions().to(torch.int32)
         s_cnt = store.s_len.tolist()
         for b in range(B):

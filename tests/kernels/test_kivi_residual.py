@@ -84,14 +84,14 @@ def test_kernels_match_reference(layout, H, device):
 
 
 @pytest.mark.parametrize("quant,G,R", [("kivi2", 16, 16), ("kivi4", 8, 16), ("kivi2", 8, 32)])
-def test_reference_and_kernels_match_host_path(quant, G, R):
+def test_reference_and_kernels_match_host_path(quant, G, R, device):
     """Step by step from the same LayerStore state (ragged prompts: flushes and value exits at different steps):
     before `append`, the value exit on copies == the store's step; before `after_attend`, the flush likewise."""
     H, D, steps = 2, 16, 20
     cfg = CacheConfig(policy="full", quant=quant, group_size=G, residual=R)
-    store, g = _make_store(cfg, [R + R // 2, R - 3, 3 * R - 10], steps, H, D, seed=G + R)
+    store, g = _make_store(cfg, [R + R // 2, R - 3, 3 * R - 10], steps, H, D, seed=G + R, device=device)
     B = store.B
-    active = torch.ones(B, dtype=torch.bool)
+    active = torch.ones(B, dtype=torch.bool, device=device)
     flushed, exited = 0, 0
     for _ in range(steps):
         store.plan.begin_step()
@@ -99,7 +99,8 @@ def test_reference_and_kernels_match_host_path(quant, G, R):
         copies = [clone_written(store.slots()) for _ in range(2)]
         kivi_value_exit_ref(copies[0][0], pos, active)
         kivi_value_exit(copies[1][0], pos, active)
-        store.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
+        k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        store.append(k1.to(device), v1.to(device))
         exited += int((pos >= R).sum())
         for (s,), what in zip(copies, ("reference", "kernel")):
             assert_equal_written(s, store.slots(), f"value exit: {what} vs store step")
