@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
+from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
 from kvstream.pipeline.fs import InputError, join, list_inputs, s3_options, write_bytes_atomic
 from kvstream.pipeline.generate import Generate
 from kvstream.pipeline.models import model_context
@@ -164,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns the stats dict (also written to <output.path>/stats.json)."""
     s3 = s3_options(OmegaConf.to_container(cfg.s3, resolve=True))
     output = cfg.output.path
+    keys = fingerprint(cfg)  # before demo data is materialized: data.path as the user gave it
     if cfg.data.path.startswith("demo:"):
         kind = cfg.data.path.split(":", 1)[1]
         path = materialize(kind, output, s3, cfg.data.demo_rows)
@@ -177,6 +179,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if done and not cfg.output.resume:
         raise ConfigError(f"output.path={output} already holds {len(done)} result rows: "
                           "set output.resume=true to continue or output.overwrite=true to replace them")
+    check_same_job(output, keys, len(done), s3)
+    write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
     ds = build_dataset(cfg, files, base, spec, done, s3)
