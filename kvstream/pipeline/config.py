@@ -16,6 +16,7 @@ TASKS = ("summarize", "converse")
 TRUNCATIONS = ("head", "tail", "middle", "reject")
 FORMATS = ("parquet", "jsonl", "json", "csv")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DUPLICATE_MODES = ("error", "keep_first", "suffix")  # kvstream/pipeline/ids.py
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,7 @@ class DataConf:
     format: Optional[str] = None  # default: from the extension
     text_column: str = "text"
     id_column: Optional[str] = None  # default: "<file>:<row index>"
+    on_duplicate_id: str = "error"  # error | keep_first | suffix (<id>#2, ...): rows repeating an id_column value
     reference_column: Optional[str] = None
     messages_column: str = "messages"
     passthrough_columns: list = field(default_factory=list)
@@ -178,6 +180,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}")
     need(bool(cfg.data.path), "data.path", "set a file, directory or glob (local or s3://)")
     need(cfg.data.format is None or cfg.data.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}")
+    need(cfg.data.on_duplicate_id in DUPLICATE_MODES, "data.on_duplicate_id",
+         f"must be one of {', '.join(DUPLICATE_MODES)}")
     need(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit", "must be >= 1 (or null for all rows)")
     need(cfg.data.demo_rows >= 1, "data.demo_rows", "must be >= 1")
     if cfg.task == "summarize":

@@ -23,9 +23,10 @@ from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
 from kvstream.pipeline.fs import InputError, join, list_inputs, s3_options, write_bytes_atomic
 from kvstream.pipeline.generate import Generate
+from kvstream.pipeline.ids import duplicate_plan
 from kvstream.pipeline.models import model_context
 from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
-from kvstream.pipeline.reader import iter_records, read_batch
+from kvstream.pipeline.reader import iter_records, read_batch, rel_name
 from kvstream.pipeline.stage import SkipDone, SortByLength
 from kvstream.pipeline.stats import RunStats, summary, write_stats
 from kvstream.pipeline.tokenize import Tokenize
@@ -121,16 +122,18 @@ def injected_faults() -> dict:
     return out
 
 
-def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict):
-    """The lazy Ray Dataset of result rows."""
+def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict,
+                  ids: dict | None = None):
+    """The lazy Ray Dataset of result rows (`ids`: the repeated-id plan of kvstream/pipeline/ids.py)."""
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.data.limit is not None  # the same first rows on every run
-    items = [{"file": f, "rel": f.split("://", 1)[-1][len(base):].lstrip("/") or f} for f in files]
+    items = [{"file": f, "rel": rel_name(f, base)} for f in files]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec, "s3": s3})
+    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"spec": spec, "s3": s3, "ids": ids or {}})
     r = cfg.runtime
     window = r.sort_window or 16 * r.batch_size
     ds = ds.repartition(target_num_rows_per_block=window)  # files -> windows: tokenizing runs in parallel
@@ -173,6 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     spec = input_spec(cfg)
     files, base = list_inputs(cfg.data.path, s3, cfg.data.format)
     precheck_columns(files[0], spec, s3)
+    ids = duplicate_plan(files, base, spec, s3, cfg.data.on_duplicate_id, cfg.data.limit)
     if cfg.output.overwrite:
         clear_results(output, s3)
     done = done_ids(output, s3)
@@ -183,7 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
-    ds = build_dataset(cfg, files, base, spec, done, s3)
+    ds = build_dataset(cfg, files, base, spec, done, s3, ids)
 
     stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
     last = time.time()
