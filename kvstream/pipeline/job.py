@@ -18,22 +18,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvstream.pipeline.checks import check_input, check_output, max_input_tokens
 from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
 from kvstream.pipeline.fs import InputError, join, list_inputs, s3_options, write_bytes_atomic
 from kvstream.pipeline.generate import Generate
 from kvstream.pipeline.ids import duplicate_plan
-from kvstream.pipeline.models import model_context
 from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
-from kvstream.pipeline.reader import iter_records, read_batch, rel_name
+from kvstream.pipeline.reader import read_batch, rel_name
 from kvstream.pipeline.stage import SkipDone, SortByLength
 from kvstream.pipeline.stats import RunStats, summary, write_stats
 from kvstream.pipeline.tokenize import Tokenize
 from kvstream.pipeline.writer import ResultWriter, clear_results, done_ids
 
 log = logging.getLogger("kvstream")
-PRECHECK_ROWS = 1000
+EXIT_CONFIG = 2  # a config or input error: one `kvstream: error:` line
+EXIT_ALL_FAILED = 3  # rows were processed and every one of them failed (their errors are in the results)
 
 
 def input_spec(cfg: DictConfig) -> dict[str, Any]:
@@ -45,42 +46,6 @@ def input_spec(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"data passthrough column {c!r} collides with an output column; rename it in the data")
     return {"task": cfg.task, "input_column": col, "id_column": d.id_column, "format": d.format,
             "passthrough": list(dict.fromkeys(passthrough))}
-
-
-def precheck_columns(url: str, spec: dict, s3: dict) -> None:
-    """Stop early when a configured column is in none of the first rows of the first file."""
-    seen: set[str] = set()
-    n = 0
-    for _, rec in iter_records(url, spec["format"], s3):
-        if isinstance(rec, dict):
-            seen.update(rec)
-            n += 1
-        if n >= PRECHECK_ROWS:
-            break
-    if n == 0:
-        return
-    keys = {"data.text_column" if spec["task"] == "summarize" else "data.messages_column": spec["input_column"],
-            "data.id_column": spec["id_column"]}
-    keys.update({f"data column {c!r}": c for c in spec["passthrough"]})
-    for key, col in keys.items():
-        if col and col not in seen:
-            raise InputError(f"{key}={col!r}: no row of {url} has this column (checked {n} rows); "
-                             f"columns there: {', '.join(sorted(seen))}")
-
-
-def max_input_tokens(cfg: DictConfig) -> int:
-    ctx = model_context(cfg.model.path)
-    room = ctx - cfg.generate.max_new_tokens
-    if room < 1:
-        raise ConfigError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} leaves no room in the model's "
-                          f"{ctx}-token context")
-    m = cfg.generate.max_input_tokens
-    if m is None:
-        return room
-    if m > room:
-        raise ConfigError(f"generate.max_input_tokens={m} + generate.max_new_tokens={cfg.generate.max_new_tokens} "
-                          f"exceeds the model's {ctx}-token context; lower one of them")
-    return int(m)
 
 
 def init_ray(cfg: DictConfig) -> None:
@@ -169,13 +134,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     s3 = s3_options(OmegaConf.to_container(cfg.s3, resolve=True))
     output = cfg.output.path
     keys = fingerprint(cfg)  # before demo data is materialized: data.path as the user gave it
+    check_output(output, s3)
     if cfg.data.path.startswith("demo:"):
         kind = cfg.data.path.split(":", 1)[1]
         path = materialize(kind, output, s3, cfg.data.demo_rows)
         cfg = OmegaConf.merge(cfg, {"data": {"path": path, **DEMO_COLUMNS.get(kind, {})}})
     spec = input_spec(cfg)
     files, base = list_inputs(cfg.data.path, s3, cfg.data.format)
-    precheck_columns(files[0], spec, s3)
+    check_input(cfg.data.path, files, spec, s3)
+    max_input_tokens(cfg)
     ids = duplicate_plan(files, base, spec, s3, cfg.data.on_duplicate_id, cfg.data.limit)
     if cfg.output.overwrite:
         clear_results(output, s3)
@@ -223,14 +190,18 @@ def main(task: str, argv: list[str] | None = None) -> int:
         stats = run(cfg)
     except (ConfigError, InputError) as e:
         print(f"kvstream: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except Exception as e:
         cause = find_input_error(e)
         if cause is None:
             raise
         print(f"kvstream: error: {cause}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(summary(stats), flush=True)
+    if stats["rows"] and not stats["rows_ok"]:
+        print(f"kvstream: error: all {stats['rows']} rows of this run failed (errors above and in the rows' error "
+              f"column under {stats['results']}); exit {EXIT_ALL_FAILED}", file=sys.stderr)
+        return EXIT_ALL_FAILED
     return 0
 
 
