@@ -1,4 +1,5 @@
-"""Checks on the driver before Ray starts: the output location, the input's rows and columns, the model's context.
+"""Checks on the driver before Ray starts: the output location, the input's rows and columns, the model's context
+and the cache config against the model's config (read without weights, checked by kvcache's own check).
 
 Each raises `ConfigError` or `InputError` (exit 2, one `kvstream: error:` line) naming the key and what to change,
 so that a job that cannot produce its output stops in seconds instead of after Ray, reading and model loading.
@@ -11,9 +12,9 @@ import uuid
 
 from omegaconf import DictConfig
 
-from kvstream.pipeline.config import ConfigError
+from kvstream.pipeline.config import ConfigError, cache_config
 from kvstream.pipeline.fs import InputError, filesystem
-from kvstream.pipeline.models import model_context
+from kvstream.pipeline.models import model_config, model_context
 from kvstream.pipeline.reader import iter_records
 
 PRECHECK_ROWS = 1000
@@ -68,9 +69,27 @@ def check_input(path: str, files: list[str], spec: dict, s3: dict | None = None)
                              f"columns there: {', '.join(sorted(seen))}")
 
 
+def check_model(cfg: DictConfig) -> None:
+    """The cache config fits the model (kvcache's `check_model_config` on the model's config: family, head_dim
+    against the quantization group), and the context leaves room for generate.max_new_tokens."""
+    from kvstream.kvcache.cache import check_model_config
+
+    c = cache_config(cfg)
+    try:
+        mc = model_config(cfg.model.path)
+        check_model_config(c, mc)
+    except (ValueError, NotImplementedError) as e:
+        raise ConfigError(f"cache (policy={c.policy}, quant={c.quant}, group_size={c.group_size}) on "
+                          f"model.path={cfg.model.path}: {e}") from None
+    max_input_tokens(cfg)
+
+
 def max_input_tokens(cfg: DictConfig) -> int:
     """The longest prompt the model's context leaves room for beside generate.max_new_tokens."""
-    ctx = model_context(cfg.model.path)
+    try:
+        ctx = model_context(cfg.model.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     room = ctx - cfg.generate.max_new_tokens
     if room < 1:
         raise ConfigError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} leaves no room in the model's "

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvstream.pipeline.checks import check_input, check_output, max_input_tokens
+from kvstream.pipeline.checks import check_input, check_model, check_output, max_input_tokens
 from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
@@ -134,6 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     s3 = s3_options(OmegaConf.to_container(cfg.s3, resolve=True))
     output = cfg.output.path
     keys = fingerprint(cfg)  # before demo data is materialized: data.path as the user gave it
+    check_model(cfg)
     check_output(output, s3)
     if cfg.data.path.startswith("demo:"):
         kind = cfg.data.path.split(":", 1)[1]
@@ -142,7 +143,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     spec = input_spec(cfg)
     files, base = list_inputs(cfg.data.path, s3, cfg.data.format)
     check_input(cfg.data.path, files, spec, s3)
-    max_input_tokens(cfg)
     ids = duplicate_plan(files, base, spec, s3, cfg.data.on_duplicate_id, cfg.data.limit)
     if cfg.output.overwrite:
         clear_results(output, s3)

@@ -50,3 +50,16 @@ def test_every_row_failed_exits_3(tmp_path, capsys, ray_local):
     out, err = capsys.readouterr()
     assert code == job.EXIT_ALL_FAILED == 3
     assert "3 failed" in out and "kvstream: error: all 3 rows of this run failed" in err
+
+
+def test_model_and_cache_mismatch_stops_before_ray(tmp_path, capsys, no_ray, stories260k):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "Once upon a time"}])
+    model = {"model.path": stories260k["model"], "model.tokenizer": stories260k["tokenizer"], "data.path": src}
+    code = main("summarize", job_overrides(tmp_path, **model, **{"cache.quant": "kivi2"}))  # head_dim 8, group 32
+    err = errors(capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "quant=kivi2, group_size=32" in err[0] and "head_dim 8" in err[0] and "stories260K.bin" in err[0]
+    code = main("summarize", job_overrides(tmp_path, **model, **{"generate.max_new_tokens": 600}))  # 512 context
+    err = errors(capsys)
+    assert code == 2 and len(err) == 1 and "generate.max_new_tokens=600" in err[0] and "512-token" in err[0], err
+    assert not (tmp_path / "out").exists()
