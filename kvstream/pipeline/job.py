@@ -28,7 +28,8 @@ from kvstream.pipeline.ids import duplicate_plan
 from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
 from kvstream.pipeline.reader import read_batch, rel_name
 from kvstream.pipeline.stage import SkipDone, SortByLength
-from kvstream.pipeline.stats import RunStats, summary, write_stats
+from kvstream.pipeline.stats import RunStats, summary
+from kvstream.pipeline.totals import write_stats
 from kvstream.pipeline.tokenize import Tokenize
 from kvstream.pipeline.writer import ResultWriter, clear_results, done_ids
 
@@ -130,7 +131,8 @@ def resolved_yaml(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job; returns the stats dict (also written to <output.path>/stats.json)."""
+    """Run one job; returns this invocation's stats (<output.path>/stats.parquet gets them as a row, stats.json the
+    totals over every row of the output; `output_rows` / `output_rows_failed` here)."""
     s3 = s3_options(OmegaConf.to_container(cfg.s3, resolve=True))
     output = cfg.output.path
     keys = fingerprint(cfg)  # before demo data is materialized: data.path as the user gave it
@@ -173,8 +175,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = stats.result({
         "task": cfg.task, "model": cfg.model.path, "results": join(output, "results"), "files_written": writer.files,
         "cache": f"{c.policy}(budget={c.budget})+{c.quant}" if c.policy != "full" else f"full+{c.quant}",
+        "invocation": writer.run,
     })
-    write_stats(output, result, s3)
+    totals = write_stats(output, result, cfg.data.reference_column, s3)
+    result.update(output_rows=totals["rows"], output_rows_failed=totals["rows_failed"])
     return result
 
 

@@ -31,13 +31,19 @@ def results_dir(output: str) -> str:
     return join(output, "results")
 
 
-def done_ids(output: str, s3: dict | None = None) -> list[str]:
-    """Ids of the rows in `<output>/results/*.parquet` (unreadable files are reported and skipped)."""
+def result_files(output: str, s3: dict | None = None) -> list[str]:
+    """The Parquet files of `<output>/results/` in the order they were written (paths inside their filesystem)."""
     fs, p = filesystem(results_dir(output), s3)
     if not fs.exists(p):
         return []
+    return sorted(fs.glob(p.rstrip("/") + "/*.parquet"))
+
+
+def done_ids(output: str, s3: dict | None = None) -> list[str]:
+    """Ids of the rows in `<output>/results/*.parquet` (unreadable files are reported and skipped)."""
+    fs, _ = filesystem(results_dir(output), s3)
     ids: list[str] = []
-    for f in sorted(fs.glob(p.rstrip("/") + "/*.parquet")):
+    for f in result_files(output, s3):
         try:
             with fs.open(f, "rb") as fh:
                 ids.extend(pq.read_table(fh, columns=["id"])["id"].to_pylist())
@@ -47,9 +53,14 @@ def done_ids(output: str, s3: dict | None = None) -> list[str]:
 
 
 def clear_results(output: str, s3: dict | None = None) -> None:
+    """output.overwrite: delete `<output>/results/` and the stats that describe it."""
     fs, p = filesystem(results_dir(output), s3)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+    for name in ("stats.parquet", "stats.json"):
+        fs, p = filesystem(join(output, name), s3)
+        if fs.exists(p):
+            fs.rm(p)
 
 
 class ResultWriter:
