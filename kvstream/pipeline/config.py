@@ -92,6 +92,7 @@ class OutputConf:
     rows_per_file: int = 1000
     resume: bool = True  # skip rows whose id is already in <path>/results
     overwrite: bool = False  # delete <path>/results first
+    retry_failed: bool = False  # rerun the rows whose error is set; their new rows replace the old ones
 
 
 @dataclass

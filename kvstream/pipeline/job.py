@@ -31,7 +31,7 @@ from kvstream.pipeline.stage import SkipDone, SortByLength
 from kvstream.pipeline.stats import RunStats, summary
 from kvstream.pipeline.totals import write_stats
 from kvstream.pipeline.tokenize import Tokenize
-from kvstream.pipeline.writer import ResultWriter, clear_results, done_ids
+from kvstream.pipeline.writer import ResultWriter, clear_results, compact, done_ids
 
 log = logging.getLogger("kvstream")
 EXIT_CONFIG = 2  # a config or input error: one `kvstream: error:` line
@@ -149,6 +149,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output.overwrite:
         clear_results(output, s3)
     done = done_ids(output, s3)
+    if len(set(done)) < len(done):
+        log.warning("output.path=%s: %d older rows of ids written again dropped", output, compact(output, s3))
+        done = list(set(done))
     if done and not cfg.output.resume:
         raise ConfigError(f"output.path={output} already holds {len(done)} result rows: "
                           "set output.resume=true to continue or output.overwrite=true to replace them")
@@ -156,6 +159,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
+    retry = set(done_ids(output, s3, failed=True)) if cfg.output.retry_failed else set()
+    if retry:
+        done = [i for i in done if i not in retry]
     ds = build_dataset(cfg, files, base, spec, done, s3, ids)
 
     stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
@@ -170,7 +176,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                       f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
     finally:
         writer.flush()  # rows finished before a failure stay written; a rerun resumes after them
+        if retry and writer.files:
+            compact(output, s3)  # the retried rows' older, failed rows go
     stats.skipped = len(set(done))
+    stats.retried = len(retry)
     c = cache_config(cfg)
     result = stats.result({
         "task": cfg.task, "model": cfg.model.path, "results": join(output, "results"), "files_written": writer.files,

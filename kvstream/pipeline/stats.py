@@ -34,7 +34,7 @@ class RunStats:
     def __init__(self, reference_column: str | None = None):
         self.start = time.time()
         self.ref_col = reference_column
-        self.ok = self.failed = self.skipped = 0
+        self.ok = self.failed = self.skipped = self.retried = 0
         self.input_tokens = self.output_tokens = self.truncated = 0
         self.kv_bytes = self.kv_bytes_full = 0
         self.actors: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -102,7 +102,8 @@ class RunStats:
         out: dict[str, Any] = dict(extra or {})
         out.update(self.counts())
         out.update(
-            rows_skipped_resume=self.skipped, wall_time_s=round(wall, 3), rows_per_s=self.rows / wall,
+            rows_skipped_resume=self.skipped, rows_retried=self.retried, wall_time_s=round(wall, 3),
+            rows_per_s=self.rows / wall,
             output_tokens_per_s=self.output_tokens / wall,
             total_tokens_per_s=(self.input_tokens + self.output_tokens) / wall,
             actors=[
@@ -124,10 +125,11 @@ class RunStats:
 
 def summary(stats: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a job."""
+    retried = f", {stats['rows_retried']} of them failed rows retried" if stats.get("rows_retried") else ""
     lines = [
         "=" * 72,
         (f"kvstream {stats.get('task', '')}: {stats['rows']} rows ({stats['rows_ok']} ok, {stats['rows_failed']} "
-         f"failed, {stats['rows_skipped_resume']} already done, {stats['rows_truncated']} truncated) in "
+         f"failed, {stats['rows_skipped_resume']} already done, {stats['rows_truncated']} truncated{retried}) in "
          f"{stats['wall_time_s']:.1f} s"),
         f"model {stats.get('model', '?')}   cache {stats.get('cache', '?')}",
         (f"tokens: {stats['input_tokens']} in, {stats['output_tokens']} out; {stats['rows_per_s']:.2f} rows/s, "

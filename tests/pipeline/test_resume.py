@@ -49,9 +49,50 @@ def test_rerun_with_another_cache_stops_naming_the_keys(tmp_path, ray_local, cap
     assert [r["rows"] for r in runs] == [4, 0] and [r["rows_skipped_resume"] for r in runs] == [0, 4]
 
     # overwrite=true replaces the rows and the fingerprint
-    fresh = run(load_config("summarize", None, over + ["cache.policy=h2o", "cache.budget=0.5", "output.overwrite=true"]))
+    fresh = run(load_config("summarize", None,
+                            over + ["cache.policy=h2o", "cache.budget=0.5", "output.overwrite=true"]))
     assert fresh["rows_ok"] == 4 and sorted(ids_of(out)) == ["d0", "d1", "d2", "d3"]
     assert json.loads((out / "fingerprint.json").read_text())["keys"]["cache.policy"] == "h2o"
     assert {r["policy"] for r in pq.read_table(str(out / "results")).to_pylist()} == {"h2o"}
     totals, runs = saved_stats(out)  # the replaced rows' stats went with them
     assert totals["rows_ok"] == 4 and totals["invocations"] == 1 and len(runs) == 1
+
+
+def test_retry_failed_replaces_the_failed_rows(tmp_path, ray_local, monkeypatch, capsys):
+    rows = [{"id": f"d{i}", "text": f"Document {i}. " * 8} for i in range(4)] + [{"id": "null", "text": None}]
+    over = job_overrides(tmp_path, **{"data.path": str(write_jsonl(tmp_path / "in.jsonl", rows)),
+                                      "data.id_column": "id", "output.rows_per_file": 2})
+    out = tmp_path / "out"
+    monkeypatch.setenv("KVSTREAM_INJECT_OOM_ABOVE", "0")  # every generation fails (an OOM even for one row)
+    first = run(load_config("summarize", None, over))
+    assert first["rows_failed"] == 5 and first["output_rows_failed"] == 5
+    monkeypatch.delenv("KVSTREAM_INJECT_OOM_ABOVE")
+
+    plain = run(load_config("summarize", None, over))  # without retry_failed failed rows count as done
+    assert plain["rows"] == 0 and plain["output_rows_failed"] == 5
+
+    assert main("summarize", over + ["output.retry_failed=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 of them failed rows retried" in printed and "output holds 5 rows, 1 of them failed" in printed
+    got = pq.read_table(str(out / "results")).to_pylist()
+    assert sorted(r["id"] for r in got) == ["d0", "d1", "d2", "d3", "null"]  # replaced, never duplicated
+    assert all(r["error"] is None for r in got if r["id"] != "null")
+    totals, runs = saved_stats(out)
+    assert (totals["rows"], totals["rows_failed"], totals["rows_ok"]) == (5, 1, 4)
+    assert [r["rows_retried"] for r in runs] == [0, 0, 5]
+
+
+def test_compact_keeps_the_newest_row_of_each_id(tmp_path):
+    import pyarrow as pa
+
+    from kvstream.pipeline.writer import compact, done_ids
+
+    d = tmp_path / "out" / "results"
+    d.mkdir(parents=True)
+    old = {"id": ["a", "b", "c"], "error": ["boom", None, "boom"]}
+    pq.write_table(pa.table(old), str(d / "part-1-00000.parquet"))
+    pq.write_table(pa.table({"id": ["a", "c"], "error": [None, "again"]}), str(d / "part-2-00000.parquet"))
+    assert sorted(done_ids(str(tmp_path / "out"), failed=True)) == ["c"]  # the newest row of each id decides
+    assert compact(str(tmp_path / "out")) == 2  # e.g. a run interrupted between writing retried rows and this
+    kept = {r["id"]: r["error"] for r in pq.read_table(str(d)).to_pylist()}
+    assert kept == {"a": None, "b": None, "c": "again"}
