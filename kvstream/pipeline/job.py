@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -22,9 +23,10 @@ from kvstream.pipeline.checks import check_input, check_model, check_output, max
 from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
-from kvstream.pipeline.fs import InputError, join, list_inputs, s3_options, write_bytes_atomic
+from kvstream.pipeline.fs import InputError, absolute, join, list_inputs, s3_options, write_bytes_atomic
 from kvstream.pipeline.generate import Generate
 from kvstream.pipeline.ids import duplicate_plan
+from kvstream.pipeline.interrupt import Interrupted, raising_on_signals
 from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
 from kvstream.pipeline.reader import read_batch, rel_name
 from kvstream.pipeline.stage import SkipDone, SortByLength
@@ -165,16 +167,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ds = build_dataset(cfg, files, base, spec, done, s3, ids)
 
     stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
+    results = join(absolute(output), "results")
+    interrupted: Interrupted | None = None
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     last = time.time()
     try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            stats.add(table)
-            writer.add(table)
-            if time.time() - last >= cfg.runtime.progress_every_s:
-                last = time.time()
-                print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
-                      f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+        with raising_on_signals():
+            for table in batches:
+                writer.add(table)  # first: a signal between the two leaves a row written but never one only counted
+                stats.add(table)
+                if time.time() - last >= cfg.runtime.progress_every_s:
+                    last = time.time()
+                    print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
+                          f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+    except Interrupted as e:
+        interrupted = e
     finally:
+        if hasattr(batches, "close"):
+            batches.close()  # stops Ray Data's executor (and its actors) now, not at garbage collection
         writer.flush()  # rows finished before a failure stay written; a rerun resumes after them
         if retry and writer.files:
             compact(output, s3)  # the retried rows' older, failed rows go
@@ -182,12 +192,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats.retried = len(retry)
     c = cache_config(cfg)
     result = stats.result({
-        "task": cfg.task, "model": cfg.model.path, "results": join(output, "results"), "files_written": writer.files,
+        "task": cfg.task, "model": cfg.model.path, "results": results, "files_written": writer.files,
         "cache": f"{c.policy}(budget={c.budget})+{c.quant}" if c.policy != "full" else f"full+{c.quant}",
-        "invocation": writer.run,
+        "invocation": writer.run, "interrupted": interrupted.args[0] if interrupted else None,
     })
     totals = write_stats(output, result, cfg.data.reference_column, s3)
     result.update(output_rows=totals["rows"], output_rows_failed=totals["rows_failed"])
+    if interrupted:
+        raise Interrupted(interrupted.signum, writer.rows_written, results)
     return result
 
 
@@ -204,6 +216,13 @@ def main(task: str, argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as e:
         print(f"kvstream: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except Interrupted as e:
+        print(e.message(), file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the results stream (checks, Ray start): nothing written yet
+        print("kvstream: interrupted (SIGINT) before any row was generated; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except Exception as e:
         cause = find_input_error(e)
         if cause is None:
