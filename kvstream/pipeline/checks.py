@@ -20,10 +20,18 @@ from kvstream.pipeline.reader import iter_records
 PRECHECK_ROWS = 1000
 
 
+SUBMITTED_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a `ray job submit` entrypoint
+
+
 def check_output(output: str, s3: dict | None = None) -> None:
-    """A local output.path must be a directory this process can create and write (S3 is checked on write)."""
+    """A local output.path must be a directory this process can create and write (S3 is checked on write); in a
+    submitted job it must be absolute: a relative one would land in Ray's temporary copy of the working directory."""
     if output.startswith(("s3://", "s3a://")):
         return
+    if SUBMITTED_ENV in os.environ and not os.path.isabs(output):
+        raise ConfigError(f"output.path={output} is relative: under `ray job submit` it would be written inside "
+                          f"Ray's temporary copy of the working directory and vanish with the cluster; use an "
+                          f"absolute path (on a filesystem the job's node keeps) or s3://")
     _, p = filesystem(output, s3)
     if os.path.exists(p) and not os.path.isdir(p):
         raise ConfigError(f"output.path={output} is a file, not a directory: choose a directory (created if missing)")

@@ -163,7 +163,10 @@ def cache_config(cfg: DictConfig):
     try:
         return CacheConfig.from_dict(d)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"cache: {e}") from None
+        hint = ""
+        if "budget" in str(e) and "fraction" not in str(e):
+            hint = " (cache.budget takes a fraction of each prompt in (0, 1], e.g. 0.5, or an int token count >= 1)"
+        raise ConfigError(f"cache: {e}{hint}") from None
 
 
 def validate(cfg: DictConfig) -> None:

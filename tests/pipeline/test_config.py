@@ -4,6 +4,8 @@ import pytest
 
 from kvstream.kvcache import CacheConfig
 from kvstream.pipeline.config import ConfigError, cache_config, load_config
+from kvstream.pipeline.job import check_fits
+from tests.pipeline.helpers import ROOT
 
 
 def test_layering_yaml_then_cli(tmp_path):
@@ -57,3 +59,14 @@ def test_every_cache_field_settable():
     cfg = load_config("summarize", None, over + ["cache.policy=keyformer", "cache.budget=0.4", "cache.quant=kivi2"])
     cc = cache_config(cfg)
     assert (cc.policy, cc.budget, cc.quant) == ("keyformer", 0.4, "kivi2")
+
+
+def test_negative_budget_says_fractions_are_accepted_too():
+    with pytest.raises(ConfigError) as e:
+        load_config("summarize", None, ["cache.policy=h2o", "cache.budget=-1"])
+    assert "cache.budget" in str(e.value) and "(0, 1]" in str(e.value) and ">= 1" in str(e.value)
+
+
+def test_demo_yaml_own_example_fits_two_cores():
+    cfg = load_config("summarize", str(ROOT / "conf/demo.yaml"), ["cache.policy=h2o", "runtime.num_actors=2"])
+    check_fits(cfg, {"CPU": 2.0})  # conf/demo.yaml's header example on the 2-core machine the README targets

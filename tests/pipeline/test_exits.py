@@ -63,3 +63,13 @@ def test_model_and_cache_mismatch_stops_before_ray(tmp_path, capsys, no_ray, sto
     err = errors(capsys)
     assert code == 2 and len(err) == 1 and "generate.max_new_tokens=600" in err[0] and "512-token" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_relative_output_path_in_a_submitted_job(tmp_path, capsys, no_ray, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "a document"}])
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the entrypoint
+    monkeypatch.chdir(tmp_path)
+    code = main("summarize", job_overrides(tmp_path, **{"data.path": str(src), "output.path": "outputs/run1"}))
+    err = errors(capsys)
+    assert code == 2 and len(err) == 1 and "output.path=outputs/run1 is relative" in err[0]
+    assert "absolute path" in err[0] and "s3://" in err[0] and not (tmp_path / "outputs").exists()
