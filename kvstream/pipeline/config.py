@@ -17,6 +17,7 @@ TRUNCATIONS = ("head", "tail", "middle", "reject")
 FORMATS = ("parquet", "jsonl", "json", "csv")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DUPLICATE_MODES = ("error", "keep_first", "suffix")  # kvstream/pipeline/ids.py
+LOG_LEVELS = ("error", "warning", "info", "debug")  # kvstream/pipeline/logs.py
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,7 @@ class RuntimeConf:
     batch_size: int = 8
     sort_window: int = 0  # rows sorted by length together before batching; 0 = 16 x batch_size
     progress_every_s: float = 10.0
+    log_level: str = "warning"  # error | warning | info | debug: Ray's, Ray Data's and ROUGE's log lines (logs.py)
 
 
 @dataclass
@@ -203,6 +205,7 @@ def validate(cfg: DictConfig) -> None:
     need(r.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", "must be > 0")
     need(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
     need(r.sort_window >= 0, "runtime.sort_window", "must be >= 0")
+    need(r.log_level in LOG_LEVELS, "runtime.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     need(bool(cfg.output.path), "output.path", "set a local directory or s3:// prefix")
     need(cfg.output.rows_per_file >= 1, "output.rows_per_file", "must be >= 1")
 

@@ -27,6 +27,7 @@ from kvstream.pipeline.fs import InputError, absolute, join, list_inputs, s3_opt
 from kvstream.pipeline.generate import Generate
 from kvstream.pipeline.ids import duplicate_plan
 from kvstream.pipeline.interrupt import Interrupted, raising_on_signals
+from kvstream.pipeline.logs import configure_driver, python_level, quiet
 from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
 from kvstream.pipeline.reader import read_batch, rel_name
 from kvstream.pipeline.stage import SkipDone, SortByLength
@@ -55,11 +56,13 @@ def init_ray(cfg: DictConfig) -> None:
     import ray
 
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    level = cfg.runtime.log_level
+    configure_driver(level)
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-            return
-        ray.init()
+        ray.init(address=address or None, logging_level=python_level(level))
+    import ray.data  # configures its own loggers on import: quiet them after
+
+    quiet(level)
     if not address:
         check_fits(cfg, ray.cluster_resources())
 
@@ -209,7 +212,8 @@ def main(task: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file merged over the defaults")
     parser.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist), e.g. cache.policy=keyformer")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("kvstream").setLevel(logging.INFO)
     try:
         cfg = load_config(task, args.config, args.overrides)
         stats = run(cfg)

@@ -70,3 +70,20 @@ def test_negative_budget_says_fractions_are_accepted_too():
 def test_demo_yaml_own_example_fits_two_cores():
     cfg = load_config("summarize", str(ROOT / "conf/demo.yaml"), ["cache.policy=h2o", "runtime.num_actors=2"])
     check_fits(cfg, {"CPU": 2.0})  # conf/demo.yaml's header example on the 2-core machine the README targets
+
+
+def test_log_level_brings_ray_logs_back():
+    import logging
+
+    from kvstream.pipeline.logs import NOTICES, quiet
+
+    with pytest.raises(ConfigError, match="runtime.log_level"):
+        load_config("summarize", None, ["runtime.log_level=loud"])
+    try:
+        quiet("warning")
+        assert logging.getLogger("ray.data").level == logging.WARNING
+        assert logging.getLogger(NOTICES[0]).level == logging.ERROR
+        quiet("info")
+        assert logging.getLogger("ray.data").level == logging.getLogger(NOTICES[0]).level == logging.INFO
+    finally:
+        quiet("warning")

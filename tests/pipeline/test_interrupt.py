@@ -14,7 +14,8 @@ from tests.pipeline.helpers import ROOT, job_overrides, write_jsonl
 
 
 def docs(tmp_path, n):
-    return write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i:02d}", "text": f"Document {i}. " * 6} for i in range(n)])
+    return write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i:02d}", "text": f"Document {i}. " * 6, "summary": "about"}
+                                               for i in range(n)])
 
 
 def test_sigterm_keeps_rows_writes_stats_and_a_rerun_resumes(tmp_path, ray_local, monkeypatch, capsys):
@@ -55,7 +56,7 @@ def test_ctrl_c_on_the_job_command(tmp_path):
     after an interruption is the SIGTERM test's."""
     over = job_overrides(tmp_path, **{"data.path": str(docs(tmp_path, 40)), "data.id_column": "id",
                                       "runtime.batch_size": 2, "output.rows_per_file": 2,
-                                      "generate.max_new_tokens": 16})
+                                      "generate.max_new_tokens": 16, "data.reference_column": "summary"})
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/summarize.py"), *over], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     results = tmp_path / "out" / "results"
@@ -71,4 +72,7 @@ def test_ctrl_c_on_the_job_command(tmp_path):
     assert lines == [f"kvstream: interrupted (SIGINT): {saved} rows saved to {results} by this run; "
                      "rerun the same command to resume"], err
     assert "Traceback" not in err and "rows (" not in out  # no "finished" summary
+    for noise in ("Token authentication", "Running Dataset", "Using default tokenizer", "Started a local Ray",
+                  "Truncating long operator name"):  # quiet at the default runtime.log_level (ROUGE ran for the stats)
+        assert noise not in err, (noise, err)
     assert 0 < saved < 40 and pq.read_table(str(tmp_path / "out" / "stats.parquet")).num_rows == 1  # partial stats

@@ -58,8 +58,9 @@ def test_ray_job_submit_against_a_started_cluster(tmp_path):
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
              sys.executable, "jobs/summarize.py", "--config", "conf/demo.yaml", f"output.path={out}",
-             "generate.max_new_tokens=4", "data.limit=12", "runtime.batch_size=4"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=300,
+             "generate.max_new_tokens=4", "data.limit=12", "runtime.batch_size=4",
+             "runtime.log_level=info"],  # Ray's "Connecting to existing Ray cluster" is INFO, quiet by default
+            cwd=work, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300,
         )
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, log[-4000:]
