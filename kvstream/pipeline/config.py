@@ -210,5 +210,25 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.output.rows_per_file >= 1, "output.rows_per_file", "must be >= 1")
 
 
+def flat_keys(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """[(dotted key, value)] of a nested mapping, in order."""
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out += flat_keys(v, key + ".") if isinstance(v, dict) and v else [(key, v)]
+    return out
+
+
+def keys_help(task: str) -> str:
+    """Every config key with its default, for `--help` (README "Configuration" says what each means)."""
+    from kvstream.kvcache import CacheConfig
+
+    tree = OmegaConf.to_container(load_config(task))
+    tree["cache"] = CacheConfig().to_dict() | tree["cache"]
+    lines = [f"  {k} = {v!r}" for k, v in flat_keys(tree)]
+    return "config keys (key=value overrides; defaults shown; reference: kvstream/pipeline/config.py):\n" + \
+        "\n".join(lines)
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)

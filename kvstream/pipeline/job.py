@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kvstream.pipeline.checks import check_input, check_model, check_output, max_input_tokens
-from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
+from kvstream.pipeline.config import ConfigError, cache_config, keys_help, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
 from kvstream.pipeline.fs import InputError, absolute, join, list_inputs, s3_options, write_bytes_atomic
@@ -39,6 +39,8 @@ from kvstream.pipeline.writer import ResultWriter, clear_results, compact, done_
 log = logging.getLogger("kvstream")
 EXIT_CONFIG = 2  # a config or input error: one `kvstream: error:` line
 EXIT_ALL_FAILED = 3  # rows were processed and every one of them failed (their errors are in the results)
+EXIT_CODES = ("exit codes: 0 done; 2 config or input error (one `kvstream: error:` line); 3 every row this run "
+              "processed failed; 130 / 143 interrupted by SIGINT / SIGTERM (rows so far kept: rerun to resume)")
 
 
 def input_spec(cfg: DictConfig) -> dict[str, Any]:
@@ -208,7 +210,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def main(task: str, argv: list[str] | None = None) -> int:
     """CLI: `python jobs/<task>.py [--config conf/<task>.yaml] [key=value ...]`."""
-    parser = argparse.ArgumentParser(prog=f"jobs/{task}.py", description=f"kvstream {task} batch job")
+    parser = argparse.ArgumentParser(prog=f"jobs/{task}.py", description=f"kvstream {task} batch job",
+                                     epilog=f"{keys_help(task)}\n\n{EXIT_CODES}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file merged over the defaults")
     parser.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist), e.g. cache.policy=keyformer")
     args = parser.parse_args(argv)

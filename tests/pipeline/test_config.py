@@ -87,3 +87,22 @@ def test_log_level_brings_ray_logs_back():
         assert logging.getLogger("ray.data").level == logging.getLogger(NOTICES[0]).level == logging.INFO
     finally:
         quiet("warning")
+
+
+def test_help_lists_every_key_and_the_exit_codes(capsys):
+    from omegaconf import OmegaConf
+
+    from kvstream.pipeline import evaluate, main
+
+    with pytest.raises(SystemExit) as e:
+        main("summarize", ["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    for key in ("data.on_duplicate_id = 'error'", "output.retry_failed = False", "runtime.log_level = 'warning'",
+                "cache.group_size = 32", "exit codes:", "130 / 143"):
+        assert key in text, key
+    with pytest.raises(SystemExit):
+        evaluate.load_config(["--help"])
+    assert "eval.policies = " in capsys.readouterr().out
+    # the README's evaluate command writes into the ignored outputs/, not over the tracked results/fidelity/
+    assert OmegaConf.load(ROOT / "conf/evaluate.yaml").output.path == "outputs/fidelity"
