@@ -12,6 +12,7 @@ prompt.*, and the data keys that pick the rows and columns (path, format, column
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from kvstream.pipeline.config import ConfigError, cache_config
 from kvstream.pipeline.fs import filesystem, join, write_bytes_atomic
 
+log = logging.getLogger("kvstream")
 FILE = "fingerprint.json"
 DATA_KEYS = ("path", "format", "text_column", "id_column", "reference_column", "messages_column",
              "passthrough_columns", "on_duplicate_id")
@@ -71,6 +73,9 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def check_same_job(output: str, current: dict[str, Any], rows: int, s3: dict | None = None) -> None:
     """Stop when `output` holds `rows` result rows of a job with another fingerprint."""
     stored = read_fingerprint(output, s3)
+    if rows and stored is None:
+        log.warning("output.path=%s holds %d result rows but no %s (written before kvstream kept one): resuming "
+                    "under the current settings, which are kept from now on", output, rows, FILE)
     if not rows or stored is None:
         return
     diff = differences(stored, current)

@@ -156,13 +156,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output.overwrite:
         clear_results(output, s3)
     done = done_ids(output, s3)
-    if len(set(done)) < len(done):
-        log.warning("output.path=%s: %d older rows of ids written again dropped", output, compact(output, s3))
-        done = list(set(done))
     if done and not cfg.output.resume:
         raise ConfigError(f"output.path={output} already holds {len(done)} result rows: "
                           "set output.resume=true to continue or output.overwrite=true to replace them")
     check_same_job(output, keys, len(done), s3)
+    if len(set(done)) < len(done):  # a retry interrupted between writing new rows and dropping the old ones
+        log.warning("output.path=%s: %d older rows of ids written again dropped", output, compact(output, s3))
+        done = list(set(done))
     write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
