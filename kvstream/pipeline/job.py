@@ -166,18 +166,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
-    retry = set(done_ids(output, s3, failed=True)) if cfg.output.retry_failed else set()
-    if retry:
-        done = [i for i in done if i not in retry]
-    ds = build_dataset(cfg, files, base, spec, done, s3, ids)
-
     stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
     results = join(absolute(output), "results")
     interrupted: Interrupted | None = None
-    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    retry: set[str] = set()
+    batches = None
     last = time.time()
     try:
         with raising_on_signals():
+            retry = set(done_ids(output, s3, failed=True)) if cfg.output.retry_failed else set()
+            if retry:
+                done = [i for i in done if i not in retry]
+            ds = build_dataset(cfg, files, base, spec, done, s3, ids)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
             for table in batches:
                 writer.add(table)  # first: a signal between the two leaves a row written but never one only counted
                 stats.add(table)
@@ -227,8 +228,8 @@ def main(task: str, argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(e.message(), file=sys.stderr, flush=True)
         return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before the results stream (checks, Ray start): nothing written yet
-        print("kvstream: interrupted (SIGINT) before any row was generated; rerun the same command to resume",
+    except KeyboardInterrupt:  # Ctrl-C outside the results stream (checks, Ray start, writing the stats)
+        print("kvstream: interrupted (SIGINT); rows already written are kept; rerun the same command to resume",
               file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except Exception as e:
