@@ -8,6 +8,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from kvstream.pipeline import job, load_config, main, run
 from tests.pipeline.helpers import ROOT, job_overrides, write_jsonl
@@ -18,29 +19,30 @@ def docs(tmp_path, n):
                                                for i in range(n)])
 
 
-def test_sigterm_keeps_rows_writes_stats_and_a_rerun_resumes(tmp_path, ray_local, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_keeps_rows_writes_stats_and_a_rerun_resumes(sig, tmp_path, ray_local, monkeypatch, capsys):
     over = job_overrides(tmp_path, **{"data.path": str(docs(tmp_path, 12)), "data.id_column": "id",
                                       "runtime.batch_size": 2})
     add, sent = job.RunStats.add, []
 
-    def add_then_sigterm(self, table):  # a real SIGTERM to this process after the first result batch
+    def add_then_signal(self, table):  # a real signal to this process after the first result batch
         add(self, table)
         if not sent:
             sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(job.RunStats, "add", add_then_sigterm)
+    monkeypatch.setattr(job.RunStats, "add", add_then_signal)
     code = main("summarize", over)
     monkeypatch.setattr(job.RunStats, "add", add)
     captured = capsys.readouterr()
     lines = [ln for ln in captured.err.splitlines() if ln.startswith("kvstream")]
     out = tmp_path / "out"
     saved = pq.read_table(str(out / "results")).num_rows
-    assert code == 143 and 0 < saved < 12
-    assert lines == [f"kvstream: interrupted (SIGTERM): {saved} rows saved to {out / 'results'} by this run; "
+    assert code == 128 + sig and 0 < saved < 12
+    assert lines == [f"kvstream: interrupted ({sig.name}): {saved} rows saved to {out / 'results'} by this run; "
                      "rerun the same command to resume"]
     assert "rows (" not in captured.out  # no "finished" summary
-    assert pq.read_table(str(out / "stats.parquet")).to_pylist()[0]["interrupted"] == "SIGTERM"
+    assert pq.read_table(str(out / "stats.parquet")).to_pylist()[0]["interrupted"] == sig.name
 
     again = run(load_config("summarize", None, over))
     assert again["rows_skipped_resume"] == saved and again["rows"] == 12 - saved
@@ -53,7 +55,7 @@ def test_sigterm_keeps_rows_writes_stats_and_a_rerun_resumes(tmp_path, ray_local
 
 def test_ctrl_c_on_the_job_command(tmp_path):
     """A terminal's Ctrl-C: SIGINT to the job's whole process group (its own local Ray included); the rerun
-    after an interruption is the SIGTERM test's."""
+    after an interruption is the in-process test's."""
     over = job_overrides(tmp_path, **{"data.path": str(docs(tmp_path, 40)), "data.id_column": "id",
                                       "runtime.batch_size": 2, "output.rows_per_file": 2,
                                       "generate.max_new_tokens": 16, "data.reference_column": "summary"})
