@@ -16,6 +16,8 @@ TASKS = ("summarize", "converse")
 TRUNCATIONS = ("head", "tail", "middle", "reject")
 FORMATS = ("parquet", "jsonl", "json", "csv")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DUPLICATE_MODES = ("error", "keep_first", "suffix")  # kvstream/pipeline/ids.py
+LOG_LEVELS = ("error", "warning", "info", "debug")  # kvstream/pipeline/logs.py
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,7 @@ class DataConf:
     format: Optional[str] = None  # default: from the extension
     text_column: str = "text"
     id_column: Optional[str] = None  # default: "<file>:<row index>"
+    on_duplicate_id: str = "error"  # error | keep_first | suffix (<id>#2, ...): rows repeating an id_column value
     reference_column: Optional[str] = None
     messages_column: str = "messages"
     passthrough_columns: list = field(default_factory=list)
@@ -73,6 +76,7 @@ class RuntimeConf:
     batch_size: int = 8
     sort_window: int = 0  # rows sorted by length together before batching; 0 = 16 x batch_size
     progress_every_s: float = 10.0
+    log_level: str = "warning"  # error | warning | info | debug: Ray's, Ray Data's and ROUGE's log lines (logs.py)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class OutputConf:
     rows_per_file: int = 1000
     resume: bool = True  # skip rows whose id is already in <path>/results
     overwrite: bool = False  # delete <path>/results first
+    retry_failed: bool = False  # rerun the rows whose error is set; their new rows replace the old ones
 
 
 @dataclass
@@ -160,7 +165,10 @@ def cache_config(cfg: DictConfig):
     try:
         return CacheConfig.from_dict(d)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"cache: {e}") from None
+        hint = ""
+        if "budget" in str(e) and "fraction" not in str(e):
+            hint = " (cache.budget takes a fraction of each prompt in (0, 1], e.g. 0.5, or an int token count >= 1)"
+        raise ConfigError(f"cache: {e}{hint}") from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -178,6 +186,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}")
     need(bool(cfg.data.path), "data.path", "set a file, directory or glob (local or s3://)")
     need(cfg.data.format is None or cfg.data.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}")
+    need(cfg.data.on_duplicate_id in DUPLICATE_MODES, "data.on_duplicate_id",
+         f"must be one of {', '.join(DUPLICATE_MODES)}")
     need(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit", "must be >= 1 (or null for all rows)")
     need(cfg.data.demo_rows >= 1, "data.demo_rows", "must be >= 1")
     if cfg.task == "summarize":
@@ -195,8 +205,29 @@ def validate(cfg: DictConfig) -> None:
     need(r.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", "must be > 0")
     need(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
     need(r.sort_window >= 0, "runtime.sort_window", "must be >= 0")
+    need(r.log_level in LOG_LEVELS, "runtime.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     need(bool(cfg.output.path), "output.path", "set a local directory or s3:// prefix")
     need(cfg.output.rows_per_file >= 1, "output.rows_per_file", "must be >= 1")
+
+
+def flat_keys(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """[(dotted key, value)] of a nested mapping, in order."""
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out += flat_keys(v, key + ".") if isinstance(v, dict) and v else [(key, v)]
+    return out
+
+
+def keys_help(task: str) -> str:
+    """Every config key with its default, for `--help` (README "Configuration" says what each means)."""
+    from kvstream.kvcache import CacheConfig
+
+    tree = OmegaConf.to_container(load_config(task))
+    tree["cache"] = CacheConfig().to_dict() | tree["cache"]
+    lines = [f"  {k} = {v!r}" for k, v in flat_keys(tree)]
+    return "config keys (key=value overrides; defaults shown; reference: kvstream/pipeline/config.py):\n" + \
+        "\n".join(lines)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -53,7 +53,10 @@ DEFAULTS = {
 
 def load_config(argv: list[str]) -> DictConfig:
     """Defaults <- --config YAML <- dotlist overrides; unknown keys and bad values exit naming the key."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    keys = "\n".join(f"  {s}.{k} = {v!r}" for s in DEFAULTS for k, v in DEFAULTS[s].items())
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"config keys (key=value overrides; defaults shown):\n{keys}")
     ap.add_argument("--config", default=None, help="YAML file layered over the built-in defaults")
     ap.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist)")
     args = ap.parse_args(argv)

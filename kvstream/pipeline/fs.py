@@ -93,6 +93,11 @@ def detect_format(path: str, fmt: str | None, strict: bool = True) -> str | None
     return None
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (what the summary prints); s3:// URLs unchanged."""
+    return path if path.startswith(("s3://", "s3a://")) else os.path.abspath(path)
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
 

@@ -12,26 +12,35 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvstream.pipeline.config import ConfigError, cache_config, load_config, to_yaml
+from kvstream.pipeline.checks import check_input, check_model, check_output, max_input_tokens
+from kvstream.pipeline.config import ConfigError, cache_config, keys_help, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
-from kvstream.pipeline.fs import InputError, join, list_inputs, s3_options, write_bytes_atomic
+from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
+from kvstream.pipeline.fs import InputError, absolute, join, list_inputs, s3_options, write_bytes_atomic
 from kvstream.pipeline.generate import Generate
-from kvstream.pipeline.models import model_context
+from kvstream.pipeline.ids import duplicate_plan
+from kvstream.pipeline.interrupt import Interrupted, raising_on_signals
+from kvstream.pipeline.logs import configure_driver, python_level, quiet
 from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
-from kvstream.pipeline.reader import iter_records, read_batch
+from kvstream.pipeline.reader import read_batch, rel_name
 from kvstream.pipeline.stage import SkipDone, SortByLength
-from kvstream.pipeline.stats import RunStats, summary, write_stats
+from kvstream.pipeline.stats import RunStats, summary
+from kvstream.pipeline.totals import write_stats
 from kvstream.pipeline.tokenize import Tokenize
-from kvstream.pipeline.writer import ResultWriter, clear_results, done_ids
+from kvstream.pipeline.writer import ResultWriter, clear_results, compact, done_ids
 
 log = logging.getLogger("kvstream")
-PRECHECK_ROWS = 1000
+EXIT_CONFIG = 2  # a config or input error: one `kvstream: error:` line
+EXIT_ALL_FAILED = 3  # rows were processed and every one of them failed (their errors are in the results)
+EXIT_CODES = ("exit codes: 0 done; 2 config or input error (one `kvstream: error:` line); 3 every row this run "
+              "processed failed; 130 / 143 interrupted by SIGINT / SIGTERM (rows so far kept: rerun to resume)")
 
 
 def input_spec(cfg: DictConfig) -> dict[str, Any]:
@@ -45,51 +54,17 @@ def input_spec(cfg: DictConfig) -> dict[str, Any]:
             "passthrough": list(dict.fromkeys(passthrough))}
 
 
-def precheck_columns(url: str, spec: dict, s3: dict) -> None:
-    """Stop early when a configured column is in none of the first rows of the first file."""
-    seen: set[str] = set()
-    n = 0
-    for _, rec in iter_records(url, spec["format"], s3):
-        if isinstance(rec, dict):
-            seen.update(rec)
-            n += 1
-        if n >= PRECHECK_ROWS:
-            break
-    if n == 0:
-        return
-    keys = {"data.text_column" if spec["task"] == "summarize" else "data.messages_column": spec["input_column"],
-            "data.id_column": spec["id_column"]}
-    keys.update({f"data column {c!r}": c for c in spec["passthrough"]})
-    for key, col in keys.items():
-        if col and col not in seen:
-            raise InputError(f"{key}={col!r}: no row of {url} has this column (checked {n} rows); "
-                             f"columns there: {', '.join(sorted(seen))}")
-
-
-def max_input_tokens(cfg: DictConfig) -> int:
-    ctx = model_context(cfg.model.path)
-    room = ctx - cfg.generate.max_new_tokens
-    if room < 1:
-        raise ConfigError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} leaves no room in the model's "
-                          f"{ctx}-token context")
-    m = cfg.generate.max_input_tokens
-    if m is None:
-        return room
-    if m > room:
-        raise ConfigError(f"generate.max_input_tokens={m} + generate.max_new_tokens={cfg.generate.max_new_tokens} "
-                          f"exceeds the model's {ctx}-token context; lower one of them")
-    return int(m)
-
-
 def init_ray(cfg: DictConfig) -> None:
     import ray
 
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    level = cfg.runtime.log_level
+    configure_driver(level)
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-            return
-        ray.init()
+        ray.init(address=address or None, logging_level=python_level(level))
+    import ray.data  # configures its own loggers on import: quiet them after
+
+    quiet(level)
     if not address:
         check_fits(cfg, ray.cluster_resources())
 
@@ -120,16 +95,18 @@ def injected_faults() -> dict:
     return out
 
 
-def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict):
-    """The lazy Ray Dataset of result rows."""
+def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict,
+                  ids: dict | None = None):
+    """The lazy Ray Dataset of result rows (`ids`: the repeated-id plan of kvstream/pipeline/ids.py)."""
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.data.limit is not None  # the same first rows on every run
-    items = [{"file": f, "rel": f.split("://", 1)[-1][len(base):].lstrip("/") or f} for f in files]
+    items = [{"file": f, "rel": rel_name(f, base)} for f in files]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec, "s3": s3})
+    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"spec": spec, "s3": s3, "ids": ids or {}})
     r = cfg.runtime
     window = r.sort_window or 16 * r.batch_size
     ds = ds.repartition(target_num_rows_per_block=window)  # files -> windows: tokenizing runs in parallel
@@ -161,68 +138,111 @@ def resolved_yaml(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job; returns the stats dict (also written to <output.path>/stats.json)."""
+    """Run one job; returns this invocation's stats (<output.path>/stats.parquet gets them as a row, stats.json the
+    totals over every row of the output; `output_rows` / `output_rows_failed` here)."""
     s3 = s3_options(OmegaConf.to_container(cfg.s3, resolve=True))
     output = cfg.output.path
+    keys = fingerprint(cfg)  # before demo data is materialized: data.path as the user gave it
+    check_model(cfg)
+    check_output(output, s3)
     if cfg.data.path.startswith("demo:"):
         kind = cfg.data.path.split(":", 1)[1]
         path = materialize(kind, output, s3, cfg.data.demo_rows)
         cfg = OmegaConf.merge(cfg, {"data": {"path": path, **DEMO_COLUMNS.get(kind, {})}})
     spec = input_spec(cfg)
     files, base = list_inputs(cfg.data.path, s3, cfg.data.format)
-    precheck_columns(files[0], spec, s3)
+    check_input(cfg.data.path, files, spec, s3)
+    ids = duplicate_plan(files, base, spec, s3, cfg.data.on_duplicate_id, cfg.data.limit)
     if cfg.output.overwrite:
         clear_results(output, s3)
     done = done_ids(output, s3)
     if done and not cfg.output.resume:
         raise ConfigError(f"output.path={output} already holds {len(done)} result rows: "
                           "set output.resume=true to continue or output.overwrite=true to replace them")
+    check_same_job(output, keys, len(done), s3)
+    if len(set(done)) < len(done):  # a retry interrupted between writing new rows and dropping the old ones
+        log.warning("output.path=%s: %d older rows of ids written again dropped", output, compact(output, s3))
+        done = list(set(done))
+    write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
-    ds = build_dataset(cfg, files, base, spec, done, s3)
-
     stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
+    results = join(absolute(output), "results")
+    interrupted: Interrupted | None = None
+    retry: set[str] = set()
+    batches = None
     last = time.time()
     try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            stats.add(table)
-            writer.add(table)
-            if time.time() - last >= cfg.runtime.progress_every_s:
-                last = time.time()
-                print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
-                      f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+        with raising_on_signals():
+            retry = set(done_ids(output, s3, failed=True)) if cfg.output.retry_failed else set()
+            if retry:
+                done = [i for i in done if i not in retry]
+            ds = build_dataset(cfg, files, base, spec, done, s3, ids)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+            for table in batches:
+                writer.add(table)  # first: a signal between the two leaves a row written but never one only counted
+                stats.add(table)
+                if time.time() - last >= cfg.runtime.progress_every_s:
+                    last = time.time()
+                    print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
+                          f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+    except Interrupted as e:
+        interrupted = e
     finally:
+        if hasattr(batches, "close"):
+            batches.close()  # stops Ray Data's executor (and its actors) now, not at garbage collection
         writer.flush()  # rows finished before a failure stay written; a rerun resumes after them
+        if retry and writer.files:
+            compact(output, s3)  # the retried rows' older, failed rows go
     stats.skipped = len(set(done))
+    stats.retried = len(retry)
     c = cache_config(cfg)
     result = stats.result({
-        "task": cfg.task, "model": cfg.model.path, "results": join(output, "results"), "files_written": writer.files,
+        "task": cfg.task, "model": cfg.model.path, "results": results, "files_written": writer.files,
         "cache": f"{c.policy}(budget={c.budget})+{c.quant}" if c.policy != "full" else f"full+{c.quant}",
+        "invocation": writer.run, "interrupted": interrupted.args[0] if interrupted else None,
     })
-    write_stats(output, result, s3)
+    totals = write_stats(output, result, cfg.data.reference_column, s3)
+    result.update(output_rows=totals["rows"], output_rows_failed=totals["rows_failed"])
+    if interrupted:
+        raise Interrupted(interrupted.signum, writer.rows_written, results)
     return result
 
 
 def main(task: str, argv: list[str] | None = None) -> int:
     """CLI: `python jobs/<task>.py [--config conf/<task>.yaml] [key=value ...]`."""
-    parser = argparse.ArgumentParser(prog=f"jobs/{task}.py", description=f"kvstream {task} batch job")
+    parser = argparse.ArgumentParser(prog=f"jobs/{task}.py", description=f"kvstream {task} batch job",
+                                     epilog=f"{keys_help(task)}\n\n{EXIT_CODES}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file merged over the defaults")
     parser.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist), e.g. cache.policy=keyformer")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("kvstream").setLevel(logging.INFO)
     try:
         cfg = load_config(task, args.config, args.overrides)
         stats = run(cfg)
     except (ConfigError, InputError) as e:
         print(f"kvstream: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except Interrupted as e:
+        print(e.message(), file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the results stream (checks, Ray start, writing the stats)
+        print("kvstream: interrupted (SIGINT); rows already written are kept; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except Exception as e:
         cause = find_input_error(e)
         if cause is None:
             raise
         print(f"kvstream: error: {cause}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(summary(stats), flush=True)
+    if stats["rows"] and not stats["rows_ok"]:
+        print(f"kvstream: error: all {stats['rows']} rows of this run failed (errors above and in the rows' error "
+              f"column under {stats['results']}); exit {EXIT_ALL_FAILED}", file=sys.stderr)
+        return EXIT_ALL_FAILED
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 from typing import Any
 
 DEMO_PREFIX = "demo:"
@@ -102,21 +101,38 @@ def load_tokenizer(path: str, tokenizer: str | None = None) -> Any:
     return kv_load_tokenizer(tokenizer or path)
 
 
-def model_context(path: str) -> int:
-    """Maximum positions of a model spec, read without loading weights."""
+def model_config(path: str, tokenizer: str | None = None):
+    """The transformers config (text part) of a model spec, read without loading weights: the demo configs, a
+    llama2.c checkpoint's header, or the hub/local `config.json`."""
     if is_demo(path):
-        return 2048 if path == DEMO_PREFIX + "tiny-llama" else 4096
+        return demo_config(path[len(DEMO_PREFIX):], ByteTokenizer())
     if is_llama2c(path):
-        with open(path, "rb") as f:
-            header = struct.unpack("7i", f.read(28))
-        return int(header[6])
+        from transformers import LlamaConfig
+
+        from kvstream.kvcache.llama2c import read_header
+
+        h = read_header(path)
+        return LlamaConfig(vocab_size=h.vocab_size, hidden_size=h.dim, intermediate_size=h.hidden_dim,
+                           num_hidden_layers=h.n_layers, num_attention_heads=h.n_heads,
+                           num_key_value_heads=h.n_kv_heads, head_dim=h.head_dim, max_position_embeddings=h.seq_len)
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    raise ValueError(f"model.path={path}: the model config gives no maximum context; set generate.max_input_tokens")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path={path}: not a llama2.c .bin, a local transformers directory or a reachable "
+                         f"hub id ({str(e).splitlines()[0]})") from None
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_context(path: str) -> int:
+    """Maximum positions of a model spec, read without loading weights."""
+    from kvstream.kvcache.models import max_context
+
+    try:
+        return max_context(model_config(path))
+    except ValueError as e:
+        raise ValueError(f"model.path={path}: {e}") from None
 
 
 def build_engine(model_cfg: dict, cache_cfg: Any, device: str | None):

@@ -3,6 +3,9 @@
 One Ray task per file (streaming: it yields Arrow tables of `CHUNK` rows). Bad rows never fail the file: a null,
 a number, invalid UTF-8, a missing field or a line that is not JSON becomes a row with `error` set. A file that
 cannot be opened or parsed at all raises `InputError` naming it.
+
+A row's id is `data.id_column`'s value, else `<file relative to data.path>:<row index>`. `ids` (the plan of
+kvstream/pipeline/ids.py, per file: row index -> new id, or None to drop the row) resolves repeated ids.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ CHUNK = 1024
 _MISSING = object()
 
 
-def iter_records(url: str, fmt: str | None, s3: dict | None = None) -> Iterator[tuple[int, Any]]:
-    """(row index, record dict | error string) for every row of one file."""
+def iter_records(url: str, fmt: str | None, s3: dict | None = None,
+                 columns: list[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """(row index, record dict | error string) for every row of one file. `columns`: read only these where the
+    format allows it (Parquet); other formats give whole records."""
     fmt = detect_format(url, fmt)
     fs, p = filesystem(url, s3)
     try:
         if fmt == "parquet":
-            yield from _parquet(fs, p)
+            yield from _parquet(fs, p, columns)
             return
         with fs.open(p, "rb") as f:
             raw = f.read()
@@ -48,11 +53,13 @@ def iter_records(url: str, fmt: str | None, s3: dict | None = None) -> Iterator[
         yield from _jsonl(raw)
 
 
-def _parquet(fs, p: str) -> Iterator[tuple[int, Any]]:
+def _parquet(fs, p: str, columns: list[str] | None = None) -> Iterator[tuple[int, Any]]:
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
+        if columns is not None:
+            columns = [c for c in columns if c in pf.schema_arrow.names]
         i = 0
-        for batch in pf.iter_batches(batch_size=CHUNK):
+        for batch in pf.iter_batches(batch_size=CHUNK, columns=columns):
             cols = {}
             for name, col in zip(batch.schema.names, batch.columns):
                 if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -143,12 +150,32 @@ def as_passthrough(v: Any) -> str | None:
     return json.dumps(v, ensure_ascii=False, default=str)
 
 
-def rows_of_file(url: str, rel: str, spec: dict, s3: dict | None = None) -> Iterator[pa.Table]:
-    """Arrow tables (schema `row_schema(spec)`) of one file's rows."""
+def rel_name(url: str, base: str) -> str:
+    """The file's name relative to data.path's base (the prefix of its default row ids)."""
+    return url.split("://", 1)[-1][len(base):].lstrip("/") or url
+
+
+def row_id(i: int, rec: Any, rel: str, spec: dict) -> str:
+    """The id of row `i` of a file: data.id_column's value when the row has one, else `<rel>:<i>`."""
+    if spec.get("id_column") and isinstance(rec, dict):
+        ident = as_passthrough(rec.get(spec["id_column"]))
+        if ident is not None:
+            return ident
+    return f"{rel}:{i}"
+
+
+def rows_of_file(url: str, rel: str, spec: dict, s3: dict | None = None,
+                 ids: dict[int, str | None] | None = None) -> Iterator[pa.Table]:
+    """Arrow tables (schema `row_schema(spec)`) of one file's rows; `ids` renames (or drops, None) rows by index."""
     schema = row_schema(spec)
+    ids = ids or {}
     rows: list[dict] = []
     for i, rec in iter_records(url, spec.get("format"), s3):
+        if i in ids and ids[i] is None:
+            continue
         rows.append(make_row(i, rec, rel, spec))
+        if i in ids:
+            rows[-1]["id"] = ids[i]
         if len(rows) >= CHUNK:
             yield pa.Table.from_pylist(rows, schema=schema)
             rows = []
@@ -167,11 +194,10 @@ def make_row(i: int, rec: Any, rel: str, spec: dict) -> dict:
         row["error"] = f"row is a {type(rec).__name__}, not an object"
         return row
     if spec.get("id_column"):
-        ident = as_passthrough(rec.get(spec["id_column"]))
-        if ident is None:
+        if as_passthrough(rec.get(spec["id_column"])) is None:
             row["error"] = f"missing field {spec['id_column']!r} (data.id_column)"
             return row
-        row["id"] = ident
+        row["id"] = row_id(i, rec, rel, spec)
     for c in spec["passthrough"]:
         row[c] = as_passthrough(rec.get(c))
     col = spec["input_column"]
@@ -185,7 +211,8 @@ def row_schema(spec: dict) -> pa.Schema:
     return pa.schema(fields + [pa.field(c, pa.string()) for c in spec["passthrough"]])
 
 
-def read_batch(batch: dict, spec: dict, s3: dict | None = None) -> Iterator[pa.Table]:
-    """Ray `map_batches` UDF over a dataset of {file, rel} rows (batch_size=1)."""
+def read_batch(batch: dict, spec: dict, s3: dict | None = None,
+               ids: dict[str, dict[int, str | None]] | None = None) -> Iterator[pa.Table]:
+    """Ray `map_batches` UDF over a dataset of {file, rel} rows (batch_size=1); `ids`: the plan per rel."""
     for url, rel in zip(batch["file"], batch["rel"]):
-        yield from rows_of_file(str(url), str(rel), spec, s3)
+        yield from rows_of_file(str(url), str(rel), spec, s3, (ids or {}).get(str(rel)))

@@ -1,6 +1,7 @@
-"""Run statistics: accumulated on the driver from the result batches; written as stats.json + stats.parquet.
+"""Run statistics: accumulated on the driver from result batches (one invocation's, or every row of an output).
 
-Figures cover the rows this run processed (a resumed run reports the rows it skipped separately).
+`RunStats` over one invocation's batches gives that invocation's figures (a resumed run reports the rows it
+skipped separately); over the tables of `results/` it gives the output's totals (kvstream/pipeline/totals.py).
 ROUGE-1/2/L (F-measure, stemmed) of generated text against the reference column, when the data has one;
 a reference that is a JSON list of strings counts as several references (the best score is kept).
 """
@@ -8,16 +9,12 @@ a reference that is a JSON list of strings counts as several references (the bes
 from __future__ import annotations
 
 import collections
-import io
 import json
 import re
 import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-
-from kvstream.pipeline.fs import join, write_bytes_atomic
 
 
 def _references(value: str | None) -> list[str]:
@@ -37,7 +34,7 @@ class RunStats:
     def __init__(self, reference_column: str | None = None):
         self.start = time.time()
         self.ref_col = reference_column
-        self.ok = self.failed = self.skipped = 0
+        self.ok = self.failed = self.skipped = self.retried = 0
         self.input_tokens = self.output_tokens = self.truncated = 0
         self.kv_bytes = self.kv_bytes_full = 0
         self.actors: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -89,17 +86,26 @@ class RunStats:
                 sums[k] += max(s[k].fmeasure for s in scores)
         return {k: sums[k] / len(self.pairs) for k in keys} | {"rouge_rows": len(self.pairs)}
 
-    def result(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        wall = max(time.time() - self.start, 1e-9)
-        out: dict[str, Any] = dict(extra or {})
-        out.update(
-            rows=self.rows, rows_ok=self.ok, rows_failed=self.failed, rows_skipped_resume=self.skipped,
-            rows_truncated=self.truncated, input_tokens=self.input_tokens, output_tokens=self.output_tokens,
-            wall_time_s=round(wall, 3), rows_per_s=self.rows / wall, output_tokens_per_s=self.output_tokens / wall,
-            total_tokens_per_s=(self.input_tokens + self.output_tokens) / wall,
+    def counts(self) -> dict[str, Any]:
+        """Row and token counts, KV bytes and the most common errors (no timing)."""
+        return dict(
+            rows=self.rows, rows_ok=self.ok, rows_failed=self.failed, rows_truncated=self.truncated,
+            input_tokens=self.input_tokens, output_tokens=self.output_tokens,
             kv_bytes=self.kv_bytes, kv_bytes_full=self.kv_bytes_full,
             kv_bytes_ratio=(self.kv_bytes / self.kv_bytes_full) if self.kv_bytes_full else None,
             errors=[{"error": e, "rows": n} for e, n in self.errors.most_common(10)],
+        )
+
+    def result(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This invocation's figures: counts, rows skipped as already done, timing, per-actor rows, ROUGE."""
+        wall = max(time.time() - self.start, 1e-9)
+        out: dict[str, Any] = dict(extra or {})
+        out.update(self.counts())
+        out.update(
+            rows_skipped_resume=self.skipped, rows_retried=self.retried, wall_time_s=round(wall, 3),
+            rows_per_s=self.rows / wall,
+            output_tokens_per_s=self.output_tokens / wall,
+            total_tokens_per_s=(self.input_tokens + self.output_tokens) / wall,
             actors=[
                 {"actor": k, "rows_ok": v["rows_ok"], "rows_failed": v["rows_failed"],
                  "input_tokens": v["input_tokens"], "output_tokens": v["output_tokens"],
@@ -117,22 +123,13 @@ class RunStats:
         return out
 
 
-def write_stats(output: str, stats: dict[str, Any], s3: dict | None = None) -> None:
-    write_bytes_atomic(join(output, "stats.json"), json.dumps(stats, indent=2, default=str).encode(), s3)
-    flat = {k: v for k, v in stats.items() if not isinstance(v, (dict, list)) or k in ("actors", "errors")}
-    for k, v in (stats.get("rouge") or {}).items():
-        flat[k] = v
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([flat]), sink)
-    write_bytes_atomic(join(output, "stats.parquet"), sink.getvalue(), s3)
-
-
 def summary(stats: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a job."""
+    retried = f", {stats['rows_retried']} of them failed rows retried" if stats.get("rows_retried") else ""
     lines = [
         "=" * 72,
         (f"kvstream {stats.get('task', '')}: {stats['rows']} rows ({stats['rows_ok']} ok, {stats['rows_failed']} "
-         f"failed, {stats['rows_skipped_resume']} already done, {stats['rows_truncated']} truncated) in "
+         f"failed, {stats['rows_skipped_resume']} already done, {stats['rows_truncated']} truncated{retried}) in "
          f"{stats['wall_time_s']:.1f} s"),
         f"model {stats.get('model', '?')}   cache {stats.get('cache', '?')}",
         (f"tokens: {stats['input_tokens']} in, {stats['output_tokens']} out; {stats['rows_per_s']:.2f} rows/s, "
@@ -153,5 +150,10 @@ def summary(stats: dict[str, Any]) -> str:
                      f"R-L {r['rougeL']:.4f}")
     for e in stats["errors"][:5]:
         lines.append(f"  error x{e['rows']}: {e['error']}")
+    if "output_rows" in stats:
+        held = f"output holds {stats['output_rows']} rows, {stats['output_rows_failed']} of them failed"
+        if stats["output_rows_failed"]:
+            held += " (rerun with output.retry_failed=true to retry them)"
+        lines.append(held + "; stats.json: totals over all of them")
     lines += [f"results: {stats.get('results', '?')}", "=" * 72]
     return "\n".join(lines)

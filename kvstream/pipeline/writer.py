@@ -1,7 +1,10 @@
 """Results on disk or S3: `<output.path>/results/part-<run>-<n>.parquet`, written whole (never partial).
 
 The driver streams result batches from Ray Data into `ResultWriter`, which writes a file every
-`rows_per_file` rows. `done_ids` reads back the ids already written, for resume.
+`rows_per_file` rows. `done_ids` reads back the ids already written (and which of them failed), for resume and
+`output.retry_failed`. A retried row is written anew first; `compact` then drops the older row of every id that
+the output holds more than once (the newest is kept), so an interruption between the two leaves nothing that the
+next run does not clean up.
 """
 
 from __future__ import annotations
@@ -31,25 +34,72 @@ def results_dir(output: str) -> str:
     return join(output, "results")
 
 
-def done_ids(output: str, s3: dict | None = None) -> list[str]:
-    """Ids of the rows in `<output>/results/*.parquet` (unreadable files are reported and skipped)."""
+def result_files(output: str, s3: dict | None = None) -> list[str]:
+    """The Parquet files of `<output>/results/` in the order they were written (paths inside their filesystem)."""
     fs, p = filesystem(results_dir(output), s3)
     if not fs.exists(p):
         return []
-    ids: list[str] = []
-    for f in sorted(fs.glob(p.rstrip("/") + "/*.parquet")):
+    return sorted(fs.glob(p.rstrip("/") + "/*.parquet"))
+
+
+def _id_tables(output: str, s3: dict | None, columns: list[str]) -> list[tuple[str, pa.Table]]:
+    fs, _ = filesystem(results_dir(output), s3)
+    out = []
+    for f in result_files(output, s3):
         try:
             with fs.open(f, "rb") as fh:
-                ids.extend(pq.read_table(fh, columns=["id"])["id"].to_pylist())
+                out.append((f, pq.read_table(fh, columns=columns)))
         except Exception as e:
             log.warning("resume: skipping unreadable results file %s (%s)", f, e)
-    return ids
+    return out
+
+
+def done_ids(output: str, s3: dict | None = None, failed: bool = False) -> list[str]:
+    """Ids of the rows in `<output>/results/*.parquet` (unreadable files are reported and skipped); with
+    `failed`, only those whose newest row has `error` set."""
+    if not failed:
+        return [i for _, t in _id_tables(output, s3, ["id"]) for i in t["id"].to_pylist()]
+    last: dict[str, bool] = {}
+    for _, t in _id_tables(output, s3, ["id", "error"]):
+        for i, e in zip(t["id"].to_pylist(), t["error"].to_pylist()):
+            last[i] = e is not None
+    return [i for i, bad in last.items() if bad]
+
+
+def compact(output: str, s3: dict | None = None) -> int:
+    """Keep only the newest row of each id (files in written order, rows in file order); returns rows dropped."""
+    tables = _id_tables(output, s3, ["id"])
+    newest: dict[str, tuple[int, int]] = {}
+    for n, (_, t) in enumerate(tables):
+        for r, i in enumerate(t["id"].to_pylist()):
+            newest[i] = (n, r)
+    dropped = 0
+    for n, (f, t) in enumerate(tables):
+        keep = [newest[i] == (n, r) for r, i in enumerate(t["id"].to_pylist())]
+        if all(keep):
+            continue
+        fs, _ = filesystem(results_dir(output), s3)
+        dropped += keep.count(False)
+        if not any(keep):
+            fs.rm(f)
+            continue
+        with fs.open(f, "rb") as fh:
+            whole = pq.read_table(fh)
+        sink = io.BytesIO()
+        pq.write_table(whole.filter(pa.array(keep)), sink)
+        write_bytes_atomic(("s3://" + f) if output.startswith("s3") else f, sink.getvalue(), s3)
+    return dropped
 
 
 def clear_results(output: str, s3: dict | None = None) -> None:
+    """output.overwrite: delete `<output>/results/` and the stats that describe it."""
     fs, p = filesystem(results_dir(output), s3)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+    for name in ("stats.parquet", "stats.json"):
+        fs, p = filesystem(join(output, name), s3)
+        if fs.exists(p):
+            fs.rm(p)
 
 
 class ResultWriter:

@@ -4,6 +4,8 @@ import pytest
 
 from kvstream.kvcache import CacheConfig
 from kvstream.pipeline.config import ConfigError, cache_config, load_config
+from kvstream.pipeline.job import check_fits
+from tests.pipeline.helpers import ROOT
 
 
 def test_layering_yaml_then_cli(tmp_path):
@@ -57,3 +59,50 @@ def test_every_cache_field_settable():
     cfg = load_config("summarize", None, over + ["cache.policy=keyformer", "cache.budget=0.4", "cache.quant=kivi2"])
     cc = cache_config(cfg)
     assert (cc.policy, cc.budget, cc.quant) == ("keyformer", 0.4, "kivi2")
+
+
+def test_negative_budget_says_fractions_are_accepted_too():
+    with pytest.raises(ConfigError) as e:
+        load_config("summarize", None, ["cache.policy=h2o", "cache.budget=-1"])
+    assert "cache.budget" in str(e.value) and "(0, 1]" in str(e.value) and ">= 1" in str(e.value)
+
+
+def test_demo_yaml_own_example_fits_two_cores():
+    cfg = load_config("summarize", str(ROOT / "conf/demo.yaml"), ["cache.policy=h2o", "runtime.num_actors=2"])
+    check_fits(cfg, {"CPU": 2.0})  # conf/demo.yaml's header example on the 2-core machine the README targets
+
+
+def test_log_level_brings_ray_logs_back():
+    import logging
+
+    from kvstream.pipeline.logs import NOTICES, quiet
+
+    with pytest.raises(ConfigError, match="runtime.log_level"):
+        load_config("summarize", None, ["runtime.log_level=loud"])
+    try:
+        quiet("warning")
+        assert logging.getLogger("ray.data").level == logging.WARNING
+        assert logging.getLogger(NOTICES[0]).level == logging.ERROR
+        quiet("info")
+        assert logging.getLogger("ray.data").level == logging.getLogger(NOTICES[0]).level == logging.INFO
+    finally:
+        quiet("warning")
+
+
+def test_help_lists_every_key_and_the_exit_codes(capsys):
+    from omegaconf import OmegaConf
+
+    from kvstream.pipeline import evaluate, main
+
+    with pytest.raises(SystemExit) as e:
+        main("summarize", ["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    for key in ("data.on_duplicate_id = 'error'", "output.retry_failed = False", "runtime.log_level = 'warning'",
+                "cache.group_size = 32", "exit codes:", "130 / 143"):
+        assert key in text, key
+    with pytest.raises(SystemExit):
+        evaluate.load_config(["--help"])
+    assert "eval.policies = " in capsys.readouterr().out
+    # the README's evaluate command writes into the ignored outputs/, not over the tracked results/fidelity/
+    assert OmegaConf.load(ROOT / "conf/evaluate.yaml").output.path == "outputs/fidelity"

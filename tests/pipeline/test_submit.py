@@ -1,7 +1,8 @@
-"""`ray job submit --working-dir . -- python jobs/summarize.py ...` against a cluster started with `ray start --head`.
+"""The README's `ray job submit` block, run as written: `ray start --head`, `RAY_AUTH_MODE=token ray job submit ...`.
 
-The cluster gets free ports and its own temp dir, and is stopped by terminating its `--block` process (a plain
-`ray stop` would also stop the other Ray of this test session).
+What differs, only for isolation: `ray start` gets free ports and its own temp dir (appended flags) and `--block`,
+the submit address names that dashboard port instead of 8265, and the cluster is stopped by terminating its
+`--block` process instead of `ray stop` (which would stop every Ray on the machine, this test session's included).
 """
 
 import json
@@ -20,6 +21,14 @@ import pyarrow.parquet as pq
 from tests.pipeline.helpers import ROOT, free_port
 
 CODE_DIRS = ("kvstream", "jobs", "conf")
+HEADING = "### `ray job submit` on one machine"
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of the README's first code block under HEADING (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(HEADING):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -35,7 +44,10 @@ def wait_http(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def test_ray_job_submit_against_a_started_cluster(tmp_path):
+def test_readme_ray_job_submit_sequence(tmp_path):
+    start, submit, stop = readme_commands()
+    assert start == "ray start --head --num-cpus=2" and stop == "ray stop"
+    assert submit.startswith("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 ")
     work = tmp_path / "repo"
     for d in CODE_DIRS:
         shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -46,25 +58,22 @@ def test_ray_job_submit_against_a_started_cluster(tmp_path):
     lo = free_port() % 20000 + 30000
     while any(lo <= p <= lo + 200 for p in ports.values()):  # ray start refuses a port inside the worker range
         lo = (lo - 30000 + 201) % 20000 + 30000
-    cmd = ["ray", "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-           "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-           f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"] + [f"--{k}={v}" for k, v in ports.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    cmd = start.split() + [
+        "--block", "--include-dashboard=true", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 200}"] + [f"--{k}={v}" for k, v in ports.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-    out = tmp_path / "out"
+    out = work / "outputs" / "submitted"
     try:
         wait_http(dashboard + "/api/version", 90)
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
-             sys.executable, "jobs/summarize.py", "--config", "conf/demo.yaml", f"output.path={out}",
-             "generate.max_new_tokens=4", "data.limit=12", "runtime.batch_size=4"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=300,
-        )
-        log = submit.stdout + submit.stderr
-        assert submit.returncode == 0, log[-4000:]
+        submitted = subprocess.run(submit.replace("http://127.0.0.1:8265", dashboard), shell=True, cwd=work, env=env,
+                                   capture_output=True, text=True, timeout=300)
+        log = submitted.stdout + submitted.stderr
+        assert submitted.returncode == 0, log[-4000:]
         assert "succeeded" in log and "kvstream summarize: 12 rows (12 ok" in log
-        assert "Connecting to existing Ray cluster" in log or "Connected to Ray cluster" in log
+        assert f"results: {out / 'results'}" in log  # the absolute location
         rows = pq.read_table(str(out / "results")).to_pylist()
         assert sorted(r["id"] for r in rows) == [f"demo-{i:04d}" for i in range(12)]
         assert json.loads((out / "stats.json").read_text())["rows_ok"] == 12
