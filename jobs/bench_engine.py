@@ -26,6 +26,7 @@ import time
 import torch
 
 from kvstream import CacheConfig, Engine
+from kvstream.kernels.bandwidth import copy_bandwidth
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -42,20 +43,6 @@ CONFIGS = {
     "keyformer0.5": dict(policy="keyformer", budget=0.5),
     "keyformer0.5+kivi2": dict(policy="keyformer", budget=0.5, quant="kivi2"),
 }
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes/s of a 2 GiB device-to-device copy (read + write), the roofline's bandwidth."""
-    x = torch.empty(1024**3, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t)
 
 
 def build_model(shape: str, layers: int | None, device):

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from kvstream.kernels.bandwidth import copy_bandwidth
 from kvstream.kvcache import CacheConfig, CompressedCache
 
 CONFIGS = {
@@ -29,19 +30,6 @@ CONFIGS = {
     "full+kivi2": dict(policy="full", quant="kivi2"),
     "keyformer0.5+kivi2": dict(policy="keyformer", budget=0.5, quant="kivi2"),
 }
-
-
-def copy_bandwidth(device) -> float:
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t)
 
 
 def build_model(layers: int, device):

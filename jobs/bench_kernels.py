@@ -26,6 +26,7 @@ import triton
 from triton.testing import do_bench
 
 from kvstream.kernels import prefill_scores as prefill_mod
+from kvstream.kernels.bandwidth import copy_bandwidth
 from kvstream.kernels.decode_attention import decode_attention, decode_workspace
 from kvstream.kernels.decode_attention_ref import decode_attention_ref
 from kvstream.kernels.prefill_scores import prefill_scores
@@ -34,15 +35,6 @@ from kvstream.kvcache.cache import attention_with_lse
 
 D, HQ, R, G = 128, 32, 128, 32  # head_dim, query heads, full-precision residual (ring), KIVI group size
 DT = torch.bfloat16
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written (2 GiB buffers)."""
-    a = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    del a, b
-    return 2 * (2 << 30) / (ms * 1e-3)
 
 
 def make_slots(B, H, ctx, storage, K, V) -> KVSlots:
