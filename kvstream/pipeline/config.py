@@ -70,7 +70,7 @@ class GenerateConf:
 @dataclass
 class RuntimeConf:
     address: Optional[str] = None  # Ray address; default: RAY_ADDRESS, else a new local Ray
-    num_actors: int = 1
+    num_actors: Any = "auto"  # an int >= 1, or auto: one actor per GPU the cluster has (1 in CPU mode)
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     batch_size: int = 8
@@ -200,7 +200,8 @@ def validate(cfg: DictConfig) -> None:
     need(g.max_input_tokens is None or g.max_input_tokens >= 1, "generate.max_input_tokens", "must be >= 1")
     need(g.truncation in TRUNCATIONS, "generate.truncation", f"must be one of {', '.join(TRUNCATIONS)}")
     r = cfg.runtime
-    need(r.num_actors >= 1, "runtime.num_actors", "must be >= 1")
+    need(r.num_actors == "auto" or (isinstance(r.num_actors, int) and not isinstance(r.num_actors, bool)
+                                    and r.num_actors >= 1), "runtime.num_actors", "must be an int >= 1 or auto")
     need(r.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", "must be >= 0 (0 = CPU mode)")
     need(r.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", "must be > 0")
     need(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")

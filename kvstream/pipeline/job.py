@@ -65,8 +65,26 @@ def init_ray(cfg: DictConfig) -> None:
     import ray.data  # configures its own loggers on import: quiet them after
 
     quiet(level)
+    resources = ray.cluster_resources()
+    resolve_actors(cfg, resources)
     if not address:
-        check_fits(cfg, ray.cluster_resources())
+        check_fits(cfg, resources)
+
+
+def resolve_actors(cfg: DictConfig, resources: dict) -> None:
+    """runtime.num_actors=auto: one actor per `num_gpus_per_actor` GPUs of the cluster (every GPU of every node
+    busy), one actor in CPU mode; a GPU run on a cluster with no GPU is a ConfigError."""
+    r = cfg.runtime
+    if r.num_actors != "auto":
+        return
+    if r.num_gpus_per_actor > 0:
+        gpus = resources.get("GPU", 0)
+        if gpus < r.num_gpus_per_actor:
+            raise ConfigError(f"runtime.num_actors=auto with runtime.num_gpus_per_actor={r.num_gpus_per_actor}: "
+                              f"this Ray has {gpus:g} GPUs; set runtime.num_gpus_per_actor=0 for a CPU run")
+        r.num_actors = int(gpus // r.num_gpus_per_actor)
+    else:
+        r.num_actors = 1
 
 
 def check_fits(cfg: DictConfig, resources: dict) -> None:

@@ -104,3 +104,35 @@ def test_unreadable_file_and_absent_column_stop_with_one_message(tmp_path, ray_l
     assert code == 2 and "nothing_here" in capsys.readouterr().err
     code = main("summarize", job_overrides(tmp_path, **{"data.path": str(d / "a.jsonl"), "runtime.num_actors": 2}))
     assert code == 2 and "runtime.num_cpus_per_actor" in capsys.readouterr().err  # 2 x 1 CPU of 2 would hang
+
+
+def test_two_cpu_actors_share_the_rows(tmp_path, ray_local):
+    """One actor per device scales out: with 2 CPU actors each takes some of the rows, every id comes out once,
+    and the per-actor figures in the stats add up to the run's."""
+    over = job_overrides(tmp_path, **{"data.path": "demo:summarize", "data.demo_rows": 16, "runtime.batch_size": 2,
+                                      "runtime.num_actors": 2, "runtime.num_cpus_per_actor": 0.5})
+    stats = run(load_config("summarize", None, over))
+    ids = [r["id"] for r in results(tmp_path / "out")]
+    assert sorted(ids) == [f"demo-{i:04d}" for i in range(16)]
+    actors = stats["actors"]
+    assert len(actors) == 2 and all(a["rows_ok"] > 0 for a in actors), actors
+    for key, total in (("rows_ok", "rows_ok"), ("input_tokens", "input_tokens"), ("output_tokens", "output_tokens")):
+        assert sum(a[key] for a in actors) == stats[total], key
+
+
+def test_num_actors_auto():
+    from kvstream.pipeline.config import ConfigError
+    from kvstream.pipeline.job import resolve_actors
+
+    def resolved(over, resources):
+        cfg = load_config("summarize", None, over)
+        resolve_actors(cfg, resources)
+        return cfg.runtime.num_actors
+
+    assert load_config("summarize", None, []).runtime.num_actors == "auto"  # the default
+    assert resolved(["runtime.num_gpus_per_actor=1"], {"CPU": 64, "GPU": 8}) == 8  # one actor per GPU
+    assert resolved(["runtime.num_gpus_per_actor=2"], {"CPU": 64, "GPU": 8}) == 4
+    assert resolved(["runtime.num_gpus_per_actor=0"], {"CPU": 64, "GPU": 8}) == 1  # CPU mode: one actor
+    assert resolved(["runtime.num_gpus_per_actor=1", "runtime.num_actors=3"], {"GPU": 8}) == 3  # as given
+    with pytest.raises(ConfigError, match="num_actors=auto.*has 0 GPUs"):
+        resolved(["runtime.num_gpus_per_actor=1"], {"CPU": 2})
