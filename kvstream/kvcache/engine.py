@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import logging
 import time
 
@@ -20,7 +19,7 @@ from transformers import StoppingCriteria
 from kvstream.kvcache.cache import CompressedCache, check_model_config
 from kvstream.kvcache.config import CacheConfig
 from kvstream.kvcache.fast_decode import DecodeRunner, unsupported_reason
-from kvstream.kvcache.models import decode_continuation, load_model, max_context
+from kvstream.kvcache.models import cache_kwarg, decode_continuation, load_model, max_context
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ class Engine:
         pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # what generate passes for a left-padded batch
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
-                             **{_cache_kwarg(self.model): cache})
+                             **{cache_kwarg(self.model): cache})
             runner = DecodeRunner(
                 self.model, cache, max_new_tokens,
                 temperature=torch.full((B,), float(temperature), dtype=torch.float32, device=dev),
@@ -179,7 +178,8 @@ class Engine:
         with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
             out = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache,
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                **{cache_kwarg(self.model): cache},
                 generation_config=self._generation_config(max_new_tokens, temperature, top_p),
                 stopping_criteria=criteria or None,
             )
@@ -209,11 +209,6 @@ class Engine:
 
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
-
-
-def _cache_kwarg(model) -> str:
-    """The forward's name for the cache argument (transformers 5.x renamed past_key_values to cache)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_config(cache) -> CacheConfig:

@@ -17,12 +17,12 @@ so it never waits on the step it just queued. Families: Llama, Mistral, Qwen2, Q
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
 
 from kvstream.kvcache.cache import CompressedCache
+from kvstream.kvcache.models import cache_kwarg
 from kvstream.kvcache.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,6 @@ def unsupported_reason(model) -> str | None:
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"{type(model).__name__} does not have the Llama-family module layout"
     return None
-
-
-def _cache_kwarg(layer) -> str:
-    """The decoder layer's name for the cache argument (transformers 5.x renamed past_key_values to cache)."""
-    params = inspect.signature(layer.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class DecodeRunner:
@@ -76,7 +70,7 @@ class DecodeRunner:
         self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
         self.eos = torch.tensor(eos_ids or [-1], dtype=torch.int64, device=self.device)
         self.pad_id = int(pad_id)
-        self.kw = _cache_kwarg(self.inner.layers[0])
+        self.kw = cache_kwarg(self.inner.layers[0])
         # static buffers: the step reads tok_in and writes tokens / done / gen_t in place
         self.tok_in = torch.zeros(B, dtype=torch.int64, device=self.device)
         self.tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.int64, device=self.device)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from kvstream.kvcache.models import cache_kwarg
+
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id prompts into a batch.
@@ -88,7 +90,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, 
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             past_key_values=cache, generation_config=gen, logits_processor=processors)
+                             **{cache_kwarg(model): cache}, generation_config=gen, logits_processor=processors)
     tokens = out.sequences[:, input_ids.shape[1]:].cpu()
     logits = torch.stack([x.float().cpu() for x in out.logits], dim=1)
     return Decoded(tokens, logits, sequence_lengths(tokens, eos), cache)

@@ -159,3 +159,11 @@ def max_context(config) -> int:
             return value
     raise ValueError(f"{type(config).__name__} names no maximum context (max_position_embeddings): set it on the "
                      f"model's config")
+
+
+def cache_kwarg(module) -> str:
+    """The name `module.forward` (a model or a decoder layer; `generate` follows the model's) takes the KV cache
+    under: transformers 5.25 renamed `past_key_values` to `cache` (the old name warns there, 5.17 knows only it)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
