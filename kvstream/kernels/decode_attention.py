@@ -243,7 +243,7 @@ def _decode_stage1(
 @triton.jit
 def _decode_stage2(
     part_acc_ptr, part_ml_ptr, out_ptr, stats_ptr, logit_ptr, s_len_ptr, seed_ptr, step_ptr, tau_ptr,
-    NUM_SPLITS, Cs, Cw, layer, step_val, tau_val,
+    NUM_SPLITS, Cs, Cw, layer, step_val, tau_val, stride_step, stride_tau,
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, stride_lb, stride_lh,
     stride_tb, stride_th,
     D: tl.constexpr, SPLITS_P2: tl.constexpr, SCORE_MODE: tl.constexpr, STEP_PTR: tl.constexpr,
@@ -277,10 +277,10 @@ def _decode_stage2(
         seed = tl.load(seed_ptr + b)
         step = step_val
         tau = tau_val
-        if STEP_PTR:
-            step = tl.load(step_ptr)
+        if STEP_PTR:  # one for the batch (stride 0) or one per sequence
+            step = tl.load(step_ptr + b * stride_step)
         if TAU_PTR:
-            tau = tl.load(tau_ptr).to(tl.float32)
+            tau = tl.load(tau_ptr + b * stride_tau).to(tl.float32)
         s_len = tl.load(s_len_ptr + b)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = (c < s_len) | ((c >= Cs) & (c < Cs + Cw))  # ring logits were all written (-inf if free)
@@ -536,7 +536,8 @@ def decode_attention(
 
     slots: the layer's `KVSlots` (quant none / channel / token, bits 2 or 4); scale: the logit scale.
     score_mode 1 (H2O) / 2 (Keyformer) adds into scores_acc (B, H, Cs + Cw) float32 in place; seed (B,) int64
-    for score_mode 2; step and tau: Python numbers or 1-element device tensors (int / float32).
+    for score_mode 2; step and tau: Python numbers, or device tensors (int / float32) of 1 value for the batch
+    or B values, one per sequence (sequences at different steps of their generation).
     workspace: from `decode_workspace`; then nothing is allocated and the returned tensor is workspace.out.
     """
     _check(q, slots, score_mode, scores_acc, seed, workspace)
@@ -561,6 +562,12 @@ def decode_attention(
     step_t = step if step_is_ptr else slots.s_len
     tau_t = tau if tau_is_ptr else slots.s_len
     step_v, tau_v = (0 if step_is_ptr else int(step)), (1.0 if tau_is_ptr else float(tau))
+    for name, t in (("step", step), ("tau", tau)):
+        if isinstance(t, torch.Tensor) and (t.numel() not in (1, q.shape[0]) or t.device != q.device):
+            raise ValueError(f"decode_attention: {name} as a tensor must hold 1 or B={q.shape[0]} values on "
+                             f"{q.device}, got {tuple(t.shape)} on {t.device}")
+    stride_step = 1 if step_is_ptr and step.numel() > 1 else 0
+    stride_tau = 1 if tau_is_ptr and tau.numel() > 1 else 0
     logits = ws.logits if score_mode else ws.stats
     st3 = lambda t: (t.stride(0), t.stride(1), t.stride(2)) if t.dim() == 4 else (0, 0, 0)  # noqa: E731
     NS = ws.num_splits
@@ -616,7 +623,7 @@ def decode_attention(
     ncb = score_blocks(Cs + Cw, score_mode)
     _decode_stage2[(B, Hq, ncb)](
         ws.part_acc, ws.part_ml, ws.out, ws.stats, logits, slots.s_len, seed_t, step_t, tau_t,
-        NS, Cs, Cw, int(layer), step_v, tau_v,
+        NS, Cs, Cw, int(layer), step_v, tau_v, stride_step, stride_tau,
         *ws.part_acc.stride()[:3], *ws.part_ml.stride()[:3], ws.out.stride(0), ws.out.stride(1),
         logits.stride(0), logits.stride(1), ws.stats.stride(0), ws.stats.stride(1),
         D=D, SPLITS_P2=triton.next_power_of_2(NS), SCORE_MODE=score_mode, STEP_PTR=step_is_ptr,

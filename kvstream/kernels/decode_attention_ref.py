@@ -56,11 +56,11 @@ def decode_attention_ref(
     scores_acc: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
     layer: int = 0,
-    step: int = 0,
-    tau: float = 1.0,
+    step: int | torch.Tensor = 0,
+    tau: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """q (B, Hq, D) model dtype -> out (B, Hq, D) model dtype. scores_acc (B, H, Cs + Cw) float32, added into
-    in place when score_mode > 0; seed (B,) int64 for score_mode 2."""
+    in place when score_mode > 0; seed (B,) int64 for score_mode 2; step, tau: numbers or tensors of 1 or B values."""
     B, Hq, D = q.shape
     H = slots.win_k.shape[1]
     grp = Hq // H
@@ -80,6 +80,10 @@ def decode_attention_ref(
             N = x.shape[-1]
             heads = torch.arange(Hq, device=q.device).view(1, H, grp, 1)
             cols = torch.arange(N, device=q.device).view(1, 1, 1, N)
+            if isinstance(step, torch.Tensor):  # 1 value for the batch or one per sequence
+                step = step.view(-1, 1, 1, 1)
+            if isinstance(tau, torch.Tensor):
+                tau = tau.view(-1, 1, 1, 1)
             g = gumbel(seed.view(B, 1, 1, 1), layer, step, heads, 0, cols)
             f = torch.softmax((x + g) / tau, dim=-1)
         scores_acc += torch.where(valid[:, None, :], f.sum(2), 0.0)

@@ -69,13 +69,15 @@ class SeqPlan:
         self.w32 = self.w_dev.to(torch.int32)  # (B,) what the write kernels take
         self.cap32 = self.cap_dev.clamp(max=2**31 - 1).to(torch.int32)  # (B,)
         self.active = torch.ones(len(self.n), dtype=torch.bool, device=dev)  # (B,) every row decodes
-        self.t_dev = torch.zeros(1, dtype=torch.int64, device=dev)  # decode steps done
-        self.step_dev = torch.ones(1, dtype=torch.int32, device=dev)  # the step being decoded (t + 1)
+        B = len(self.n)
+        self.t_dev = torch.zeros(B, dtype=torch.int64, device=dev)  # (B,) decode steps done, per sequence
+        self.step_dev = torch.ones(B, dtype=torch.int32, device=dev)  # (B,) the step being decoded (t + 1)
         self.tau_table = to_device(self.taus or [1.0], torch.float32, dev)  # (T + 1,)
-        self.tau_dev = self.tau_table[1:2].clone() if len(self.tau_table) > 1 else self.tau_table.clone()  # (1,)
+        self.tau_dev = self.tau_table[self.step_dev.clamp(max=len(self.tau_table) - 1)]  # (B,)
 
     def begin_step(self) -> None:
-        """Before the first layer of a decode step: step = t + 1 and its tau, in place on the device."""
+        """Before the first layer of a decode step: each sequence's step = t + 1 and its tau, in place on the
+        device (sequences may be at different steps: a slot refilled mid-flight starts again from 0)."""
         self.step_dev.copy_(self.t_dev + 1)
         self.tau_dev.copy_(self.tau_table[(self.t_dev + 1).clamp(max=len(self.tau_table) - 1)])
 

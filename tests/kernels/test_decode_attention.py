@@ -144,6 +144,30 @@ def test_default_workspace_and_tensor_step(device):
     assert (accs[2] - accs[0]).abs().max() > 1e-3, "Keyformer noise did not change with the step"
 
 
+def test_per_sequence_step_and_tau(device):
+    """step / tau with one value per sequence (continuous batching: rows at different steps) == each row decoded
+    with its own numbers; the kernel and the reference agree, and a wrong-length tensor is refused."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, D, cs, cw = 3, 2, 64, 64, 16
+    slots = make_slots(B, H, D, cs, cw, "channel", 2, 32, torch.float32, device, [64, 30, 50], [50, 30, 40], gen)
+    q = torch.randn(B, 2 * H, D, generator=gen).to(device)
+    seed = torch.tensor([11, 12, 13], device=device)
+    steps, taus = [4, 9, 1], [1.5, 1.25, 1.0]
+    step_t = torch.tensor(steps, dtype=torch.int32, device=device)
+    tau_t = torch.tensor(taus, dtype=torch.float32, device=device)
+    got = torch.zeros(B, H, cs + cw, device=device)
+    decode_attention(q, slots, 0.125, 2, got, seed, layer=2, step=step_t, tau=tau_t)
+    ref = torch.zeros_like(got)
+    decode_attention_ref(q, slots, 0.125, 2, ref, seed, layer=2, step=step_t, tau=tau_t)
+    assert_close(got, ref, torch.float32, "per-sequence step/tau")
+    for b in range(B):  # row b as if the batch were at row b's step and temperature
+        one = torch.zeros_like(got)
+        decode_attention_ref(q, slots, 0.125, 2, one, seed, layer=2, step=steps[b], tau=taus[b])
+        assert_close(got[b], one[b], torch.float32, f"row {b}")
+    with pytest.raises(ValueError, match="step as a tensor must hold 1 or B=3"):
+        decode_attention(q, slots, 0.125, 2, got, seed, layer=2, step=step_t[:2], tau=tau_t)
+
+
 def test_rejects_bad_inputs(device):
     gen = torch.Generator().manual_seed(0)
     slots = make_slots(1, 2, 64, 32, 8, "channel", 2, 32, torch.float32, device, [10], [10], gen)
