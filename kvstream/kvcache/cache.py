@@ -178,6 +178,11 @@ class CompressedCache(Cache):
         n = valid.sum(-1).tolist()  # the one host read of a generation
         if min(n) == 0:
             raise ValueError("CompressedCache: a sequence in the batch has an empty prompt (all padding)")
+        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+        return self._plan_for(n, valid.device, order)
+
+    def _plan_for(self, n: list[int], device, order: torch.Tensor | None) -> SeqPlan:
+        """The plan of sequences whose unpadded prompts hold n tokens each."""
         k = [self.policy.budget(x) for x in n]
         w = [self.policy.recent_window(x) for x in k]
         cap = [x - y for x, y in zip(k, w)]
@@ -190,10 +195,44 @@ class CompressedCache(Cache):
             seeds = list(self.user_seeds)
         else:
             seeds = [(self.cfg.seed * 1_000_003 + b) & 0x7FFFFFFF for b in range(B)]
-        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
         taus = [self.cfg.tau(s) for s in range((self.cfg.max_new_tokens or 128) + 1)] if self.policy.noisy else None
         return SeqPlan(n=n, k=k, w=w, cap=cap, order=order, max_new=self.cfg.max_new_tokens,
-                       seeds=torch.tensor(seeds, dtype=torch.int64, device=valid.device), taus=taus)
+                       seeds=torch.tensor(seeds, dtype=torch.int64, device=device), taus=taus)
+
+    @classmethod
+    def pool(cls, cfg: CacheConfig, model_config, num_slots: int, max_prompt_tokens: int, dtype: torch.dtype,
+             device) -> "CompressedCache":
+        """An empty cache of `num_slots` sequence slots for the scheduler (kvstream.kvcache.scheduler): each slot
+        holds a prompt of up to max_prompt_tokens and cfg.max_new_tokens new tokens (sized as a prefill of the
+        longest prompt would size it); slots are filled with `load_slot` and start inactive."""
+        if cfg.max_new_tokens is None:
+            raise ValueError("CompressedCache.pool: set CacheConfig.max_new_tokens (it sizes every slot)")
+        if num_slots < 1 or max_prompt_tokens < 1:
+            raise ValueError(f"CompressedCache.pool: num_slots={num_slots} and max_prompt_tokens={max_prompt_tokens} "
+                             "must be >= 1")
+        device = torch.device(device)
+        cache = cls(cfg, model_config)  # seeds come with each sequence a slot loads
+        cache.backend = cache._resolve_backend(device)
+        cache.plan = cache._plan_for([max_prompt_tokens] * num_slots, device, None)
+        cache.plan.active.zero_()
+        longest = cache._plan_for([max_prompt_tokens], device, None)
+        probe = LayerStore(cfg, cache.policy, longest, cache.n_kv, cache.head_dim, dtype, device, cache.backend)
+        cs, cw = probe.capacity()
+        for layer in cache.layers:
+            layer.store = LayerStore(cfg, cache.policy, cache.plan, cache.n_kv, cache.head_dim, dtype, device,
+                                     cache.backend)
+            layer.store.allocate(cs, cw)
+        return cache
+
+    def load_slot(self, b: int, src: "CompressedCache", sb: int = 0) -> None:
+        """Slot b of this pool takes sequence sb of `src`, a cache of the same config its prefill filled."""
+        for mine, theirs in zip(self.layers, src.layers):
+            mine.store.load_slot(b, theirs.store, sb)
+        self.plan.load_slot(b, src.plan, sb)
+
+    def release_slot(self, b: int) -> None:
+        """Slot b holds no sequence: its writes stop (the step still runs over it, its output unused)."""
+        self.plan.active[b] = False
 
     # ---- the fast decode path (kvstream.kvcache.fast_decode) -------------------------------------------------
     def capture_blocker(self) -> str | None:

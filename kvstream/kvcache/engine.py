@@ -157,19 +157,24 @@ class Engine:
         """Prefill through the model's forward, then the static decode step (fast_decode.DecodeRunner). Sampling is
         on the device with counter-based noise per row (the row's seed), so it needs no torch RNG."""
         B, dev = input_ids.shape[0], self.device
-        ids, m = input_ids.to(dev), mask.to(dev)
-        pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # what generate passes for a left-padded batch
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
-                             **{cache_kwarg(self.model): cache})
+            logits = self.prefill(cache, input_ids, mask)
             runner = DecodeRunner(
                 self.model, cache, max_new_tokens,
                 temperature=torch.full((B,), float(temperature), dtype=torch.float32, device=dev),
                 top_p=torch.full((B,), float(top_p), dtype=torch.float32, device=dev),
                 seeds=cache.plan.seeds, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id)
-            tokens = runner.run(out.logits[:, -1])
+            tokens = runner.run(logits)
         self.last_graph = runner.use_graph
         return tokens.tolist()
+
+    def prefill(self, cache: CompressedCache, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model's forward over a left-padded batch (B, T) into `cache` -> last-position logits (B, V)."""
+        ids, m = input_ids.to(self.device), mask.to(self.device)
+        pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # what generate passes for a left-padded batch
+        out = self.model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(self.model): cache})
+        return out.logits[:, -1]
 
     def _decode_hf(self, cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
         """transformers' generate over the CompressedCache (the reference path)."""

@@ -46,9 +46,11 @@ class DecodeRunner:
     """Decodes a batch whose prompts a CompressedCache holds, up to `max_new_tokens` per row.
 
     model: a Llama-family causal LM (see `unsupported_reason`); cache: the CompressedCache its prefill filled
-    (created with max_new_tokens, so every buffer is preallocated); temperature, top_p (B,) float32 and seeds (B,)
-    int64 on the model's device; eos_ids: token ids that end a row; pad_id: what a finished row emits;
-    graph: capture the step in a CUDA graph (None: on CUDA when the cache's step is capturable).
+    (created with max_new_tokens, so every buffer is preallocated); max_new_tokens: an int, or (B,) int64 per row
+    (at most the cache's); temperature, top_p (B,) float32 and seeds (B,) int64 on the model's device; eos_ids:
+    token ids that end a row; pad_id: what a finished row emits; graph: capture the step in a CUDA graph (None: on
+    CUDA when the cache's step is capturable). Every per-row buffer is updated in place (`reset_row`), so a row
+    can restart with another sequence while the others decode (kvstream.kvcache.scheduler).
     """
 
     def __init__(self, model, cache: CompressedCache, max_new_tokens: int, temperature: torch.Tensor,
@@ -59,23 +61,26 @@ class DecodeRunner:
             raise ValueError(f"DecodeRunner: {reason}")
         if cache.plan is None:
             raise ValueError("DecodeRunner: the cache holds no prompt yet; run the prefill through it first")
-        if cache.cfg.max_new_tokens is None or cache.cfg.max_new_tokens < max_new_tokens:
+        width = int(max_new_tokens if isinstance(max_new_tokens, int) else max_new_tokens.max())
+        if cache.cfg.max_new_tokens is None or cache.cfg.max_new_tokens < width:
             raise ValueError(f"DecodeRunner: the cache was built for max_new_tokens={cache.cfg.max_new_tokens}, "
-                             f"not {max_new_tokens}; set CacheConfig.max_new_tokens before the prefill")
-        self.model, self.cache, self.max_new = model, cache, max_new_tokens
+                             f"not {width}; set CacheConfig.max_new_tokens before the prefill")
+        self.model, self.cache, self.width = model, cache, width
         self.inner = model.model
         self.device = seeds.device
         B = len(cache.plan.n)
         self.B = B
+        self.max_new = torch.empty(B, dtype=torch.int64, device=self.device)  # (B,) per row
+        self.max_new.copy_(torch.as_tensor(max_new_tokens, dtype=torch.int64).expand(B))
         self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
         self.eos = torch.tensor(eos_ids or [-1], dtype=torch.int64, device=self.device)
         self.pad_id = int(pad_id)
         self.kw = cache_kwarg(self.inner.layers[0])
         # static buffers: the step reads tok_in and writes tokens / done / gen_t in place
         self.tok_in = torch.zeros(B, dtype=torch.int64, device=self.device)
-        self.tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.int64, device=self.device)
+        self.tokens = torch.full((B, width), self.pad_id, dtype=torch.int64, device=self.device)
         self.done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        self.gen_t = torch.zeros(1, dtype=torch.int64, device=self.device)  # tokens written per row so far
+        self.gen_t = torch.zeros(B, dtype=torch.int64, device=self.device)  # (B,) tokens written per row so far
         capturable = self.device.type == "cuda" and cache.capturable()
         if graph and not capturable:
             raise ValueError("DecodeRunner: graph=True needs a CUDA device and a capturable cache step "
@@ -88,16 +93,33 @@ class DecodeRunner:
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _emit(self, tok: torch.Tensor) -> None:
-        """Write the drawn tokens (B,) as output column gen_t, update the finished flags, feed them back."""
-        tok = torch.where(self.done, self.pad_id, tok)
-        self.tokens.scatter_(1, self.gen_t.expand(self.B).view(self.B, 1), tok.view(self.B, 1))
-        self.done |= torch.isin(tok, self.eos) | (self.gen_t + 1 >= self.max_new)
-        self.gen_t += 1
-        self.tok_in.copy_(tok)
+        """Write the drawn tokens (B,) of the unfinished rows at their column gen_t, update the finished flags,
+        feed the tokens back (finished rows: pad, and their output stays as it was)."""
+        live = ~self.done
+        col = self.gen_t.clamp(max=self.width - 1).view(self.B, 1)
+        self.tokens.scatter_(1, col, torch.where(live.view(self.B, 1), tok.view(self.B, 1), self.tokens.gather(1, col)))
+        self.gen_t += live
+        self.done |= live & (torch.isin(tok, self.eos) | (self.gen_t >= self.max_new))
+        self.tok_in.copy_(torch.where(live, tok, self.pad_id))
 
     def first(self, logits: torch.Tensor) -> None:
         """Emit the first token from the prefill's last-position logits (B, V)."""
         self._emit(sample(logits.float(), self.temperature, self.top_p, self.seeds, self.gen_t))
+
+    def start_row(self, b: int, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        """Row b starts a new sequence (whose state the cache's slot b holds): its sampling settings, an empty
+        output, and its first token drawn from its prefill's last-position logits (1, V). In place, between steps."""
+        if not 1 <= max_new_tokens <= self.width:
+            raise ValueError(f"start_row: max_new_tokens={max_new_tokens} must be in [1, {self.width}]")
+        r = slice(b, b + 1)
+        self.max_new[b], self.temperature[b], self.top_p[b] = max_new_tokens, temperature, top_p
+        self.tokens[b].fill_(self.pad_id)
+        self.gen_t[b], self.done[b] = 0, False
+        tok = sample(logits.float(), self.temperature[r], self.top_p[r], self.seeds[r], self.gen_t[r])
+        self.tokens[b, 0] = tok[0]
+        self.gen_t[b] = 1
+        self.done[r] = torch.isin(tok, self.eos) | (max_new_tokens <= 1)
+        self.tok_in[r] = torch.where(self.done[r], self.pad_id, tok)
 
     def _forward(self) -> torch.Tensor:
         B, plan = self.B, self.cache.plan
@@ -140,7 +162,7 @@ class DecodeRunner:
         """Decode to the end: (B, max_new_tokens) int64 tokens, pad after a row's EOS (and its EOS kept)."""
         self.first(prefill_logits)
         lagged = _LaggedFlags(self.done)
-        for _ in range(1, self.max_new):
+        for _ in range(1, self.width):
             if lagged.all_done():  # the flags of the step before the last one queued: no wait on the GPU
                 break
             self.step()

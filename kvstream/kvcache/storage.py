@@ -59,6 +59,10 @@ class SeqPlan:
     max_new: int | None
     taus: list[float] | None = None  # Keyformer's tau at decode steps 0 .. len - 1 (later steps: the last)
 
+    @property
+    def B(self) -> int:
+        return len(self.n)
+
     def __post_init__(self) -> None:
         # the same facts on the device, read by every decode step without a host list or a host number, so a
         # step's work is the same launches every time (CUDA-graph capturable)
@@ -72,18 +76,37 @@ class SeqPlan:
         B = len(self.n)
         self.t_dev = torch.zeros(B, dtype=torch.int64, device=dev)  # (B,) decode steps done, per sequence
         self.step_dev = torch.ones(B, dtype=torch.int32, device=dev)  # (B,) the step being decoded (t + 1)
-        self.tau_table = to_device(self.taus or [1.0], torch.float32, dev)  # (T + 1,)
-        self.tau_dev = self.tau_table[self.step_dev.clamp(max=len(self.tau_table) - 1)]  # (B,)
+        # (B, T + 1): each sequence's Keyformer tau at steps 0 .. T (a slot refilled with another sequence gets its
+        # own schedule); later steps keep the last
+        self.tau_table = to_device(self.taus or [1.0], torch.float32, dev).expand(B, -1).contiguous()
+        self.tau_dev = torch.empty(B, dtype=torch.float32, device=dev)
+        self.begin_step()
 
     def begin_step(self) -> None:
         """Before the first layer of a decode step: each sequence's step = t + 1 and its tau, in place on the
         device (sequences may be at different steps: a slot refilled mid-flight starts again from 0)."""
         self.step_dev.copy_(self.t_dev + 1)
-        self.tau_dev.copy_(self.tau_table[(self.t_dev + 1).clamp(max=len(self.tau_table) - 1)])
+        last = self.tau_table.shape[1] - 1
+        self.tau_dev.copy_(self.tau_table.gather(1, (self.t_dev + 1).clamp(max=last).view(-1, 1)).view(-1))
 
     def end_step(self) -> None:
         """After the last layer of a decode step."""
         self.t_dev += 1
+
+    def load_slot(self, b: int, src: "SeqPlan", sb: int = 0) -> None:
+        """Slot b takes sequence sb of `src` (a plan of the same config): its lengths, budget, window, seed,
+        tau schedule, step 0 (host lists and device tensors)."""
+        if src.tau_table.shape[0] > self.tau_table.shape[1]:
+            raise ValueError(f"load_slot: a sequence with max_new_tokens={src.max_new} in a pool built for "
+                             f"{self.max_new}")
+        for name in ("n", "k", "w", "cap"):
+            getattr(self, name)[b] = getattr(src, name)[sb]
+        for name in ("n_dev", "w_dev", "cap_dev", "w32", "cap32", "seeds"):
+            getattr(self, name)[b] = getattr(src, name)[sb]
+        self.tau_table[b] = src.tau_table[sb, -1]  # steps past the schedule's end keep its last tau
+        self.tau_table[b, : src.tau_table.shape[1]] = src.tau_table[sb]
+        self.t_dev[b] = 0
+        self.active[b] = True
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-sequence device tensors every layer shares (counted once by the cache's stats)."""
@@ -162,12 +185,25 @@ class LayerStore:
         else:
             self._prefill_evict(kc, vc, sc)
 
-    def _prefill_evict(self, kc, vc, sc) -> None:
-        plan, B, H, D, dev = self.plan, self.B, self.H, self.D, self.device
+    def capacity(self) -> tuple[int, int]:
+        """(S slots, ring slots) the plan's sequences need (S before rounding to whole groups)."""
+        plan = self.plan
+        if self.kivi:
+            span = max(plan.n) + (plan.max_new if plan.max_new is not None else _GROWTH)
+            return round_up(span, self.cfg.residual), self.cfg.residual
         older = [max(0, n - w) for n, w in zip(plan.n, plan.w)]
         cs_need = [min(c, m + (plan.max_new or 0)) if plan.max_new is not None else min(c, m) + _GROWTH
                    for c, m in zip(plan.cap, older)]
-        self._init_buffers(max([0, *cs_need]), max(plan.w) + 1)
+        return max([0, *cs_need]), max(plan.w) + 1
+
+    def allocate(self, cs: int, cw: int) -> None:
+        """Empty buffers of cs S slots and cw ring slots for every sequence (a slot pool: `load_slot` fills them)."""
+        self._init_buffers(cs, cw)
+
+    def _prefill_evict(self, kc, vc, sc) -> None:
+        plan, B, H, D, dev = self.plan, self.B, self.H, self.D, self.device
+        older = [max(0, n - w) for n, w in zip(plan.n, plan.w)]
+        self._init_buffers(*self.capacity())
         ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
         vs = torch.zeros_like(ks)
         k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
@@ -195,8 +231,7 @@ class LayerStore:
 
     def _prefill_kivi(self, kc, vc) -> None:
         plan, R, B, H, D, dev = self.plan, self.cfg.residual, self.B, self.H, self.D, self.device
-        span = max(plan.n) + (plan.max_new if plan.max_new is not None else _GROWTH)
-        self._init_buffers(round_up(span, R), R)
+        self._init_buffers(*self.capacity())
         ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
         vs = torch.zeros_like(ks)
         k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
@@ -278,6 +313,32 @@ class LayerStore:
         """The write kernels (Triton) or their torch references, by the cache's backend."""
         return write_ops(self.backend)
 
+    # ---- slots (continuous batching) -------------------------------------------------------------------------
+    def load_slot(self, b: int, src: "LayerStore", sb: int = 0) -> None:
+        """Slot b takes sequence sb of `src` (a prefilled store of the same config, no larger): every buffer of
+        the slot is overwritten or cleared, so nothing of the slot's previous sequence stays."""
+        if src.cs > self.cs or src.cw > self.cw or (self.kivi and src.cw != self.cw):
+            raise ValueError(f"load_slot: a sequence needing {src.cs} kept / {src.cw} ring slots does not fit a slot "
+                             f"of {self.cs} / {self.cw}: size the pool for the longest prompt and max_new_tokens")
+        cs, cw = src.cs, src.cw
+        for name, t in self.kept.S.items():
+            t[b].zero_()
+            n = src.kept.S[name].shape[2]
+            t[b, :, :n] = src.kept.S[name][sb]
+        self.kept.s_pos[b].fill_(-1)
+        self.kept.s_pos[b, :, :cs] = src.kept.s_pos[sb]
+        for mine, theirs in ((self.win_k, src.win_k), (self.win_v, src.win_v)):
+            mine[b].zero_()
+            mine[b, :, :cw] = theirs[sb]
+        self.win_pos[b].fill_(-1)
+        self.win_pos[b, :cw] = src.win_pos[sb]
+        for mine, theirs in ((self.win_lo, src.win_lo), (self.s_len, src.s_len), (self.sv_len, src.sv_len)):
+            mine[b] = theirs[sb]
+        if self.scores is not None:
+            self.scores[b].zero_()
+            self.scores[b, :, :cs] = src.scores[sb, :, :cs]
+            self.scores[b, :, self.cs:self.cs + cw] = src.scores[sb, :, cs:]
+
     # ---- views and accounting --------------------------------------------------------------------------------
     def slots(self) -> KVSlots:
         return KVSlots(quant=self.quant, bits=self.bits, group_size=self.G, s_len=self.s_len, sv_len=self.sv_len,
@@ -316,11 +377,11 @@ class LayerStore:
 
     def _in_ring(self) -> list[int]:
         """Ring slots holding a token, per sequence (the last R positions in kivi mode, else the window)."""
-        last = [n + self.t - 1 for n in self.plan.n]  # last appended position
+        last = [n + t - 1 for n, t in zip(self.plan.n, self.plan.t_dev.tolist())]  # last appended position
         return [min(q + 1, self.cw if self.kivi else w) for q, w in zip(last, self.plan.w)]
 
     def tokens_kept(self) -> list[int]:
         """Tokens held per sequence (S plus the valid part of the ring)."""
         if self.kivi:  # every position: keys or values of the ring's tokens may already be in S
-            return [n + self.t for n in self.plan.n]
+            return [n + t for n, t in zip(self.plan.n, self.plan.t_dev.tolist())]
         return [c + r for c, r in zip(self.s_len.tolist(), self._in_ring())]

@@ -1,0 +1,173 @@
+"""Continuous batching over a fixed pool of sequence slots (the shape of SGLang's and vLLM's schedulers, small).
+
+    sched = Scheduler(engine, num_slots=8, max_prompt_tokens=4096, max_new_tokens=256)
+    sched.add(Request("doc-1", "Summarize: ...", max_new_tokens=128))
+    while sched.has_work():
+        for done in sched.step():      # finished sequences, as Engine.generate's rows (+ id, finish_reason)
+            ...
+
+The pool is one `CompressedCache.pool`: every slot sized for the longest prompt and `max_new_tokens` (the slots are
+fixed-size; a paged kept store that sizes each slot by its own budget is the next step). Each `step()`:
+1. admits waiting requests into free slots: a request is prefilled alone (the model's forward into a cache of
+   one sequence, exactly Engine.generate's prefill), then its state is copied into the slot (`load_slot`, which
+   overwrites or clears every buffer of the slot) and its first token drawn;
+2. runs one decode step for every slot (the fast path's DecodeRunner: device-side state per slot, so slots at
+   different steps share it; on CUDA a captured graph);
+3. returns the sequences that finished (EOS, max_new_tokens, or cancelled) and frees their slots.
+A row's tokens equal `Engine.generate([its prompt], ...)` alone: the prefill is the same, and every decode-step
+quantity is per slot (positions, Keyformer step / tau / seed, sampling seed and step).
+Prefill is not chunked yet: an admission prefills the whole prompt between two decode steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvstream.kvcache.cache import CompressedCache
+from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_seed, _stop_list
+from kvstream.kvcache.fast_decode import DecodeRunner
+
+
+@dataclass
+class Request:
+    """One sequence to generate: prompt (str, or token ids), its decoding settings (Engine.generate's)."""
+
+    id: str
+    prompt: str | list[int]
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+class Scheduler:
+    """Continuous batching for an Engine on the fast path (see the module docstring).
+
+    engine: an Engine whose decode_path is "fast"; num_slots: sequences decoded together; max_prompt_tokens,
+    max_new_tokens: the largest prompt and generation a slot holds (requests over them are refused at `add`).
+    """
+
+    def __init__(self, engine: Engine, num_slots: int, max_prompt_tokens: int, max_new_tokens: int):
+        if engine.decode_path != "fast":
+            raise ValueError("Scheduler needs an Engine on the fast path (a Llama-family model with "
+                             f"CacheConfig.engine auto or fast); this one decodes through {engine.decode_path!r}")
+        if max_prompt_tokens + max_new_tokens > engine.max_context:
+            raise ValueError(f"Scheduler: max_prompt_tokens={max_prompt_tokens} + max_new_tokens={max_new_tokens} "
+                             f"exceeds the model's {engine.max_context}-token context")
+        self.engine = engine
+        self.num_slots, self.max_prompt, self.max_new = num_slots, max_prompt_tokens, max_new_tokens
+        model, dev = engine.model, engine.device
+        self.cfg = dataclasses.replace(engine.cache_config, max_new_tokens=max_new_tokens)
+        dtype = next(model.parameters()).dtype
+        self.pool = CompressedCache.pool(self.cfg, model.config, num_slots, max_prompt_tokens, dtype, dev)
+        z = torch.zeros(num_slots, dtype=torch.float32, device=dev)
+        self.runner = DecodeRunner(model, self.pool, max_new_tokens, temperature=z, top_p=z + 1,
+                                   seeds=self.pool.plan.seeds, eos_ids=engine.eos_token_ids,
+                                   pad_id=engine.pad_token_id)
+        self.waiting: collections.deque[tuple[Request, list[int]]] = collections.deque()
+        self.slots: list[tuple[Request, list[int]] | None] = [None] * num_slots
+        self.started = [0.0] * num_slots  # when each slot's sequence was admitted (time_taken_llm)
+
+    # ---- the API ---------------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request; a bad one is a ValueError that names the problem (nothing is queued then)."""
+        if not isinstance(request, Request):
+            raise ValueError(f"Scheduler.add takes a Request, not {type(request).__name__}")
+        if request.id in self._ids():
+            raise ValueError(f"Scheduler.add: request id {request.id!r} is already queued or running")
+        _check_sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
+        if request.max_new_tokens > self.max_new:
+            raise ValueError(f"request {request.id!r}: max_new_tokens={request.max_new_tokens} is over the "
+                             f"scheduler's {self.max_new}")
+        stops = _stop_list(request.stop)
+        if stops and self.engine.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: pass tokenizer= to Engine.from_pretrained")
+        ids = self.engine.prompt_ids(request.prompt, request.max_new_tokens)
+        if len(ids) > self.max_prompt:
+            raise ValueError(f"request {request.id!r}: a prompt of {len(ids)} tokens is over the scheduler's "
+                             f"max_prompt_tokens={self.max_prompt}")
+        self.waiting.append((dataclasses.replace(request, stop=stops), ids))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a waiting request, or stop a running one and free its slot; whether the id was found."""
+        for i, (req, _) in enumerate(self.waiting):
+            if req.id == request_id:
+                del self.waiting[i]
+                return True
+        for b, held in enumerate(self.slots):
+            if held is not None and held[0].id == request_id:
+                self._free(b)
+                return True
+        return False
+
+    def step(self) -> list[dict]:
+        """Admit waiting requests into free slots, decode one token for every running sequence, and return the
+        finished ones: Engine.generate's row fields plus `id` and `finish_reason` ("stop" or "length")."""
+        with torch.inference_mode():
+            self._admit()
+            finished = self._collect()  # a sequence may end at its first token
+            if any(s is not None for s in self.slots):
+                self.runner.step()
+                finished += self._collect()
+        return finished
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _ids(self) -> set[str]:
+        return {r.id for r, _ in self.waiting} | {s[0].id for s in self.slots if s is not None}
+
+    def _admit(self) -> None:
+        for b in range(self.num_slots):
+            if not self.waiting:
+                return
+            if self.slots[b] is not None:
+                continue
+            req, ids = self.waiting.popleft()
+            cfg = dataclasses.replace(self.cfg, max_new_tokens=req.max_new_tokens)
+            one = CompressedCache(cfg, self.engine.model.config, seeds=[_row_seed(cfg.seed, req.seed, ids)])
+            row = torch.tensor([ids], dtype=torch.long)
+            logits = self.engine.prefill(one, row, torch.ones_like(row))
+            self.pool.load_slot(b, one)
+            self.runner.start_row(b, logits, req.max_new_tokens, req.temperature, req.top_p)
+            self.slots[b] = (req, ids)
+            self.started[b] = time.perf_counter()
+
+    def _collect(self) -> list[dict]:
+        done = self.runner.done.tolist()
+        out = []
+        for b, held in enumerate(self.slots):
+            if held is None or not done[b]:
+                continue
+            req, ids = held
+            n_gen = int(self.runner.gen_t[b])
+            gen = _cut_at_eos(self.runner.tokens[b, :n_gen].tolist(), self.engine.eos_token_ids)
+            text, gen = self.engine._text(ids, gen, req.stop)
+            ended = bool(gen) and (gen[-1] in self.engine.eos_token_ids or len(gen) < n_gen)
+            kv, kv_full = self._row_bytes(b)
+            out.append({"id": req.id, "generated_text": text, "token_ids": gen, "num_input_tokens": len(ids),
+                        "num_generated_tokens": len(gen), "finish_reason": "stop" if ended else "length",
+                        "time_taken_llm": time.perf_counter() - self.started[b], "kv_bytes": kv,
+                        "kv_bytes_full": kv_full})
+            self._free(b)
+        return out
+
+    def _row_bytes(self, b: int) -> tuple[int, int]:
+        """Bytes slot b's sequence holds, and what a full-precision cache of its tokens would hold."""
+        stores = [layer.store for layer in self.pool.layers]
+        held = sum(s.row_bytes()[b] for s in stores)
+        seen = self.pool.plan.n[b] + int(self.pool.plan.t_dev[b])
+        per_tok = 2 * self.pool.n_kv * self.pool.head_dim * stores[0].win_k.element_size()
+        return int(held), int(len(stores) * per_tok * seen)
+
+    def _free(self, b: int) -> None:
+        self.slots[b] = None
+        self.pool.release_slot(b)
+        self.runner.done[b] = True

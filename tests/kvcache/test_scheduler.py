@@ -1,0 +1,134 @@
+"""Continuous batching (kvstream.kvcache.scheduler): each request's tokens equal Engine.generate on it alone, whether
+it runs alone, beside others, or enters a slot another sequence just left; a reused slot keeps nothing of the
+sequence before; cancel frees its slot; bad requests are refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.kvcache.tiny import build_model, padded_batch
+
+from kvstream.kvcache import CacheConfig, Engine
+from kvstream.kvcache.scheduler import Request, Scheduler
+
+QUANT = dict(group_size=16, residual=32)
+CACHES = {
+    "full": dict(policy="full"),
+    "full+kivi2": dict(policy="full", quant="kivi2"),
+    "h2o": dict(policy="h2o", budget=0.5),
+    "keyformer+kivi2": dict(policy="keyformer", budget=0.5, quant="kivi2"),
+    "sink": dict(policy="sink", budget=16, sink=4),
+}
+
+
+def prompts(lengths, seed=0):
+    ids, mask = padded_batch(lengths, seed=seed)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def engine(cache: dict):
+    model = build_model("llama", hidden=128, heads=4, kv_heads=2)
+    return Engine.from_pretrained(model, cache=CacheConfig(**QUANT, **cache), device="cpu")
+
+
+def drain(sched: Scheduler, max_steps: int = 200) -> dict[str, dict]:
+    out = {}
+    for _ in range(max_steps):
+        if not sched.has_work():
+            return out
+        for row in sched.step():
+            assert row["id"] not in out
+            out[row["id"]] = row
+    raise AssertionError("the scheduler did not finish")
+
+
+@pytest.mark.parametrize("name", list(CACHES))
+def test_rows_equal_generate_alone_with_mid_flight_admission(name):
+    eng = engine(CACHES[name])
+    ps = prompts([23, 40, 31, 12, 37], seed=1)
+    news = [9, 4, 12, 7, 10]
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=48, max_new_tokens=12)  # 5 requests, 2 slots
+    for i, (p, m) in enumerate(zip(ps, news)):
+        sched.add(Request(f"r{i}", p, max_new_tokens=m))
+    got = drain(sched)
+    assert sorted(got) == [f"r{i}" for i in range(5)]
+    for i, (p, m) in enumerate(zip(ps, news)):
+        (alone,) = eng.generate([p], max_new_tokens=m)
+        row = got[f"r{i}"]
+        assert row["token_ids"] == alone["token_ids"], (name, i)
+        assert (row["kv_bytes"], row["kv_bytes_full"]) == (alone["kv_bytes"], alone["kv_bytes_full"]), (name, i)
+        ended = bool(row["token_ids"]) and row["token_ids"][-1] in eng.eos_token_ids
+        assert row["finish_reason"] == ("stop" if ended else "length")
+        assert ended or len(row["token_ids"]) == m
+
+
+def test_sampled_rows_equal_generate_alone():
+    eng = engine(CACHES["keyformer+kivi2"])
+    ps = prompts([20, 33, 27], seed=2)
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=40, max_new_tokens=10)
+    for i, p in enumerate(ps):
+        sched.add(Request(f"s{i}", p, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7 + i))
+    got = drain(sched)
+    for i, p in enumerate(ps):
+        (alone,) = eng.generate([p], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7 + i)
+        assert got[f"s{i}"]["token_ids"] == alone["token_ids"], i
+
+
+def test_a_reused_slot_keeps_nothing_of_the_sequence_before():
+    eng = engine(dict(policy="h2o", budget=0.5, quant="kivi2"))
+    first, second = prompts([30, 25], seed=4)
+    sched = Scheduler(eng, num_slots=1, max_prompt_tokens=32, max_new_tokens=8)
+    sched.add(Request("a", first, max_new_tokens=8))
+    drain(sched)
+    gen = torch.Generator().manual_seed(0)
+    for layer in sched.pool.layers:  # poison every buffer of the freed slot
+        st = layer.store
+        for t in [st.win_k, st.win_v, *st.kept.S.values(), st.scores]:
+            if t is not None and t.is_floating_point():
+                t[0] = torch.randn(t[0].shape, generator=gen) * 1e3
+            elif t is not None:
+                t[0] = torch.randint(-2**30, 2**30, t[0].shape, generator=gen, dtype=t.dtype)
+        st.win_pos[0], st.kept.s_pos[0] = 10**6, 3  # ring slots that would count as holding a token
+    sched.add(Request("b", second, max_new_tokens=8))
+    got = drain(sched)
+    (alone,) = eng.generate([second], max_new_tokens=8)
+    assert got["b"]["token_ids"] == alone["token_ids"]
+    for layer in range(len(sched.pool.layers)):  # only positions the sequence has: none of the poison
+        held = sched.pool.kept_positions(layer)[0]
+        assert all(0 <= min(h) and max(h) < len(second) + 8 for h in held), held
+
+
+def test_cancel_frees_the_slot_and_the_next_request_runs():
+    eng = engine(CACHES["keyformer+kivi2"])
+    ps = prompts([20, 21, 22], seed=5)
+    sched = Scheduler(eng, num_slots=1, max_prompt_tokens=32, max_new_tokens=12)
+    for i, p in enumerate(ps):
+        sched.add(Request(f"c{i}", p, max_new_tokens=12))
+    sched.step()  # c0 admitted and decoding
+    assert sched.cancel("c0") and sched.cancel("c2") and not sched.cancel("nope")
+    got = drain(sched)
+    assert list(got) == ["c1"]
+    (alone,) = eng.generate([ps[1]], max_new_tokens=12)
+    assert got["c1"]["token_ids"] == alone["token_ids"]
+
+
+def test_bad_requests_are_refused_with_the_reason():
+    eng = engine(CACHES["full"])
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=16, max_new_tokens=8)
+    with pytest.raises(ValueError, match="over the scheduler's max_prompt_tokens=16"):
+        sched.add(Request("long", list(range(3, 40)), max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens=9 is over the scheduler's 8"):
+        sched.add(Request("new", [1, 5, 6], max_new_tokens=9))
+    with pytest.raises(ValueError, match="empty prompt"):
+        sched.add(Request("empty", [], max_new_tokens=4))
+    with pytest.raises(ValueError, match="temperature"):
+        sched.add(Request("t", [1, 5], max_new_tokens=2, temperature=-1))
+    sched.add(Request("ok", [1, 5, 6], max_new_tokens=2))
+    with pytest.raises(ValueError, match="'ok' is already queued"):
+        sched.add(Request("ok", [1, 5, 7], max_new_tokens=2))
+    assert sched.has_work() and list(drain(sched)) == ["ok"] and not sched.has_work()
+    with pytest.raises(ValueError, match="exceeds the model's 4096-token context"):
+        Scheduler(eng, num_slots=1, max_prompt_tokens=4090, max_new_tokens=16)
+    hf = Engine.from_pretrained(eng.model, cache=CacheConfig(engine="hf"), device="cpu")
+    with pytest.raises(ValueError, match="fast path"):
+        Scheduler(hf, num_slots=1, max_prompt_tokens=8, max_new_tokens=4)
