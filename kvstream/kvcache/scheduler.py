@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstream.kvcache.cache import CompressedCache
+from kvstream.kvcache.capacity import max_slots
 from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_seed, _stop_list
 from kvstream.kvcache.fast_decode import DecodeRunner
 
@@ -49,11 +50,15 @@ class Request:
 class Scheduler:
     """Continuous batching for an Engine on the fast path (see the module docstring).
 
-    engine: an Engine whose decode_path is "fast"; num_slots: sequences decoded together; max_prompt_tokens,
-    max_new_tokens: the largest prompt and generation a slot holds (requests over them are refused at `add`).
+    engine: an Engine whose decode_path is "fast"; num_slots: sequences decoded together, or "auto": as many as
+    fit in gpu_memory_utilization of the GPU's memory beside what is already allocated (the weights) and a
+    working reserve (kvstream.kvcache.capacity: a smaller cache is automatically a bigger batch);
+    max_prompt_tokens, max_new_tokens: the largest prompt and generation a slot holds (requests over them are
+    refused at `add`).
     """
 
-    def __init__(self, engine: Engine, num_slots: int, max_prompt_tokens: int, max_new_tokens: int):
+    def __init__(self, engine: Engine, num_slots: int | str, max_prompt_tokens: int, max_new_tokens: int,
+                 gpu_memory_utilization: float = 0.9):
         if engine.decode_path != "fast":
             raise ValueError("Scheduler needs an Engine on the fast path (a Llama-family model with "
                              f"CacheConfig.engine auto or fast); this one decodes through {engine.decode_path!r}")
@@ -61,10 +66,15 @@ class Scheduler:
             raise ValueError(f"Scheduler: max_prompt_tokens={max_prompt_tokens} + max_new_tokens={max_new_tokens} "
                              f"exceeds the model's {engine.max_context}-token context")
         self.engine = engine
-        self.num_slots, self.max_prompt, self.max_new = num_slots, max_prompt_tokens, max_new_tokens
         model, dev = engine.model, engine.device
         self.cfg = dataclasses.replace(engine.cache_config, max_new_tokens=max_new_tokens)
         dtype = next(model.parameters()).dtype
+        if num_slots == "auto":
+            num_slots = _slots_that_fit(self.cfg, model, max_prompt_tokens, max_new_tokens, dtype, dev,
+                                        gpu_memory_utilization)
+        if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
+            raise ValueError(f"Scheduler: num_slots={num_slots!r} must be an int >= 1 or 'auto'")
+        self.num_slots, self.max_prompt, self.max_new = num_slots, max_prompt_tokens, max_new_tokens
         self.pool = CompressedCache.pool(self.cfg, model.config, num_slots, max_prompt_tokens, dtype, dev)
         z = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self.runner = DecodeRunner(model, self.pool, max_new_tokens, temperature=z, top_p=z + 1,
@@ -171,3 +181,14 @@ class Scheduler:
         self.slots[b] = None
         self.pool.release_slot(b)
         self.runner.done[b] = True
+
+
+def _slots_that_fit(cfg, model, max_prompt: int, max_new: int, dtype, device, utilization: float) -> int:
+    """num_slots="auto": the slots that fit in `utilization` of the GPU beside what is already allocated."""
+    if device.type != "cuda":
+        raise ValueError("Scheduler: num_slots='auto' sizes the pool from GPU memory; on a CPU pass a number")
+    if not 0 < utilization <= 1:
+        raise ValueError(f"Scheduler: gpu_memory_utilization={utilization} must be in (0, 1]")
+    free, total = torch.cuda.mem_get_info(device)
+    budget = min(free, utilization * total - torch.cuda.memory_allocated(device))
+    return max_slots(cfg, model.config, max_prompt, max_new, dtype, int(budget))

@@ -132,3 +132,33 @@ def test_bad_requests_are_refused_with_the_reason():
     hf = Engine.from_pretrained(eng.model, cache=CacheConfig(engine="hf"), device="cpu")
     with pytest.raises(ValueError, match="fast path"):
         Scheduler(hf, num_slots=1, max_prompt_tokens=8, max_new_tokens=4)
+
+
+def test_memory_decides_the_batch():
+    """Slot bytes come from the pool's own buffers (built on the meta device): the slots that fit grow as the
+    cache shrinks, and a pool of N real slots holds N times what one slot holds."""
+    from transformers import LlamaConfig
+
+    from kvstream.kvcache.capacity import max_slots, slot_bytes
+
+    mc = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32)
+    bf16 = torch.bfloat16
+    full = slot_bytes(CacheConfig(policy="full"), mc, 4096, 256, bf16)
+    assert abs(full / (32 * 2 * 4096 * 2 * (4096 + 256)) - 1) < 0.02  # K and V of every token, a little metadata
+    small = slot_bytes(CacheConfig(policy="keyformer", budget=0.5, quant="kivi2"), mc, 4096, 256, bf16)
+    assert full / small > 4
+    mem = 60 * 2**30
+    n_full = max_slots(CacheConfig(policy="full"), mc, 4096, 256, bf16, mem)
+    n_small = max_slots(CacheConfig(policy="keyformer", budget=0.5, quant="kivi2"), mc, 4096, 256, bf16, mem)
+    assert 20 <= n_full <= 28 and n_small > 4 * n_full, (n_full, n_small)
+    assert max_slots(CacheConfig(policy="full"), mc, 4096, 256, bf16, mem, reserve=0) == mem // full
+    with pytest.raises(ValueError, match="not one sequence slot fits"):
+        max_slots(CacheConfig(policy="full"), mc, 4096, 256, bf16, 2**30)
+    eng = engine(dict(policy="h2o", budget=0.5, quant="kivi2"))  # the meta-device figure is what a slot adds
+    one = slot_bytes(eng.cache_config, eng.model.config, 40, 8, torch.float32)
+    held = [sum(t.numel() * t.element_size() for t in Scheduler(eng, num_slots=n, max_prompt_tokens=40,
+                                                                 max_new_tokens=8).pool.tensors()) for n in (2, 5)]
+    assert held[1] - held[0] == 3 * one
+    with pytest.raises(ValueError, match="on a CPU pass a number"):
+        Scheduler(eng, num_slots="auto", max_prompt_tokens=40, max_new_tokens=8)
