@@ -72,9 +72,11 @@ class KVStreamProcessorConfig:
              "set a hub id, a local model dir, a llama2.c .bin or demo:tiny-llama")
         need(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer", "must be a path or None")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
-        need(isinstance(self.cache, dict), "cache", "must be a dict of kvcache.CacheConfig fields (policy, budget, ...)")
+        need(isinstance(self.cache, dict), "cache",
+             "must be a dict of kvcache.CacheConfig fields (policy, budget, ...)")
         self.cache_config()
-        need(isinstance(self.sampling_params, dict), "sampling_params", f"must be a dict of {', '.join(SAMPLING_DEFAULTS)}")
+        need(isinstance(self.sampling_params, dict), "sampling_params",
+             f"must be a dict of {', '.join(SAMPLING_DEFAULTS)}")
         try:
             self.sampling_params = sampling_params(self.sampling_params, SAMPLING_DEFAULTS,
                                                    "KVStreamProcessorConfig.sampling_params")
@@ -93,7 +95,8 @@ class KVStreamProcessorConfig:
         need(isinstance(self.num_gpus, (int, float)) and not isinstance(self.num_gpus, bool) and self.num_gpus >= 0,
              "num_gpus", "must be a number >= 0 (0 = CPU mode)")
         need(not (self.accelerator_type and self.num_gpus == 0), "num_gpus",
-             f"is 0 (CPU mode) but accelerator_type={self.accelerator_type!r} asks for an accelerator; set num_gpus > 0")
+             f"is 0 (CPU mode) but accelerator_type={self.accelerator_type!r} asks for an accelerator; "
+             f"set num_gpus > 0")
         need(isinstance(self.num_cpus, (int, float)) and not isinstance(self.num_cpus, bool) and self.num_cpus > 0,
              "num_cpus", "must be a number > 0")
         need(self.max_input_tokens is None or pos_int(self.max_input_tokens), "max_input_tokens",

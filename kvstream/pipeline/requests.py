@@ -48,7 +48,8 @@ def sampling_params(given: Any, defaults: dict, where: str = "sampling_params") 
         raise ValueError(f"{where} must be a dict of {', '.join(SAMPLING_DEFAULTS)}, not {type(given).__name__}")
     unknown = sorted(k for k, v in given.items() if k not in SAMPLING_DEFAULTS and v is not None)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SAMPLING_DEFAULTS)}")
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(SAMPLING_DEFAULTS)}")
     p = {**defaults, **{k: v for k, v in given.items() if k in SAMPLING_DEFAULTS and v is not None}}
     if isinstance(p["stop"], str):
         p["stop"] = [p["stop"]]
@@ -150,12 +151,13 @@ class PrepareRequests(Stage):
         n = len(ids)
         ids, err = apply_length_policy(ids, limit, self.truncation, getattr(tok, "bos_token_id", None))
         if err is not None:
-            raise ValueError(f"prompt has {n} tokens > {limit} (max_input_tokens={self.max_input_tokens}, context "
-                             f"{self.context} - max_tokens {params['max_tokens']}); set truncation=head|tail|middle "
-                             f"to truncate instead")
+            why = (f"max_input_tokens={limit}" if limit < room else
+                   f"the model's {self.context}-token context - max_tokens {params['max_tokens']}")
+            raise ValueError(f"prompt has {n} tokens > {limit} ({why}); set truncation=head|tail|middle to truncate "
+                             f"instead")
         return ids, len(ids) < n
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def process(self, table: pa.Table) -> pa.Table:
         rows, errors = self._preprocessed(table)
         given = [r for r, e in zip(rows, errors) if e is None]
         if given and not any("prompt" in r or "messages" in r for r in given):
@@ -189,7 +191,8 @@ class PrepareRequests(Stage):
                 out = pa.table({"_row": pa.nulls(len(rows))})
         out = replace_column(out, "error", errors, pa.string())
         out = replace_column(out, "truncated", truncated, pa.bool_())
-        out = replace_column(out, "num_input_tokens", [len(x) for x in ids_col], pa.int64())
+        n_in = [len(x) if e is None else None for x, e in zip(ids_col, errors)]
+        out = replace_column(out, "num_input_tokens", n_in, pa.int64())
         out = replace_column(out, IDS, ids_col, pa.list_(pa.int32()))
         out = replace_column(out, PARAMS, params_col, pa.string())
         return out.drop_columns([c for c in ("_row",) if c in out.column_names])

@@ -6,6 +6,7 @@ Generation actors take half a CPU: the folder's Ray has 2, and the read / prepar
 """
 
 import json
+import re
 
 import pyarrow as pa
 import pytest
@@ -84,9 +85,10 @@ def test_a_failing_row_leaves_the_others(ray_local):
     assert "unknown key(s) 'max_token'" in out["typo"]["error"]
     assert "sampling_params.temperature=-1" in out["neg"]["error"]
     assert "kv_cache=2.5" in out["budget"]["error"]
-    assert "prompt has 76 tokens > 32" in out["too_long"]["error"] and "truncation=head|tail|middle" in \
+    assert "prompt has 76 tokens > 32 (max_input_tokens=32); set truncation=head|tail|middle" in \
         out["too_long"]["error"]
-    assert all(r["generated_text"] is None and r["num_generated_tokens"] is None for r in out.values())
+    assert all(r["generated_text"] is None and r["num_generated_tokens"] is None and r["num_input_tokens"] is None
+               for r in out.values())
 
 
 def test_should_continue_on_error_false_raises(ray_local):
@@ -174,7 +176,8 @@ def test_messages_rows_use_the_tokenizers_chat_template(monkeypatch):
 
     monkeypatch.setattr(requests, "load_tokenizer", lambda path, tokenizer=None: TemplateTokenizer())
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    table = pa.Table.from_pylist([{"id": "m", "messages": msgs, "prompt": None}, {"id": "p", "messages": None, "prompt": "hi"},
+    table = pa.Table.from_pylist([{"id": "m", "messages": msgs, "prompt": None},
+                                  {"id": "p", "messages": None, "prompt": "hi"},
                                   {"id": "both", "messages": msgs, "prompt": "hi"}])
     for chat, expect in ((True, "<system>be brief<user>hi<assistant>"), (False, "system: be brief\nuser: hi\n"
                                                                                  "assistant:")):
@@ -187,7 +190,7 @@ def test_messages_rows_use_the_tokenizers_chat_template(monkeypatch):
 
 
 def test_a_generation_exception_stays_on_its_row(monkeypatch):
-    from kvstream.pipeline.generate_requests import GenerateRequestsUDF
+    from kvstream.pipeline.generate_requests import GenerateRequestsUDF, RowFailed
     from kvstream.pipeline.requests import PrepareRequests, SAMPLING_DEFAULTS
 
     prep = PrepareRequests({"path": "demo:tiny-llama"}, {**SAMPLING_DEFAULTS, "max_tokens": 2}, "full", True,
@@ -205,3 +208,23 @@ def test_a_generation_exception_stays_on_its_row(monkeypatch):
     out = udf(table).to_pylist()
     assert [r["error"] for r in out] == [None, "generation failed: RuntimeError: kaboom", None]
     assert [r["num_generated_tokens"] for r in out] == [2, None, 2]
+    udf.continue_on_error = False
+    with pytest.raises(RowFailed, match="1 row\\(s\\) of a batch failed, the first: generation failed: RuntimeError"):
+        udf(table)
+
+
+@pytest.mark.parametrize("value, policy, expect", [
+    (None, "full", None), (0.25, "h2o", 0.25), (1.0, "h2o", 1.0), (64, "keyformer", 64),
+    (64.0, "keyformer", 64),  # an int column Arrow widened to float
+    (0.5, "full", "cache policy 'full' keeps every token"), (0, "h2o", "a float in (0, 1]"),
+    (1.5, "h2o", "a float in (0, 1]"), (True, "h2o", "a float in (0, 1]"), ("half", "h2o", "a float in (0, 1]"),
+])
+def test_kv_cache_budget(value, policy, expect):
+    from kvstream.pipeline.requests import kv_cache_budget
+
+    if isinstance(expect, str):
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            kv_cache_budget(value, policy)
+    else:
+        got = kv_cache_budget(value, policy)
+        assert got == expect and type(got) is type(expect)
