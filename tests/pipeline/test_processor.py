@@ -189,14 +189,41 @@ def test_messages_rows_use_the_tokenizers_chat_template(monkeypatch):
         assert out[2]["error"] == "the row has both prompt and messages: give one"
 
 
-def test_a_generation_exception_stays_on_its_row(monkeypatch):
-    from kvstream.pipeline.generate_requests import GenerateRequestsUDF, RowFailed
-    from kvstream.pipeline.requests import PrepareRequests, SAMPLING_DEFAULTS
+def prepared(rows, max_tokens=2, policy="h2o"):
+    from kvstream.pipeline.requests import SAMPLING_DEFAULTS, PrepareRequests
 
-    prep = PrepareRequests({"path": "demo:tiny-llama"}, {**SAMPLING_DEFAULTS, "max_tokens": 2}, "full", True,
+    prep = PrepareRequests({"path": "demo:tiny-llama"}, {**SAMPLING_DEFAULTS, "max_tokens": max_tokens}, policy, True,
                            None, 2048, "middle")
-    table = prep(pa.Table.from_pylist([{"id": i, "prompt": p} for i, p in enumerate(["ok", "poison", "fine"])]))
-    udf = GenerateRequestsUDF({"path": "demo:tiny-llama"}, {"policy": "full"}, 0, 1)
+    return prep(pa.Table.from_pylist(rows))
+
+
+@pytest.fixture(scope="module")
+def udf():
+    from kvstream.pipeline.generate_requests import GenerateRequestsUDF
+
+    return GenerateRequestsUDF({"path": "demo:tiny-llama"}, {"policy": "h2o", "budget": 0.5}, 0, 1)
+
+
+def test_grouped_rows_match_their_own_calls(udf):
+    """Grouping is exact: each row of a mixed batch gets what it gets generated alone."""
+    rows = [{"id": "a", "prompt": DOCS[0]["text"], "sampling_params": {"max_tokens": 3}, "kv_cache": None},
+            {"id": "b", "prompt": DOCS[1]["text"], "sampling_params": {"max_tokens": 6}, "kv_cache": None},
+            {"id": "c", "prompt": DOCS[3]["text"], "sampling_params": {"max_tokens": 3}, "kv_cache": 8},
+            {"id": "d", "prompt": DOCS[4]["text"], "sampling_params": {"max_tokens": 6}, "kv_cache": None}]
+    mixed = udf(prepared(rows)).to_pylist()
+    for row, got in zip(rows, mixed):
+        alone = udf(prepared([row])).to_pylist()[0]
+        assert got["error"] is None and got["id"] == row["id"]
+        for k in ("generated_text", "num_generated_tokens", "kv_bytes", "kv_bytes_full", "num_input_tokens"):
+            assert got[k] == alone[k], (row["id"], k)
+    assert [r["num_generated_tokens"] for r in mixed] == [3, 6, 3, 6]
+    assert mixed[2]["kv_bytes"] < mixed[0]["kv_bytes"]  # 8 tokens kept vs half of a longer prompt
+
+
+def test_a_generation_exception_stays_on_its_row(udf, monkeypatch):
+    from kvstream.pipeline.generate_requests import RowFailed
+
+    table = prepared([{"id": i, "prompt": p} for i, p in enumerate(["ok", "poison", "fine"])])
     real, poison = udf._engine_generate, ByteTokenizer().encode("poison")
 
     def flaky(ids):
@@ -208,7 +235,7 @@ def test_a_generation_exception_stays_on_its_row(monkeypatch):
     out = udf(table).to_pylist()
     assert [r["error"] for r in out] == [None, "generation failed: RuntimeError: kaboom", None]
     assert [r["num_generated_tokens"] for r in out] == [2, None, 2]
-    udf.continue_on_error = False
+    monkeypatch.setattr(udf, "continue_on_error", False)
     with pytest.raises(RowFailed, match="1 row\\(s\\) of a batch failed, the first: generation failed: RuntimeError"):
         udf(table)
 
