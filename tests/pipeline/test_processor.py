@@ -7,6 +7,8 @@ Generation actors take half a CPU: the folder's Ray has 2, and the read / prepar
 
 import json
 import re
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -255,3 +257,14 @@ def test_kv_cache_budget(value, policy, expect):
     else:
         got = kv_cache_budget(value, policy)
         assert got == expect and type(got) is type(expect)
+
+
+def test_the_request_stage_imports_no_torch():
+    """Ray Data's read / prepare workers unpickle PrepareRequests: kvstream.pipeline stays lazy, no torch there."""
+    code = ("import sys, pyarrow as pa; from kvstream.pipeline import build_processor; "
+            "from kvstream.pipeline.requests import PrepareRequests, SAMPLING_DEFAULTS; "
+            "PrepareRequests({'path': 'demo:tiny-llama'}, SAMPLING_DEFAULTS, 'full', True, None, 2048, 'middle')"
+            "(pa.table({'prompt': ['hi']})); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
