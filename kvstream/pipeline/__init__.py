@@ -3,11 +3,15 @@
     from kvstream.pipeline import load_config, run
     stats = run(load_config("summarize", "conf/demo.yaml", ["data.limit=8"]))
 
+    # or inside your own Ray Data pipeline (kvstream/pipeline/processor.py, shaped like ray.data.llm's)
+    from kvstream.pipeline import KVStreamProcessorConfig, build_processor
+    ds = build_processor(KVStreamProcessorConfig(model_source="demo:tiny-llama"))(ds)
+
 Stages (kvstream/pipeline/stage.py shape): read -> prompt -> tokenize + length policy -> sort by length -> generate
 (actor pool holding one `kvstream.Engine` each) -> Parquet results + stats.json. See kvstream/pipeline/job.py.
 """
 
-__all__ = ["ConfigError", "InputError", "load_config", "main", "run"]
+__all__ = ["ConfigError", "InputError", "KVStreamProcessorConfig", "build_processor", "load_config", "main", "run"]
 
 
 def __getattr__(name):
@@ -20,6 +24,10 @@ def __getattr__(name):
         from kvstream.pipeline.fs import InputError
 
         return InputError
+    if name in ("KVStreamProcessorConfig", "build_processor"):
+        from kvstream.pipeline import processor
+
+        return getattr(processor, name)
     if name in ("main", "run"):
         from kvstream.pipeline import job
 
