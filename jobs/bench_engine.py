@@ -27,13 +27,8 @@ import torch
 
 from kvstream import CacheConfig, Engine
 from kvstream.kernels.bandwidth import copy_bandwidth
+from kvstream.kvcache.models import REFERENCE_SHAPES
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-}
 CONFIGS = {
     "hf-dynamic": None,
     "hf-static": None,
@@ -48,7 +43,7 @@ CONFIGS = {
 def build_model(shape: str, layers: int | None, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kw = dict(SHAPES[shape], max_position_embeddings=32768, attn_implementation="sdpa", bos_token_id=1,
+    kw = dict(REFERENCE_SHAPES[shape], max_position_embeddings=32768, attn_implementation="sdpa", bos_token_id=1,
               eos_token_id=2, pad_token_id=0)
     if layers:
         kw["num_hidden_layers"] = layers
@@ -148,7 +143,7 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
+    ap.add_argument("--shape", choices=list(REFERENCE_SHAPES), default="llama2-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=4096)

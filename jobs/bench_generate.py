@@ -21,6 +21,7 @@ import torch
 
 from kvstream.kernels.bandwidth import copy_bandwidth
 from kvstream.kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache.models import REFERENCE_SHAPES
 
 CONFIGS = {
     "hf-dynamic": None,
@@ -35,9 +36,8 @@ CONFIGS = {
 def build_model(layers: int, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
-                      attn_implementation="sdpa")
+    cfg = LlamaConfig(**dict(REFERENCE_SHAPES["llama2-7b"], num_hidden_layers=layers),
+                      max_position_embeddings=32768, attn_implementation="sdpa")
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     return model

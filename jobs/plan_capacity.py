@@ -18,13 +18,8 @@ from transformers import LlamaConfig
 
 from kvstream import CacheConfig
 from kvstream.kvcache.capacity import max_slots, slot_bytes
+from kvstream.kvcache.models import REFERENCE_SHAPES
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-}
 CONFIGS = {
     "full": dict(policy="full"),
     "full+kivi2": dict(policy="full", quant="kivi2"),
@@ -50,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/capacity.csv")
     a = ap.parse_args(argv)
     rows = []
-    for shape, kw in SHAPES.items():
+    for shape, kw in REFERENCE_SHAPES.items():
         mc = LlamaConfig(**kw, max_position_embeddings=32768)
         free = int(a.gpu_gib * 2**30 * a.utilization) - weight_bytes(mc)
         for prompt, new in CONTEXTS:

@@ -167,3 +167,12 @@ def cache_kwarg(module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+# The reference shapes of the benchmarks and the demo models (DESIGN.md, "Performance model"): LlamaConfig fields.
+REFERENCE_SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
+}

@@ -61,8 +61,9 @@ def demo_config(name: str, tok: ByteTokenizer):
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
                            **special)
     if name == "llama2-7b":
-        return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, **special)
+        from kvstream.kvcache.models import REFERENCE_SHAPES
+
+        return LlamaConfig(**REFERENCE_SHAPES["llama2-7b"], max_position_embeddings=4096, **special)
     valid = ", ".join("demo:" + m for m in DEMO_MODELS)
     raise ValueError(f"model.path=demo:{name}: unknown demo model; valid: {valid}")
 

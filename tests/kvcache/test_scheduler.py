@@ -140,9 +140,9 @@ def test_memory_decides_the_batch():
     from transformers import LlamaConfig
 
     from kvstream.kvcache.capacity import max_slots, slot_bytes
+    from kvstream.kvcache.models import REFERENCE_SHAPES
 
-    mc = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32)
+    mc = LlamaConfig(**REFERENCE_SHAPES["llama2-7b"])
     bf16 = torch.bfloat16
     full = slot_bytes(CacheConfig(policy="full"), mc, 4096, 256, bf16)
     assert abs(full / (32 * 2 * 4096 * 2 * (4096 + 256)) - 1) < 0.02  # K and V of every token, a little metadata
