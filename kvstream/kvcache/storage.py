@@ -262,7 +262,8 @@ class LayerStore:
         p = self.positions()
         if self.kivi:
             R = self.cw
-            self._grow_to(max(self.plan.n) + self.t - R + 1)  # host bound: the S slot of the value leaving
+            if self.plan.max_new is None:  # a host bound on the S slot of the value leaving (else sized at prefill)
+                self._grow_to(max(self.plan.n) + self.t - R + 1)
             # the value R positions old leaves the ring into S (FIFO) before the new token takes its ring slot
             self._ops.kivi_value_exit(self.slots(), p.to(torch.int32), self.plan.active)
             ring = p % R
@@ -291,13 +292,16 @@ class LayerStore:
         return None
 
     def _grow_to(self, need: int) -> None:
-        """S holds at least `need` slots (a host bound from prompt lengths and steps; never reads the device)."""
+        """S holds at least `need` slots (a host bound from prompt lengths and steps; never reads the device). Only
+        without max_new_tokens: with it every buffer is sized at prefill, and a slot pool's host step count (all
+        its sequences' steps) bounds nothing."""
         if need > self.cs:
             self._grow(need)
 
     def _flush_keys(self) -> None:
         """KIVI: where R keys wait in full precision, the ring's block goes into S (kivi_key_flush)."""
-        self._grow_to(round_up(max(self.plan.n) + self.t + 1, self.cw))  # host bound, unbounded budgets only
+        if self.plan.max_new is None:  # a host bound (else every slot was sized at prefill)
+            self._grow_to(round_up(max(self.plan.n) + self.t + 1, self.cw))
         self._ops.kivi_key_flush(self.slots(), self.s_pos, self.positions().to(torch.int32), self.plan.active)
 
     def _leave(self) -> None:

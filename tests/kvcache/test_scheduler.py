@@ -62,6 +62,22 @@ def test_rows_equal_generate_alone_with_mid_flight_admission(name):
         assert ended or len(row["token_ids"]) == m
 
 
+def test_a_long_running_pool_never_grows():
+    """Many sequences through one slot (far more steps than the slot's capacity): nothing is reallocated (a pool's
+    buffers are sized once) and each output still equals its run alone."""
+    eng = engine(CACHES["full+kivi2"])
+    ps = prompts([20, 17, 23, 19, 21, 22, 18, 24], seed=6)
+    sched = Scheduler(eng, num_slots=1, max_prompt_tokens=24, max_new_tokens=8)
+    buffers = [t.data_ptr() for t in sched.pool.tensors()]
+    for i, p in enumerate(ps):
+        sched.add(Request(f"l{i}", p, max_new_tokens=8))
+    got = drain(sched)
+    assert sum(r["num_generated_tokens"] for r in got.values()) > sched.pool.layers[0].store.cs
+    assert [t.data_ptr() for t in sched.pool.tensors()] == buffers
+    for i, p in enumerate(ps):
+        assert got[f"l{i}"]["token_ids"] == eng.generate([p], max_new_tokens=8)[0]["token_ids"], i
+
+
 def test_sampled_rows_equal_generate_alone():
     eng = engine(CACHES["keyformer+kivi2"])
     ps = prompts([20, 33, 27], seed=2)
