@@ -45,10 +45,10 @@ def test_public_api_and_version():
 def test_no_bare_top_level_modules(tmp_path):
     """Nothing of the project is importable as `kvcache`, `pipeline` or `kernels` (generic names other
     distributions own); `kernels`, where installed, is Hugging Face's."""
-    out = run_python(f"""
+    out = run_python("""
         import importlib.util, json
-        specs = {{n: importlib.util.find_spec(n) for n in ("kvcache", "pipeline", "kernels")}}
-        print(json.dumps({{n: (s.origin if s else None) for n, s in specs.items()}}))
+        specs = {n: importlib.util.find_spec(n) for n in ("kvcache", "pipeline", "kernels")}
+        print(json.dumps({n: (s.origin if s else None) for n, s in specs.items()}))
     """, tmp_path)
     origins = json.loads(out.strip().splitlines()[-1])
     assert origins["kvcache"] is None and origins["pipeline"] is None, origins
@@ -105,8 +105,8 @@ def test_non_editable_install_in_a_fresh_virtualenv(tmp_path):
     wheels = tmp_path / "wheels"
     # what `pip install .` does, in two steps, offline: build the wheel (with this interpreter's setuptools: the
     # virtualenv's bundled one may predate the build backend pyproject.toml asks for), then install it
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                            str(src)], capture_output=True, text=True, timeout=300, check=False)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300, check=False)
     assert build.returncode == 0, build.stderr[-4000:]
     (wheel,) = wheels.glob("kvstream-*.whl")
     import zipfile

@@ -1,10 +1,10 @@
-"""Torch reference of the fused eviction write (`kernels.evict_write`): one decode step of evict mode.
+"""Torch reference of the fused eviction write (`kvstream.kernels.evict_write`): one decode step of evict mode.
 
 After a decode step's attention, the token leaving each sequence's recent window either moves into the kept
-store S, competes with S's tokens (the lowest accumulated score is evicted), or is dropped. Same semantics as
-the host-planned `kvcache.storage.LayerStore._leave` + `KeptStore.write_*`, decided on the device: every step is
-a vectorized torch op over the batch, no host read, no Python branch on tensor values. It is what the CPU engine
-runs, and the Triton kernel is tested against it.
+store S, competes with S's tokens (the lowest accumulated score is evicted), or is dropped. The semantics of the
+host-planned path it replaced (checked against it before that path was deleted), decided on the device: every
+step is a vectorized torch op over the batch, no host read, no Python branch on tensor values. It is what the
+torch backend (the CPU engine) runs, and the Triton kernel is tested against it.
 
 Per sequence b (left = pos[b] - w[b], the position leaving the window; its ring slot src = left % (w[b] + 1)):
 - nothing when left < 0 or not active[b];
@@ -17,7 +17,8 @@ A write sets the key (quant "none": copy; "token": per-token encode; "channel": 
 unit = max(G, P) slots holding the target from its dequantized members with the target replaced by the new key,
 min/max per channel over members < n_valid = s_len after the write), the value (per-token encode), s_pos = left
 and, with scores, scores[b, h, t] = the leaving token's score.
-The capacity clamp min(cap, Cs) only matters when S was sized below the budget (the host path grows S there).
+The capacity clamp min(cap, Cs) only matters when S was sized below the budget (LayerStore grows S before the
+step then, without max_new_tokens).
 """
 
 from __future__ import annotations
@@ -76,9 +77,14 @@ def check_evict_args(name: str, slots: KVSlots, s_pos, scores, pos, w, cap, acti
                         s_km=(slots.s_km, (B, H, Cs, D // G), dt))
         want.update(s_vc=(slots.s_vc, (B, H, Cs, wd), torch.int32), s_vs=(slots.s_vs, (B, H, Cs, D // G), dt),
                     s_vm=(slots.s_vm, (B, H, Cs, D // G), dt))
+    check_tensors(name, want, dev, f" (quant {slots.quant!r} needs it)")
+
+
+def check_tensors(name: str, want: dict, dev, missing: str = "") -> None:
+    """Each {label: (tensor, shape, dtype)} present with that shape and dtype on `dev`; else a ValueError naming it."""
     for label, (t, shape, dtype) in want.items():
         if t is None:
-            raise ValueError(f"{name}: {label} is missing (quant {slots.quant!r} needs it)")
+            raise ValueError(f"{name}: {label} is missing{missing}")
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != dev:
             raise ValueError(f"{name}: {label} is {tuple(t.shape)} {t.dtype} on {t.device}; expected "
                              f"{tuple(shape)} {dtype} on {dev}")

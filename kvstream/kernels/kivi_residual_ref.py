@@ -9,16 +9,16 @@ Per decode step, with pos[b] the position of the token being decoded:
   pos[b] + 1 - s_len[b] >= R, the ring's R keys (ring slot i holds position s_len + i, s_len being a multiple of
   R) are quantized per channel into S slots [s_len, s_len + R), s_pos there = the positions, s_len += R and
   win_lo = s_len.
-Same semantics as `kvcache.storage.LayerStore.append` / `_flush_keys` (host-planned), with every decision on the
-device; inactive sequences do nothing. A move that does not fit in S's Cs slots is skipped (the host path grows S
-there; the caller sizes S for the whole generation).
+The semantics of the host-planned KIVI path they replaced (checked against it before it was deleted), with
+every decision on the device; inactive sequences do nothing. A move that does not fit in S's Cs slots is skipped
+(LayerStore sizes S for the whole generation, or grows it before the step without max_new_tokens).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvstream.kernels.evict_write_ref import _put
+from kvstream.kernels.evict_write_ref import _put, check_tensors
 from kvstream.kernels.kivi_quant_ref import quantize_keys, quantize_values
 from kvstream.kernels.slots import KVSlots
 
@@ -47,12 +47,7 @@ def check_kivi_args(name: str, slots: KVSlots, s_pos, pos, active) -> None:
             "s_vs": (slots.s_vs, (B, H, Cs, D // G), dt), "s_vm": (slots.s_vm, (B, H, Cs, D // G), dt)}
     if s_pos is not None:
         want["s_pos"] = (s_pos, (B, H, Cs), torch.int32)
-    for label, (t, shape, dtype) in want.items():
-        if t is None:
-            raise ValueError(f"{name}: {label} is missing")
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != dev:
-            raise ValueError(f"{name}: {label} is {tuple(t.shape)} {t.dtype} on {t.device}; expected "
-                             f"{tuple(shape)} {dtype} on {dev}")
+    check_tensors(name, want, dev)
 
 
 def kivi_value_exit(slots: KVSlots, pos: torch.Tensor, active: torch.Tensor) -> None:

@@ -15,8 +15,9 @@ Two modes:
   [0, T - T % R) and values [0, T - R); the ring (R slots) holds the last R tokens; during decode the value of
   the token that is R positions old leaves the ring into S (FIFO), and keys are flushed a block of R at a time
   when R keys wait in full precision (after the step that used the newest one in full precision).
-Each decode step's writes are predicated device kernels (`kvstream.kernels.evict_write`, `kivi_residual`; their torch
-references on the torch backend): lengths live on the device only and no step reads a device value back. Buffers grow (unbounded budgets only) by host bounds from prompt lengths and steps.
+Each decode step's writes are predicated device kernels (`kvstream.kernels.evict_write`, `kivi_residual`; their
+torch references on the torch backend): lengths live on the device only and no step reads a device value back.
+Buffers grow (unbounded budgets only) by host bounds from prompt lengths and steps.
 """
 
 from __future__ import annotations
@@ -135,8 +136,6 @@ class LayerStore:
         self.scored = policy.scored
         self.bidx = torch.arange(self.B, device=device)
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
-        self.s_cnt = [0] * self.B  # S slots in use (keys) after prefill; the device's s_len from then on
-        self.sv_cnt = [0] * self.B  # S slots whose value is in S (kivi mode) after prefill
         self.t = 0  # decode tokens appended so far
 
     # ---- allocation ------------------------------------------------------------------------------------------
@@ -207,11 +206,12 @@ class LayerStore:
         ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
         vs = torch.zeros_like(ks)
         k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        s_cnt = [0] * B  # S slots in use per sequence (keys and values)
         for b in range(B):
             n, w, m = plan.n[b], plan.w[b], older[b]
             sel = self.policy.select(None if sc is None else sc[b, :, :m], m, plan.cap[b], H, dev)  # (H, c)
             c = sel.shape[1]
-            self.s_cnt[b] = self.sv_cnt[b] = c
+            s_cnt[b] = c
             if c:
                 gi = sel.unsqueeze(-1).expand(H, c, D)
                 ks[b, :, :c], vs[b, :, :c] = kc[b].gather(1, gi), vc[b].gather(1, gi)
@@ -227,7 +227,7 @@ class LayerStore:
             if sc is not None:
                 self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
         self.kept.encode_all(ks, vs, k_valid)
-        self._sync_lengths()
+        self._set_lengths(s_cnt, s_cnt)
 
     def _prefill_kivi(self, kc, vc) -> None:
         plan, R, B, H, D, dev = self.plan, self.cfg.residual, self.B, self.H, self.D, self.device
@@ -235,22 +235,24 @@ class LayerStore:
         ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
         vs = torch.zeros_like(ks)
         k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        s_cnt, sv_cnt = [0] * B, [0] * B  # S slots holding keys / values per sequence
         for b, n in enumerate(plan.n):
             nq_k, nq_v = n - n % R, max(0, n - R)
             ks[b, :, :nq_k], vs[b, :, :nq_v] = kc[b, :, :nq_k], vc[b, :, :nq_v]
             k_valid[b, :, :nq_k] = True
             self.s_pos[b, :, :nq_k] = torch.arange(nq_k, dtype=torch.int32, device=dev)
-            self.s_cnt[b], self.sv_cnt[b] = nq_k, nq_v
+            s_cnt[b], sv_cnt[b] = nq_k, nq_v
             pos = torch.arange(max(0, n - R), n, device=dev)
             self.win_k[b, :, pos % R], self.win_v[b, :, pos % R] = kc[b, :, pos], vc[b, :, pos]
             self.win_pos[b, pos % R] = pos.to(torch.int32)
             self.win_lo[b] = nq_k
         self.kept.encode_all(ks, vs, k_valid)
-        self._sync_lengths()
+        self._set_lengths(s_cnt, sv_cnt)
 
-    def _sync_lengths(self) -> None:
-        self.s_len.copy_(to_device(self.s_cnt, torch.int32, self.device))
-        self.sv_len.copy_(to_device(self.sv_cnt, torch.int32, self.device))
+    def _set_lengths(self, s_cnt: list[int], sv_cnt: list[int]) -> None:
+        """The lengths a prefill planned on the host, onto the device (decode steps keep them there)."""
+        self.s_len.copy_(to_device(s_cnt, torch.int32, self.device))
+        self.sv_len.copy_(to_device(sv_cnt, torch.int32, self.device))
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def positions(self) -> torch.Tensor:
