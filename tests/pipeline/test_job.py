@@ -109,11 +109,14 @@ def test_unreadable_file_and_absent_column_stop_with_one_message(tmp_path, ray_l
 def test_two_cpu_actors_share_the_rows(tmp_path, ray_local):
     """One actor per device scales out: with 2 CPU actors each takes some of the rows, every id comes out once,
     and the per-actor figures in the stats add up to the run's."""
-    over = job_overrides(tmp_path, **{"data.path": "demo:summarize", "data.demo_rows": 16, "runtime.batch_size": 2,
+    # many small blocks (sort windows of 4 rows) and enough work per block (16 new tokens) that the second actor is
+    # up before the first has taken every block (one CI run had a single actor take all 16 rows of 2 windows)
+    over = job_overrides(tmp_path, **{"data.path": "demo:summarize", "data.demo_rows": 32, "runtime.batch_size": 2,
+                                      "runtime.sort_window": 4, "generate.max_new_tokens": 16,
                                       "runtime.num_actors": 2, "runtime.num_cpus_per_actor": 0.5})
     stats = run(load_config("summarize", None, over))
     ids = [r["id"] for r in results(tmp_path / "out")]
-    assert sorted(ids) == [f"demo-{i:04d}" for i in range(16)]
+    assert sorted(ids) == [f"demo-{i:04d}" for i in range(32)]
     actors = stats["actors"]
     assert len(actors) == 2 and all(a["rows_ok"] > 0 for a in actors), actors
     for key, total in (("rows_ok", "rows_ok"), ("input_tokens", "input_tokens"), ("output_tokens", "output_tokens")):
