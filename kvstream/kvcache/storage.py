@@ -91,8 +91,9 @@ class SeqPlan:
         self.tau_dev.copy_(self.tau_table.gather(1, (self.t_dev + 1).clamp(max=last).view(-1, 1)).view(-1))
 
     def end_step(self) -> None:
-        """After the last layer of a decode step."""
-        self.t_dev += 1
+        """After the last layer of a decode step: the sequences that wrote it moved on (a finished or released
+        sequence's count stays where it ended)."""
+        self.t_dev += self.active
 
     def load_slot(self, b: int, src: "SeqPlan", sb: int = 0) -> None:
         """Slot b takes sequence sb of `src` (a plan of the same config): its lengths, budget, window, seed,
