@@ -57,6 +57,8 @@ class Engine:
         self.last_graph: bool | None = None  # whether the last fast decode ran as CUDA-graph replays
         self.last_num_slots: int | None = None  # sequences the last fast generate decoded together
         self.gpu_memory_utilization = 0.9  # the share of GPU memory the fast path's slot pool may fill
+        self.record_timing = False  # benchmarks: GPU prefill / decode seconds of the last fast generate
+        self.last_timing: dict | None = None
 
     def _decode_path(self) -> str:
         """"fast" or "hf", from CacheConfig.engine and what the model allows (a log line says why not fast)."""
@@ -172,7 +174,8 @@ class Engine:
                                                   self.gpu_memory_utilization))
         else:
             slots = len(ids)
-        sched = Scheduler(self, slots, longest, max_new_tokens)
+        sched = Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,
+                          timing=self.record_timing)
         for i, x in enumerate(ids):
             sched.add(Request(str(i), x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               stop=stops, seed=seed))
@@ -183,6 +186,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_graph, self.last_num_slots = sched.runner.use_graph, slots
+        self.last_timing = sched.timing() if self.record_timing else None
         out = []
         for i in range(len(ids)):
             row = rows[str(i)]

@@ -58,11 +58,11 @@ class Scheduler:
     fit in gpu_memory_utilization of the GPU's memory beside what is already allocated (the weights) and a
     working reserve (kvstream.kvcache.capacity: a smaller cache is automatically a bigger batch);
     max_prompt_tokens, max_new_tokens: the largest prompt and generation a slot holds (requests over them are
-    refused at `add`).
+    refused at `add`); timing: record CUDA events around each phase for `timing()` (benchmarks).
     """
 
     def __init__(self, engine: Engine, num_slots: int | str, max_prompt_tokens: int, max_new_tokens: int,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, timing: bool = False):
         if engine.decode_path != "fast":
             raise ValueError("Scheduler needs an Engine on the fast path (a Llama-family model with "
                              f"CacheConfig.engine auto or fast); this one decodes through {engine.decode_path!r}")
@@ -89,6 +89,7 @@ class Scheduler:
         self.started = [0.0] * num_slots  # when each slot's sequence was admitted (time_taken_llm)
         self.admitted_at = [0] * num_slots  # the index of the first finished-flags push after each admission
         self.flags = LaggedFlags(self.runner.done)
+        self._events: list | None = [] if timing else None
 
     # ---- the API ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -135,11 +136,35 @@ class Scheduler:
         reads the flags of the one before), so a sequence is returned one step after it ends; a finished row
         writes nothing meanwhile (the runner clears its `active` flag on the device)."""
         with torch.inference_mode():
-            self._admit()
+            self._timed("prefill", self._admit)
             if any(s is not None for s in self.slots):
-                self.runner.step()
+                self._timed("decode", self.runner.step)
             self.flags.push(self.runner.done)
             return self._collect()
+
+    def timing(self) -> dict[str, float]:
+        """GPU seconds spent in admissions (prefills) and decode steps, and the decode steps run, since the
+        Scheduler was built with timing=True (CUDA events around each phase, read here: a host sync)."""
+        if self._events is None:
+            raise ValueError("Scheduler.timing: build the Scheduler with timing=True")
+        out = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+        for phase, a, b in self._events:
+            if a is None:
+                continue
+            b.synchronize()
+            out[f"{phase}_s"] += a.elapsed_time(b) / 1e3
+            out["decode_steps"] += phase == "decode"
+        return out
+
+    def _timed(self, phase: str, fn) -> None:
+        if self._events is None or self.engine.device.type != "cuda":
+            fn()
+            return
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        self._events.append((phase, a, b))
 
     def progress(self) -> dict[str, list[int]]:
         """The tokens each running sequence has so far (EOS cut), by id: a host sync, for streaming between
