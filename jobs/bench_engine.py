@@ -216,26 +216,20 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
     says whether the step is bound by kernel time or by the gaps between kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kvstream.kvcache.cache import CompressedCache
-    from kvstream.kvcache.fast_decode import DecodeRunner
+    from kvstream.kvcache.scheduler import Request, Scheduler
 
-    dev = next(model.parameters()).device
-    cfg = CacheConfig(**CONFIGS[name], max_new_tokens=steps + 4)
-    ids = torch.tensor(prompts, device=dev)
-    B = ids.shape[0]
-    cache = CompressedCache(cfg, model.config)
+    eng = kv_engine(model, name)
+    sched = Scheduler(eng, len(prompts), len(prompts[0]), steps + 8)
+    sched.runner.use_graph = False  # eager steps: the same kernels a replay runs, each seen by the profiler
+    for i, p in enumerate(prompts):
+        sched.add(Request(str(i), p, max_new_tokens=steps + 8))
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        z = torch.zeros(B, device=dev)
-        runner = DecodeRunner(model, cache, steps + 4, z, z + 1, cache.plan.seeds, [], 0, graph=False)
-        runner.first(out.logits[:, -1])
-        for _ in range(2):
-            runner.step()
+        sched.step()  # admissions (prefills) and a first step
+        sched.runner.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                runner.step()
+                sched.runner.step()
             torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
             if e.device_time_total > 0]
@@ -244,6 +238,45 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
     lines = [f"## {name}: GPU kernel time per eager decode step {total:.2f} ms, {sum(r[2] for r in rows)} launches",
              "| kernel | ms / step | launches / step |", "| --- | --- | --- |"]
     lines += [f"| {k[:90]} | {ms:.3f} | {n} |" for k, ms, n in rows[:25]]
+    text = "\n".join(lines) + "\n"
+    with open(path, "a") as f:
+        f.write(text + "\n")
+    return text
+
+
+def profile_prefill(model, name: str, prompt: int, path: str, reps: int = 3) -> str:
+    """One sequence's prefill of `prompt` tokens: wall time per prefill against the model's own forward (SDPA, no
+    cache) in the same run, and GPU time by kernel (torch.profiler), appended to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvstream.kvcache.cache import CompressedCache
+
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), device=dev)
+    mask = torch.ones_like(ids)
+
+    def kv():
+        cache = CompressedCache(CacheConfig(**CONFIGS[name], max_new_tokens=256), model.config, seeds=[1])
+        return kv_engine(model, name).prefill(cache, ids, mask)
+
+    def plain():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+
+    with torch.inference_mode():
+        walls = {}
+        for label, fn in (("model forward", plain), (name, kv)):
+            fn()
+            _, walls[label], _ = timed(lambda f=fn: [f() for _ in range(reps)])
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            kv()
+            torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    lines = [f"## prefill of {prompt} tokens, {name}: {1e3 * walls[name] / reps:.1f} ms wall (model forward alone "
+             f"{1e3 * walls['model forward'] / reps:.1f} ms); GPU kernel time {total:.1f} ms",
+             "| kernel | ms | launches |", "| --- | --- | --- |"]
+    lines += [f"| {k[:90]} | {ms:.2f} | {n} |" for k, ms, n in rows[:20]]
     text = "\n".join(lines) + "\n"
     with open(path, "a") as f:
         f.write(text + "\n")
@@ -266,8 +299,11 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default="bench/engine.csv")
     ap.add_argument("--profile", default="", help="kvstream configs whose eager decode step to profile, by kernel")
+    ap.add_argument("--profile-prefill", default="", help="kvstream configs whose one-sequence prefill to profile")
     a = ap.parse_args(argv)
-    bad = [c for c in a.configs.split(",") + [p for p in a.profile.split(",") if p] if c not in CONFIGS]
+    configs = [c for c in a.configs.split(",") if c]
+    profiled = [p for p in (a.profile + "," + a.profile_prefill).split(",") if p]
+    bad = [c for c in configs + profiled if c not in CONFIGS]
     if bad:
         ap.error(f"unknown --configs {bad}; valid: {', '.join(CONFIGS)}")
     if not torch.cuda.is_available():
@@ -287,7 +323,7 @@ def main(argv=None) -> int:
         lo, hi = (int(x) for x in a.mix_new.split(","))
         lens, news = mix_lengths(a.mix, a.mix_docs, a.mix_min, a.prompt, (lo, hi))
     g = torch.Generator(device="cpu").manual_seed(0)
-    for name in a.configs.split(","):
+    for name in configs:
         try:
             if a.mix:
                 rows.append(bench_mix(model, name, lens, news, a.hf_batch, mc.vocab_size, w_bytes))
@@ -308,6 +344,11 @@ def main(argv=None) -> int:
         prompts = torch.randint(3, mc.vocab_size, (int(a.batch) if a.batch.isdigit() else 16, a.prompt),
                                 generator=g).tolist()
         print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
+        torch.cuda.empty_cache()
+    for name in [p for p in a.profile_prefill.split(",") if p]:
+        if CONFIGS[name] is None:
+            ap.error(f"--profile-prefill {name}: only kvstream configs are profiled")
+        print(profile_prefill(model, name, a.prompt, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
         torch.cuda.empty_cache()
     if not rows:
         print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch / --hf-batch",
