@@ -177,9 +177,12 @@ class LayerStore:
     def prefill(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None) -> None:
         """k, v (B, H, T, D) post-RoPE, left padded; scores (B, H, T) float32 prefill scores or None."""
         order = self.plan.order
-        gi = order.view(self.B, 1, -1, 1).expand(-1, self.H, -1, self.D)
-        kc, vc = k.gather(2, gi), v.gather(2, gi)  # valid tokens first, in position order
-        sc = None if scores is None else scores.gather(2, order.view(self.B, 1, -1).expand(-1, self.H, -1))
+        if min(self.plan.n) == k.shape[2]:  # no padding (a scheduler admission): already in position order
+            kc, vc, sc = k, v, scores
+        else:
+            gi = order.view(self.B, 1, -1, 1).expand(-1, self.H, -1, self.D)
+            kc, vc = k.gather(2, gi), v.gather(2, gi)  # valid tokens first, in position order
+            sc = None if scores is None else scores.gather(2, order.view(self.B, 1, -1).expand(-1, self.H, -1))
         if self.kivi:
             self._prefill_kivi(kc, vc)
         else:
