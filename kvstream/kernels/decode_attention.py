@@ -4,7 +4,8 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
 (SGLang `decode_attention` shape), three launches:
 - stage 1, one program per (sequence b, KV head h, split): the split takes a contiguous share of the
   sequence's own held tokens (the S slots [0, s_len[b]) then the Cw ring slots) and reads each tile ONCE for all
-  GRP query heads of h. Packed KIVI codes + scale/min are dequantized in registers: per-channel keys use
+  GRP query heads of h. fp8 codes are decoded bit by bit and scaled by the (b, h)'s key / value scale in
+  registers (`kernels.fp8_quant`); packed KIVI codes + scale/min are dequantized in registers: per-channel keys use
   q.(c * s + m) = (q * s).c + q.m (one group per tile, so the key tile is never dequantized); per-token values
   are unpacked along channels. Free and evicted slots are masked; an online softmax keeps the running max, sum
   and un-normalized P.V. Two inner paths, picked per launch: tensor-core tl.dot (GQA) and CUDA-core
@@ -35,6 +36,7 @@ import triton.language as tl
 from kvstream.kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kvstream.kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported, pv_chain_default
 from kvstream.kernels.decode_kivi_gqa import GQA_MAX_CODES, _decode_stage1_kivi_gqa, gqa_config, gqa_supported, qt_default
+from kvstream.kernels.fp8_quant import fp8_dequant
 from kvstream.kernels.gumbel import gumbel_lg2
 from kvstream.kernels.slots import KVSlots
 from kvstream.kernels.triton_util import LN2 as _LN2
@@ -42,7 +44,7 @@ from kvstream.kernels.triton_util import MASKED as _MASKED
 from kvstream.kernels.triton_util import (LAUNCH, check_device, dot, interpreting, ring_tile, split_bounds, to_dtype_rne,
                                   u32_to_f32)
 
-_QUANT_IDS = {"none": 0, "channel": 1, "token": 2}
+_QUANT_IDS = {"none": 0, "channel": 1, "token": 2, "fp8": 3}
 SPLIT_TARGET = 8  # stage-1 programs per SM to aim for (memory-level parallelism)
 MIN_SPLIT_TOKENS = 256  # fewest tokens per split
 PREFETCH_TILES = 1  # CUDA-core KIVI stage 1s: L2 prefetch distance in tiles (decode_workspace's prefetch)
@@ -170,6 +172,9 @@ def _decode_stage1(
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     logit_row = logit_ptr + b * stride_lb + hq[:, None] * stride_lh  # (BLOCK_G, 1)
+    if QUANT == 3:  # fp8: one key and one value scale per (b, h)
+        k_sc = tl.load(sks_ptr + b * stride_ksb + h * stride_ksh)
+        v_sc = tl.load(svs_ptr + b * stride_vsb + h * stride_vsh)
 
     # -- the kept store S: slots [lo, min(hi, s_len)), tiles aligned to BLOCK_N (within one key group)
     s_hi = tl.minimum(hi, s_len)
@@ -194,6 +199,10 @@ def _decode_stage1(
             if QUANT == 0:
                 k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
                             mask=nmask[:, None], other=0.0)
+            elif QUANT == 3:  # e4m3 codes times the (b, h) key scale, rounded to the model dtype
+                k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
+                            mask=nmask[:, None], other=0)
+                k = to_dtype_rne(fp8_dequant(k, k_sc), dtype)
             else:
                 k = _load_per_token(sk_ptr, sks_ptr, skm_ptr, b * stride_skb + h * stride_skh + n2 * stride_skn,
                                     b * stride_ksb + h * stride_ksh + n2 * stride_ksn, nmask[:, None], dtype,
@@ -205,6 +214,10 @@ def _decode_stage1(
         if QUANT == 0:
             v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
                         mask=from_s[:, None], other=0.0)
+        elif QUANT == 3:
+            v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
+                        mask=from_s[:, None], other=0)
+            v = to_dtype_rne(fp8_dequant(v, v_sc), dtype)
         else:
             v = _load_per_token(sv_ptr, svs_ptr, svm_ptr, b * stride_svb + h * stride_svh + n2 * stride_svn,
                                 b * stride_vsb + h * stride_vsh + n2 * stride_vsn, from_s[:, None], dtype,
@@ -368,7 +381,7 @@ def default_config(slots: KVSlots, grp: int) -> dict:
     """Stage-1 launch configuration picked by jobs/bench_kernels.py on an H200 (B=32, ctx=4096, head_dim 128)."""
     if slots.quant == "channel":  # kernels.decode_kivi (kivi_tc); block_n / use_dot: the generic path's
         return dict(block_n=min(32, slots.group_size), num_warps=4, num_stages=3, use_dot=True)
-    if slots.quant == "none":
+    if slots.quant in ("none", "fp8"):  # fp8: the model-dtype path's, untuned
         return dict(block_n=128, num_warps=4, num_stages=1, use_dot=True)
     return dict(block_n=64, num_warps=4, num_stages=2, use_dot=grp >= 4)
 
@@ -461,6 +474,18 @@ def decode_workspace(q: torch.Tensor, slots: KVSlots, score_mode: int = 0, num_s
     )
 
 
+def _check_fp8(name: str, slots: KVSlots) -> None:
+    """fp8 storage: s_k, s_v (B, H, Cs, D) uint8 codes and s_ks, s_vs (B, H, 1) float32 scales."""
+    B, H, _, D = slots.win_k.shape
+    for label, t, dtype, shape in (("s_k", slots.s_k, torch.uint8, None), ("s_v", slots.s_v, torch.uint8, None),
+                                   ("s_ks", slots.s_ks, torch.float32, (B, H, 1)),
+                                   ("s_vs", slots.s_vs, torch.float32, (B, H, 1))):
+        shape = shape or (B, H, slots.cs, D)
+        if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+            got = None if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise ValueError(f"{name}: fp8 storage needs {label} {shape} {dtype}, got {got}")
+
+
 def _check(q, slots, score_mode, scores_acc, seed, ws):
     name = "decode_attention"
     check_device(name, q)
@@ -469,7 +494,8 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
     B, Hq, D = q.shape
     if slots.quant not in _QUANT_IDS:
         raise ValueError(f"{name}: slots.quant={slots.quant!r} is not one of {', '.join(_QUANT_IDS)}")
-    if slots.quant != "none" and slots.bits not in (2, 4):
+    grouped = slots.quant in ("channel", "token")
+    if grouped and slots.bits not in (2, 4):
         raise ValueError(f"{name}: slots.bits={slots.bits} is not supported; use 2 or 4")
     if D < 16 or D & (D - 1):
         raise ValueError(f"{name}: head_dim {D} must be a power of two >= 16 for the Triton kernel")
@@ -479,20 +505,22 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
                          f"(need the same B and D, and Hq a multiple of H)")
     if Cw < 1:
         raise ValueError(f"{name}: the ring must have at least one slot (win_k has Cw={Cw})")
-    if slots.quant != "none":
+    if grouped:
         G, P = slots.group_size, 32 // slots.bits
         if G < 16 or G & (G - 1) or G < P or D % G:
             raise ValueError(f"{name}: group_size={G} must be a power of two >= 16 and >= {P} dividing head_dim {D}")
         if slots.quant == "channel" and slots.cs % G:
             raise ValueError(f"{name}: store capacity Cs={slots.cs} must be a multiple of group_size {G}")
+    if slots.quant == "fp8":
+        _check_fp8(name, slots)
     tensors = [slots.win_k, slots.win_v] + ([slots.s_k, slots.s_v] if slots.quant == "none" and slots.s_k is not None
-                                            else [t for t in (slots.s_kc, slots.s_ks, slots.s_km, slots.s_vc,
-                                                              slots.s_vs, slots.s_vm) if t is not None])
+                                            else [t for t in (slots.s_k, slots.s_v, slots.s_kc, slots.s_ks, slots.s_km,
+                                                              slots.s_vc, slots.s_vs, slots.s_vm) if t is not None])
     for t in tensors + [q]:
         if t.device != q.device or t.stride(-1) != 1:
             raise ValueError(f"{name}: every cache tensor must be on {q.device} with a unit last-dim stride "
                              f"(got one on {t.device} with strides {t.stride()})")
-    if slots.quant != "none" and (slots.s_ks.stride() != slots.s_km.stride()
+    if grouped and (slots.s_ks.stride() != slots.s_km.stride()
                                    or slots.s_vs.stride() != slots.s_vm.stride()):
         raise ValueError(f"{name}: scale and min stores must share strides")
     if slots.win_pos.stride(-1) != 1:
@@ -534,7 +562,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """Fused decode attention: q (B, Hq, D) model dtype -> out (B, Hq, D) model dtype.
 
-    slots: the layer's `KVSlots` (quant none / channel / token, bits 2 or 4); scale: the logit scale.
+    slots: the layer's `KVSlots` (quant none / fp8 / channel / token, bits 2 or 4 for the last two); scale: the
+        logit scale.
     score_mode 1 (H2O) / 2 (Keyformer) adds into scores_acc (B, H, Cs + Cw) float32 in place; seed (B,) int64
     for score_mode 2; step and tau: Python numbers, or device tensors (int / float32) of 1 value for the batch
     or B values, one per sequence (sequences at different steps of their generation).
@@ -553,6 +582,8 @@ def decode_attention(
         sk = slots.s_k if slots.s_k is not None else slots.win_k
         sv = slots.s_v if slots.s_v is not None else slots.win_v
         sks = skm = svs = svm = sk
+    elif qid == 3:  # e4m3 codes and (B, H, 1) scales; no mins
+        sk, sks, skm, sv, svs, svm = slots.s_k, slots.s_ks, slots.s_ks, slots.s_v, slots.s_vs, slots.s_vs
     else:
         sk, sks, skm, sv, svs, svm = slots.s_kc, slots.s_ks, slots.s_km, slots.s_vc, slots.s_vs, slots.s_vm
     BLOCK_G = max(16, triton.next_power_of_2(grp)) if ws.use_dot else triton.next_power_of_2(grp)
@@ -569,7 +600,7 @@ def decode_attention(
     stride_step = 1 if step_is_ptr and step.numel() > 1 else 0
     stride_tau = 1 if tau_is_ptr and tau.numel() > 1 else 0
     logits = ws.logits if score_mode else ws.stats
-    st3 = lambda t: (t.stride(0), t.stride(1), t.stride(2)) if t.dim() == 4 else (0, 0, 0)  # noqa: E731
+    st3 = lambda t: (t.stride(0), t.stride(1), t.stride(2)) if t.dim() >= 3 else (0, 0, 0)  # noqa: E731
     NS = ws.num_splits
     common = (
         q, ws.part_acc, ws.part_ml, logits,
@@ -615,7 +646,7 @@ def decode_attention(
     else:
         _decode_stage1[(B, H, NS)](
             *common,
-            QUANT=qid, BITS=slots.bits if qid else 2, G=slots.group_size if qid else 16, D=D,
+            QUANT=qid, BITS=slots.bits if qid in (1, 2) else 2, G=slots.group_size if qid in (1, 2) else 16, D=D,
             GRP=grp, BLOCK_G=BLOCK_G, BLOCK_N=ws.block_n, SCORE=score_mode > 0, USE_DOT=ws.use_dot,
             DOT_PREC=prec, UPCAST=interpreting(),
             num_warps=ws.num_warps, num_stages=ws.num_stages, **LAUNCH,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kvstream.kernels.fp8_quant_ref import fp8_decode
 from kvstream.kernels.gumbel_ref import gumbel
 from kvstream.kernels.kivi_quant_ref import dequantize_keys, dequantize_values
 from kvstream.kernels.slots import KVSlots
@@ -23,6 +24,9 @@ def dequantize_store(slots: KVSlots) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = slots.win_k.dtype
     if slots.quant == "none":
         ks, vs = slots.s_k, slots.s_v
+    elif slots.quant == "fp8":  # one scale per (sequence, KV head): (B, H, 1) -> (B, H, 1, 1)
+        ks = fp8_decode(slots.s_k, slots.s_ks.unsqueeze(-1), dtype)
+        vs = fp8_decode(slots.s_v, slots.s_vs.unsqueeze(-1), dtype)
     else:
         b, g = slots.bits, slots.group_size
         if slots.quant == "channel":

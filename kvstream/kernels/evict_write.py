@@ -2,8 +2,10 @@
 
 The token leaving each sequence's recent window moves into the kept store S while S has room, else (scored
 policies) competes with S's tokens and replaces the lowest-scored one if it scores higher, else is dropped; the
-write encodes its value per token and its key per token or, for KIVI per-channel keys, re-quantizes the span of
-unit = max(G, P) slots holding the target in registers. No host sync, no allocation: graph-capturable.
+write copies it (model dtype), encodes it as e4m3 with its (sequence, KV head)'s key / value scales (fp8: no
+group to re-quantize), or encodes its value per token and its key per token or, for KIVI per-channel keys,
+re-quantizes the span of unit = max(G, P) slots holding the target in registers. No host sync, no allocation:
+graph-capturable.
 
 Two launches:
 - `_evict_write_kernel`, one program per (sequence b, KV head h): reads the lengths as they were before the step,
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kvstream.kernels.evict_write_ref import check_evict_args, unit_of
+from kvstream.kernels.fp8_quant import fp8_quant
 from kvstream.kernels.kivi_quant import _codes
 from kvstream.kernels.slots import KVSlots
 from kvstream.kernels.triton_util import check_device, to_dtype_rne
@@ -136,7 +139,7 @@ def _evict_write_kernel(
     BLOCK_D: tl.constexpr, NWB: tl.constexpr, BLOCK_S: tl.constexpr, SCORED: tl.constexpr,
     HAS_SCORES: tl.constexpr,
 ):
-    # one program: one (sequence b, KV head h); QUANT 0 none, 1 channel, 2 token
+    # one program: one (sequence b, KV head h); QUANT 0 none, 1 channel, 2 token, 3 fp8
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     act = tl.load(active_ptr + b) != 0
@@ -185,6 +188,19 @@ def _evict_write_kernel(
                              mask=dm)
                     tl.store(vc_ptr + b * stride_vcb + h * stride_vch + t * stride_vcn + (d0 + d) * stride_vcd, vx,
                              mask=dm)
+            elif QUANT == 3:
+                # fp8: e4m3 codes with the (b, h)'s key and value scales (set at prefill), saturating
+                k_sc = tl.load(ks_ptr + b * stride_ksb + h * stride_ksh)
+                v_sc = tl.load(vs_ptr + b * stride_vsb + h * stride_vsh)
+                d = tl.arange(0, BLOCK_D)
+                for d0 in range(0, D, BLOCK_D):
+                    dm = d0 + d < D
+                    kx = tl.load(k_row + (d0 + d) * stride_wkd, mask=dm, other=0.0).to(tl.float32)
+                    vx = tl.load(v_row + (d0 + d) * stride_wvd, mask=dm, other=0.0).to(tl.float32)
+                    tl.store(kc_ptr + b * stride_kcb + h * stride_kch + t * stride_kcn + (d0 + d) * stride_kcd,
+                             fp8_quant(kx, k_sc), mask=dm)
+                    tl.store(vc_ptr + b * stride_vcb + h * stride_vch + t * stride_vcn + (d0 + d) * stride_vcd,
+                             fp8_quant(vx, v_sc), mask=dm)
             else:
                 if QUANT == 1:
                     ks_bh = b * stride_ksb + h * stride_ksh
@@ -220,16 +236,17 @@ def _evict_lengths_kernel(s_len_ptr, sv_len_ptr, win_lo_ptr, pos_ptr, w_ptr, cap
 
 
 def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
+    """n strides of t (0 for missing trailing dimensions: fp8's (B, H, 1) scales)."""
+    return (tuple(t.stride()) + (0,) * n)[:n] if t is not None else (0,) * n
 
 
 def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None, pos: torch.Tensor,
                 w: torch.Tensor, cap: torch.Tensor, active: torch.Tensor, scored: bool) -> None:
     """One decode step's eviction write on the device, in place (semantics: `kernels.evict_write_ref`).
 
-    slots: KVSlots (quant "none" | "channel" | "token"); win_k, win_v (B, H, Cw, D) model dtype; s_len, sv_len,
-        win_lo (B,) int32 (updated by the second launch); S tensors of the quant, Cs slots: "none" s_k, s_v
-        (B, H, Cs, D); "channel" s_kc (B, H, Cs // P, D) int32, s_ks, s_km (B, H, Cs // G, D), Cs a multiple of
+    slots: KVSlots (quant "none" | "fp8" | "channel" | "token"); win_k, win_v (B, H, Cw, D) model dtype; s_len,
+        sv_len, win_lo (B,) int32 (updated by the second launch); S tensors of the quant, Cs slots: "none" s_k, s_v
+        (B, H, Cs, D); "fp8" s_k, s_v (B, H, Cs, D) uint8 e4m3 codes, s_ks, s_vs (B, H, 1) float32; "channel" s_kc (B, H, Cs // P, D) int32, s_ks, s_km (B, H, Cs // G, D), Cs a multiple of
         max(G, P); "token" s_kc (B, H, Cs, ceil(D / P)) int32, s_ks, s_km (B, H, Cs, D // G); quantized values
         s_vc (B, H, Cs, ceil(D / P)) int32, s_vs, s_vm (B, H, Cs, D // G). P = 32 // bits; D a multiple of G.
     s_pos (B, H, Cs) int32; scores (B, H, Cs + Cw) float32 or None (index s: S slot s, Cs + r: ring slot r).
@@ -246,21 +263,24 @@ def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None
     Cs = slots.cs
     if B == 0:
         return
-    quant = {"none": 0, "channel": 1, "token": 2}[slots.quant]
-    bits = slots.bits if quant else 16
-    G = slots.group_size if quant else 1
-    P = 32 // bits if quant else 1
-    if quant:
+    quant = {"none": 0, "channel": 1, "token": 2, "fp8": 3}[slots.quant]
+    grouped = quant in (1, 2)  # KIVI codes with groups of G and P codes per int32 word
+    bits = slots.bits if grouped else 16
+    G = slots.group_size if grouped else 1
+    P = 32 // bits if grouped else 1
+    if grouped:
         if slots.s_ks.stride() != slots.s_km.stride() or slots.s_vs.stride() != slots.s_vm.stride():
             raise ValueError(f"{name}: the scale and min stores must have the same strides")
         kc, ks, km, vc, vs, vm = slots.s_kc, slots.s_ks, slots.s_km, slots.s_vc, slots.s_vs, slots.s_vm
+    elif quant == 3:  # e4m3 codes, one key and one value scale per (sequence, KV head); no mins
+        kc, ks, km, vc, vs, vm = slots.s_k, slots.s_ks, slots.s_ks, slots.s_v, slots.s_vs, slots.s_vs
     else:
         kc, ks, km, vc, vs, vm = slots.s_k, slots.s_k, slots.s_k, slots.s_v, slots.s_v, slots.s_v
     if H > 0 and Cs > 0:
         unit = unit_of(slots)
         block_d = min(triton.next_power_of_2(D), 64) if quant != 1 else min(triton.next_power_of_2(D),
                                                                             max(16, 2048 // unit))
-        nwb = triton.next_power_of_2(-(-D // P)) if quant else 1
+        nwb = triton.next_power_of_2(-(-D // P)) if grouped else 1
         sc = scores if scores is not None else s_pos
         _evict_write_kernel[(B, H)](
             slots.win_k, slots.win_v, slots.s_len, pos, w, cap, active.view(torch.int8), s_pos, sc,

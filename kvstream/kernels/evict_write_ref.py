@@ -13,9 +13,11 @@ Per sequence b (left = pos[b] - w[b], the position leaving the window; its ring 
   scores[b, h, :] (ties: the lowest slot); the leaving token replaces slot arg iff its score > low;
 - else (window / sink policies, cap 0): dropped;
 - and win_lo[b] += 1 (the token left the window).
-A write sets the key (quant "none": copy; "token": per-token encode; "channel": re-quantization of the span of
+A write sets the key (quant "none": copy; "fp8": e4m3 encode with the (sequence, KV head)'s key scale, set at
+prefill, saturating; "token": per-token encode; "channel": re-quantization of the span of
 unit = max(G, P) slots holding the target from its dequantized members with the target replaced by the new key,
-min/max per channel over members < n_valid = s_len after the write), the value (per-token encode), s_pos = left
+min/max per channel over members < n_valid = s_len after the write), the value (per-token encode; fp8: with the
+value scale), s_pos = left
 and, with scores, scores[b, h, t] = the leaving token's score.
 The capacity clamp min(cap, Cs) only matters when S was sized below the budget (LayerStore grows S before the
 step then, without max_new_tokens).
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from kvstream.kernels.fp8_quant_ref import fp8_encode
 from kvstream.kernels.kivi_quant_ref import dequantize_keys, quantize_keys, quantize_values
 from kvstream.kernels.slots import KVSlots
 
-QUANTS = ("none", "channel", "token")
+QUANTS = ("none", "fp8", "channel", "token")
 
 
 def unit_of(slots: KVSlots) -> int:
@@ -56,6 +59,9 @@ def check_evict_args(name: str, slots: KVSlots, s_pos, scores, pos, w, cap, acti
     dt = slots.win_k.dtype
     if slots.quant == "none":
         want.update(s_k=(slots.s_k, (B, H, Cs, D), dt), s_v=(slots.s_v, (B, H, Cs, D), dt))
+    elif slots.quant == "fp8":
+        want.update(s_k=(slots.s_k, (B, H, Cs, D), torch.uint8), s_v=(slots.s_v, (B, H, Cs, D), torch.uint8),
+                    s_ks=(slots.s_ks, (B, H, 1), torch.float32), s_vs=(slots.s_vs, (B, H, 1), torch.float32))
     else:
         bits, G = slots.bits, slots.group_size
         if bits not in (2, 4):
@@ -120,8 +126,8 @@ def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None
                 w: torch.Tensor, cap: torch.Tensor, active: torch.Tensor, scored: bool) -> None:
     """One decode step's eviction write, in place (semantics in the module docstring).
 
-    slots: KVSlots (quant "none" | "channel" | "token"); win_k, win_v (B, H, Cw, D) model dtype; s_len, sv_len,
-        win_lo (B,) int32 (updated); the S tensors of the quant (layouts in `kernels.slots`), Cs slots.
+    slots: KVSlots (quant "none" | "fp8" | "channel" | "token"); win_k, win_v (B, H, Cw, D) model dtype; s_len,
+        sv_len, win_lo (B,) int32 (updated); the S tensors of the quant (layouts in `kernels.slots`), Cs slots.
     s_pos (B, H, Cs) int32; scores (B, H, Cs + Cw) float32 or None (index s: S slot s, Cs + r: ring slot r).
     pos (B,) int32: position of the token appended this step (ring slot pos % (w + 1)); w (B,) int32: the
         recent window (w + 1 <= Cw); cap (B,) int32: S slots the sequence may use; active (B,) bool.
@@ -156,6 +162,9 @@ def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None
         if slots.quant == "none":
             _put(slots.s_k, idx, k.unsqueeze(2), do)
             _put(slots.s_v, idx, v.unsqueeze(2), do)
+        elif slots.quant == "fp8":  # scales (B, H, 1) broadcast over the token's D channels
+            _put(slots.s_k, idx, fp8_encode(k, slots.s_ks).unsqueeze(2), do)
+            _put(slots.s_v, idx, fp8_encode(v, slots.s_vs).unsqueeze(2), do)
         else:
             if slots.quant == "token":
                 for t, q in zip((slots.s_kc, slots.s_ks, slots.s_km), quantize_values(k.unsqueeze(2), slots.bits,

@@ -172,7 +172,8 @@ class CompressedCache(Cache):
                 and (torch.backends.cuda.flash_sdp_enabled() or _use_cudnn(query.device)))
 
     def _resolve_backend(self, device) -> str:
-        return resolve_backend(self.cfg.backend, device, self.head_dim, self.cfg.group_size, self.cfg.bits)
+        bits = self.cfg.bits if self.cfg.format.grouped else None  # fp8 has no groups to constrain
+        return resolve_backend(self.cfg.backend, device, self.head_dim, self.cfg.group_size, bits)
 
     def _make_plan(self, valid: torch.Tensor) -> SeqPlan:
         n = valid.sum(-1).tolist()  # the one host read of a generation
@@ -360,7 +361,7 @@ def check_model_config(cfg: CacheConfig, mc) -> None:
     if getattr(mc, "attn_logit_softcapping", None):
         raise NotImplementedError(f"CompressedCache does not support attention logit soft-capping ({mtype})")
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    if cfg.format.quantized:
+    if cfg.format.grouped:
         if head_dim % cfg.group_size:
             raise ValueError(
                 f"head_dim {head_dim} is not a multiple of CacheConfig.group_size={cfg.group_size}: choose a group "

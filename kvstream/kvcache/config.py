@@ -35,9 +35,10 @@ class CacheConfig:
     max_new_tokens: T of that schedule. `Engine` sets it from its own `max_new_tokens`; with a bare
         `model.generate`, set it to the same value (None uses 128 and warns once for keyformer).
     sink: the first `sink` tokens that the `sink` policy always keeps.
-    quant: storage of kept tokens: none (model dtype) | kivi2 | kivi4 (KIVI) | token2 (naive per-token 2-bit
-        keys and values with no full-precision residual: the control for KIVI's per-channel keys).
-    group_size, residual: KIVI's G and R (R % G == 0).
+    quant: storage of kept tokens: none (model dtype) | fp8 (e4m3, one scale per sequence and KV head: the
+        default of vLLM / SGLang / TensorRT-LLM) | kivi2 | kivi4 (KIVI) | token2 (naive per-token 2-bit keys and
+        values with no full-precision residual: the control for KIVI's per-channel keys).
+    group_size, residual: KIVI's G and R (R % G == 0); unused by none / fp8.
     seed: base seed of Keyformer's Gumbel noise; each sequence gets its own stream (see CompressedCache).
     backend: torch (reference, always available) | triton | auto (triton on CUDA, else torch).
     prefill_chunk: query rows per chunk when accumulating prefill scores (never an n x n matrix).
@@ -88,7 +89,7 @@ class CacheConfig:
             raise ValueError(
                 f"CacheConfig.residual={self.residual} must be a positive multiple of group_size={self.group_size}"
             )
-        if self.bits is not None and self.residual % (32 // self.bits):
+        if self.format.grouped and self.residual % (32 // self.bits):
             raise ValueError(
                 f"CacheConfig.residual={self.residual} must be a multiple of {32 // self.bits} at {self.bits} bits"
             )

@@ -1,7 +1,10 @@
-"""The kept store S of one layer: older tokens that stay, in the model dtype or KIVI-packed.
+"""The kept store S of one layer: older tokens that stay, in the model dtype, as fp8 (e4m3) codes or KIVI-packed.
 
 Layouts are those of `kernels.kivi_quant_ref` (P = 32 // bits codes per int32, G the group size):
 - quant "none":    s_k, s_v (B, H, Cs, D) model dtype
+- quant "fp8":     s_k, s_v (B, H, Cs, D) uint8 e4m3 codes, s_ks / s_vs (B, H, 1) float32: one key and one value
+                   scale per (sequence, KV head), from the prompt's amax at prefill (`set_scales`), then fixed
+                   (`kernels.fp8_quant_ref`: tokens written later saturate at +-448 x scale)
 - quant "channel": keys per channel (KIVI): s_kc (B, H, Cs // P, D) int32, s_ks / s_km (B, H, Cs // G, D);
                    values per token: s_vc (B, H, Cs, ceil(D / P)) int32, s_vs / s_vm (B, H, Cs, D // G)
 - quant "token":   keys per token like values (`token2`)
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from kvstream.kernels import fp8_quant_ref
 from kvstream.kernels.kivi_quant_ref import quantize_keys, quantize_values
 
 
@@ -42,6 +46,10 @@ class KeptStore:
         z = lambda *shape, dtype=dt: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
         if self.quant == "none":
             return {"s_k": z(B, H, cs, D), "s_v": z(B, H, cs, D)}
+        if self.quant == "fp8":  # scales (B, H, 1): slot copies and growth treat them like the slot tensors
+            one = lambda: torch.ones(B, H, 1, dtype=torch.float32, device=dev)  # noqa: E731
+            return {"s_k": z(B, H, cs, D, dtype=torch.uint8), "s_v": z(B, H, cs, D, dtype=torch.uint8),
+                    "s_ks": one(), "s_vs": one()}
         P, G = 32 // self.bits, self.G
         wd = -(-D // P)  # words per token along channels
         t = {"s_vc": z(B, H, cs, wd, dtype=torch.int32), "s_vs": z(B, H, cs, D // G), "s_vm": z(B, H, cs, D // G)}
@@ -67,6 +75,12 @@ class KeptStore:
         return [self.s_pos, *self.S.values()]
 
     # ---- writes ----------------------------------------------------------------------------------------------
+    def set_scales(self, k_amax: torch.Tensor, v_amax: torch.Tensor) -> None:
+        """fp8: the key and value scales of every (sequence, KV head) from the prompt's largest |k| and |v|
+        (B, H) (amax / 448, floored; `kernels.fp8_quant_ref.fp8_scale`). Before `encode_all`."""
+        self.S["s_ks"].copy_(fp8_quant_ref.fp8_scale(k_amax).unsqueeze(-1))
+        self.S["s_vs"].copy_(fp8_quant_ref.fp8_scale(v_amax).unsqueeze(-1))
+
     def encode_all(self, ks: torch.Tensor, vs: torch.Tensor, k_valid: torch.Tensor) -> None:
         """Fill the store from full-precision (B, H, Cs, D) tensors; k_valid (B, H, Cs) marks slots in use."""
         if self.quant == "none":
@@ -74,6 +88,14 @@ class KeptStore:
             self.S["s_v"].copy_(vs)
             return
         if self.cs == 0:
+            return
+        if self.quant == "fp8":  # empty slots encode zeros
+            if self.backend == "triton":
+                from kvstream.kernels.fp8_quant import fp8_encode
+            else:
+                fp8_encode = fp8_quant_ref.fp8_encode
+            for x, codes, scale in ((ks, "s_k", "s_ks"), (vs, "s_v", "s_vs")):
+                self.S[codes].copy_(fp8_encode(x.contiguous(), self.S[scale].unsqueeze(-1)))
             return
         if self.backend == "triton":
             from kvstream.kernels.kivi_quant import quantize_keys_into, quantize_values_into

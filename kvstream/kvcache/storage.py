@@ -3,14 +3,15 @@
 Two regions per (sequence, KV head), read by the decode kernels as `kvstream.kernels.slots.KVSlots`:
 - the ring W: the most recent tokens in full precision. With an evicting policy it holds the recent window
   (w + 1 slots: the window plus the new token); ring slot of position p is p % (w + 1).
-- the kept store S: older tokens that stay, in the model dtype or quantized (KIVI layouts).
+- the kept store S: older tokens that stay, in the model dtype or quantized (fp8 e4m3 codes with a scale per
+  sequence and KV head, or KIVI layouts).
 
 Two modes:
-- `evict` (every policy except full+kivi): after each decode step the token leaving the recent window moves to S
-  while S has room; once S holds its budget, it competes with S's tokens (scored policies: the lowest accumulated
-  score is evicted; window/sink: the leaving token is). Writing into a quantized S re-quantizes the touched key
-  group(s) from their dequantized members (per-channel keys) or encodes just that token (per-token layouts); the
-  freed slot is reused at once, so memory stays at the budget.
+- `evict` (every policy except full+kivi; fp8 always): after each decode step the token leaving the recent window
+  moves to S while S has room; once S holds its budget, it competes with S's tokens (scored policies: the lowest
+  accumulated score is evicted; window/sink: the leaving token is). Writing into a quantized S re-quantizes the
+  touched key group(s) from their dequantized members (per-channel keys) or encodes just that token (per-token
+  layouts, fp8 with the scales fixed at prefill); the freed slot is reused at once, so memory stays at the budget.
 - `kivi` (policy full with kivi2/kivi4): KIVI's own rules. S slot = position. Prefill quantizes keys
   [0, T - T % R) and values [0, T - R); the ring (R slots) holds the last R tokens; during decode the value of
   the token that is R positions old leaves the ring into S (FIFO), and keys are flushed a block of R at a time
@@ -28,6 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
+from kvstream.kernels.fp8_quant_ref import masked_amax
 from kvstream.kernels.slots import KVSlots
 from kvstream.kvcache.config import CacheConfig
 from kvstream.kvcache.kept_store import KeptStore, round_up
@@ -230,6 +232,8 @@ class LayerStore:
             self.win_lo[b] = m
             if sc is not None:
                 self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
+        if self.quant == "fp8":  # the scales come from the whole prompt (the window's tokens enter S later)
+            self.kept.set_scales(masked_amax(kc, plan.n_dev), masked_amax(vc, plan.n_dev))
         self.kept.encode_all(ks, vs, k_valid)
         self._set_lengths(s_cnt, s_cnt)
 

@@ -16,7 +16,8 @@ import torch
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kvstream.kernels.triton_util", "kvstream.kernels.gumbel", "kvstream.kernels.kivi_quant",
+    for _name in ("kvstream.kernels.triton_util", "kvstream.kernels.gumbel", "kvstream.kernels.fp8_quant",
+                  "kvstream.kernels.kivi_quant",
                   "kvstream.kernels.evict_write", "kvstream.kernels.kivi_residual", "kvstream.kernels.decode_kivi",
                   "kvstream.kernels.decode_kivi_cc", "kvstream.kernels.decode_kivi_gqa",
                   "kvstream.kernels.decode_attention",

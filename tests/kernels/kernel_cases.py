@@ -7,11 +7,13 @@ import dataclasses
 
 import torch
 
+from kvstream.kernels.fp8_quant_ref import fp8_encode, fp8_scale
 from kvstream.kernels.kivi_quant_ref import quantize_keys, quantize_values
 from kvstream.kernels.slots import KVSlots
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GARBAGE = 1.0e4  # finite junk in slots that hold no token: a masking bug shows as a large error, not a NaN
+FP8_GARBAGE = 0x7E  # fp8: the largest finite code (448 x scale) in free slots
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None) -> None:
@@ -26,7 +28,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
 
 def make_slots(B, H, D, cs, cw, quant, bits, group_size, dtype, device, s_len, sv_len, gen) -> KVSlots:
     """Random KVSlots. s_len / sv_len: per-sequence lists (sv_len <= s_len <= cs). The ring holds a random
-    mix of live tokens, evicted ones (win_pos < win_lo) and empty slots (-1); free slots hold GARBAGE."""
+    mix of live tokens, evicted ones (win_pos < win_lo) and empty slots (-1); free slots hold GARBAGE.
+    fp8: one key / value scale per (sequence, KV head) from S's amax times a factor in [0.5, 1.5) (so tokens
+    encoded later both saturate and fit), and the ring's channels spread over 10**[-6, 1) (subnormal codes too)."""
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
     s_len_t = torch.tensor(s_len, dtype=torch.int32)
     sv_len_t = torch.tensor(sv_len, dtype=torch.int32)
@@ -43,6 +47,13 @@ def make_slots(B, H, D, cs, cw, quant, bits, group_size, dtype, device, s_len, s
     if quant == "none":
         s.s_k = k.masked_fill(k_free, GARBAGE)
         s.s_v = v.masked_fill(v_free, GARBAGE)
+    elif quant == "fp8":
+        spread = 10.0 ** (torch.rand(D, generator=gen) * 7 - 6)
+        s.win_k, s.win_v = (s.win_k.float() * spread).to(dtype), (s.win_v.float() * spread).to(dtype)
+        for x, free, codes, scale in ((k, k_free, "s_k", "s_ks"), (v, v_free, "s_v", "s_vs")):
+            sc = fp8_scale(x.abs().amax(dim=(2, 3)) * (0.5 + torch.rand(B, H, generator=gen))).unsqueeze(-1)
+            setattr(s, codes, fp8_encode(x, sc.unsqueeze(-1)).masked_fill(free, FP8_GARBAGE))
+            setattr(s, scale, sc)  # (B, H, 1) float32
     else:
         if quant == "channel":
             s.s_kc, s.s_ks, s.s_km = quantize_keys(k, bits, group_size)

@@ -16,6 +16,8 @@ CONFIGS = {
     "keyformer+kivi2": dict(policy="keyformer", budget=0.6, quant="kivi2", group_size=16, residual=16),
     "full+kivi2": dict(policy="full", quant="kivi2", group_size=16, residual=16),
     "full+kivi4": dict(policy="full", quant="kivi4", group_size=16, residual=16),
+    "full+fp8": dict(policy="full", quant="fp8"),
+    "keyformer+fp8": dict(policy="keyformer", budget=0.6, quant="fp8"),
 }
 
 

@@ -35,6 +35,11 @@ CASES = [
     ("channel", 4, 32, torch.float32, 128, 3, 1, 224, 16, [224, 61], [170, 61], 2),
     # several Keyformer normalizer blocks (STAGE2_BLOCK_C), one of them all free slots for the short sequence
     ("none", 0, 32, torch.float32, 64, 2, 1, 1100, 8, [1100, 7], [1100, 7], 3),
+    # fp8 (e4m3 codes, one key / value scale per (sequence, KV head)): an empty store, values past sv_len from the
+    # ring, GQA with 3 heads padded to 4, odd capacities, head_dim 16
+    ("fp8", 8, 0, torch.float32, 64, 1, 2, 81, 23, [0, 5, 81], [0, 3, 70], 3),
+    ("fp8", 8, 0, torch.bfloat16, 128, 4, 1, 70, 17, [70, 1], [70, 1], 2),
+    ("fp8", 8, 0, torch.float16, 16, 3, 2, 33, 5, [33, 17, 0], [33, 17, 0], 2),
     ("token", 2, 32, torch.float32, 64, 4, 1, 75, 10, [75, 20], [60, 20], 2),
     ("token", 4, 64, torch.bfloat16, 64, 1, 2, 40, 33, [3, 40], [3, 12], 2),
 ]

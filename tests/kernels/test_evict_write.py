@@ -23,7 +23,8 @@ from kvstream.kvcache.storage import LayerStore, SeqPlan
 from tests.kernels.kernel_cases import assert_equal_written, clone_written, make_slots
 
 # (quant, bits, G, D, Cs, dtype): head_dim 8 and 24 are not multiples of P = 16 at 2 bits (padded value words);
-# Cs 24 / 48 are multiples of the span max(G, P) but not of a power of two above it; "none" / "token" take any Cs
+# Cs 24 / 48 are multiples of the span max(G, P) but not of a power of two above it; "none" / "token" / "fp8" take
+# any Cs; fp8's ring values spread over 10**[-6, 1) of the scale (subnormal codes, saturation: kernel_cases)
 LAYOUTS = [
     ("none", None, 32, 16, 13, torch.float32),
     ("none", None, 32, 64, 7, torch.bfloat16),
@@ -34,6 +35,9 @@ LAYOUTS = [
     ("channel", 2, 32, 16 + 16, 32, torch.float32),
     ("token", 2, 8, 24, 11, torch.float32),
     ("token", 4, 16, 16, 9, torch.bfloat16),
+    ("fp8", 8, 32, 8, 13, torch.float32),  # fp8: one key / value scale per (sequence, KV head), no groups
+    ("fp8", 8, 32, 24, 11, torch.bfloat16),
+    ("fp8", 8, 32, 64, 7, torch.float16),
 ]
 
 # per-sequence states of one batch (B = len): what the leaving token will do
@@ -189,6 +193,8 @@ HOST_CASES = [
     ("h2o", "kivi4", 16, 12, 0.5, [20, 3, 13]),
     ("keyformer", "token2", 8, 9, 0.4, [11, 16, 2]),
     ("h2o", "none", 32, 7, 0.3, [9, 4, 12]),
+    ("keyformer", "fp8", 32, 9, 0.3, [11, 4, 14]),
+    ("sink", "fp8", 32, 8, 0.3, [12, 6, 7]),
     ("window", "kivi2", 8, 6, 0.3, [8, 2, 10]),
     ("sink", "kivi4", 8, 8, 0.3, [12, 6, 7]),
 ]

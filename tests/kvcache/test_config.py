@@ -11,7 +11,7 @@ from tests.kvcache.tiny import build_model, padded_batch
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(policy="snapkv2"), "valid: |is not one of full, window, sink, h2o, keyformer"),
-    (dict(quant="int3"), "is not one of none, kivi2, kivi4, token2"),
+    (dict(quant="int3"), "is not one of none, fp8, kivi2, kivi4, token2"),
     (dict(backend="cuda"), "is not one of auto, torch, triton"),
     (dict(budget=0.0), r"must be in \(0, 1\]"),
     (dict(budget=-3), "must be >= 1 token"),

@@ -21,14 +21,17 @@ CACHES = {
     "full+kivi2": dict(policy="full", quant="kivi2"),
     "full+kivi4": dict(policy="full", quant="kivi4"),
     "full+token2": dict(policy="full", quant="token2"),
+    "full+fp8": dict(policy="full", quant="fp8"),
     "window": dict(policy="window", budget=0.5),
     "sink": dict(policy="sink", budget=16, sink=4),
     "h2o": dict(policy="h2o", budget=0.5),
     "h2o+kivi2": dict(policy="h2o", budget=0.5, quant="kivi2"),
+    "h2o+fp8": dict(policy="h2o", budget=0.5, quant="fp8"),
     "keyformer": dict(policy="keyformer", budget=0.5),
     "keyformer+kivi2": dict(policy="keyformer", budget=0.5, quant="kivi2"),
     "keyformer+kivi4": dict(policy="keyformer", budget=0.6, quant="kivi4"),
     "keyformer+token2": dict(policy="keyformer", budget=0.5, quant="token2"),
+    "keyformer+fp8": dict(policy="keyformer", budget=0.5, quant="fp8"),
 }
 QUANT = dict(group_size=16, residual=32)
 

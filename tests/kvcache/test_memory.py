@@ -48,7 +48,9 @@ def _run(model, cfg, n=2048, new=2):
     (CacheConfig(policy="keyformer", budget=0.5, max_new_tokens=2), 0.56),
     (CacheConfig(policy="full", quant="kivi2", max_new_tokens=2), 0.30),
     (CacheConfig(policy="keyformer", budget=0.5, quant="kivi2", max_new_tokens=2), 0.25),
-], ids=["keyformer0.5", "kivi2", "keyformer0.5+kivi2"])
+    (CacheConfig(policy="full", quant="fp8", max_new_tokens=2), 0.51),
+    (CacheConfig(policy="keyformer", budget=0.5, quant="fp8", max_new_tokens=2), 0.34),
+], ids=["keyformer0.5", "kivi2", "keyformer0.5+kivi2", "fp8", "keyformer0.5+fp8"])
 def test_compressed_bytes_at_2048_tokens(model, cfg, bound):
     cache = _run(model, cfg)
     st = cache.stats()
@@ -64,6 +66,18 @@ def test_full_cache_bytes_are_the_tokens(model):
     st = cache.stats()
     # 301 tokens in S plus one ring slot, K and V, plus small per-slot metadata
     assert st["kv_bytes_full"] <= st["kv_bytes"] <= st["kv_bytes_full"] * 1.05
+
+
+def test_fp8_holds_half_the_bytes_plus_scales(model):
+    """full + fp8 against full in bf16: each kept slot's key and value take 1 byte per channel instead of 2, and
+    each (sequence, KV head) holds one float32 key scale and one value scale; nothing else changes."""
+    none, fp8 = (_run(model, CacheConfig(policy="full", quant=q, max_new_tokens=2), n=1000) for q in ("none", "fp8"))
+    store = fp8.layers[0].store
+    assert store.cs == none.layers[0].store.cs and store.kept.S["s_k"].dtype == torch.uint8
+    B, H, D = 1, 2, 128
+    saved = 2 * B * H * store.cs * D * (2 - 1) - 2 * B * H * 4  # K and V codes, minus the two scales
+    assert none.stats()["kv_bytes"] - fp8.stats()["kv_bytes"] == saved
+    assert 0.5 < fp8.stats()["kv_bytes"] / none.stats()["kv_bytes"] < 0.51
 
 
 def test_per_sequence_bytes_follow_each_rows_tokens(model):

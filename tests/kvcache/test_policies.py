@@ -113,7 +113,7 @@ def test_full_keeps_everything_and_grows_without_a_known_length():
     assert store.kept_positions()[0] == [list(range(75))] * H
 
 
-@pytest.mark.parametrize("quant", ["kivi2", "token2"])
+@pytest.mark.parametrize("quant", ["kivi2", "token2", "fp8"])
 def test_quantized_eviction_keeps_the_same_positions(quant):
     scores = torch.rand(1, H, 40, generator=torch.Generator().manual_seed(0))
     plain = make_store(CacheConfig(policy="h2o", budget=0.5, group_size=16), [40], scores)
