@@ -43,10 +43,12 @@ CONFIGS = {
     "hf-dynamic": None,
     "hf-static": None,
     "full": dict(policy="full"),
+    "full+fp8": dict(policy="full", quant="fp8"),
     "full+kivi2": dict(policy="full", quant="kivi2"),
     "h2o0.5": dict(policy="h2o", budget=0.5),
     "keyformer0.5": dict(policy="keyformer", budget=0.5),
     "keyformer0.5+kivi2": dict(policy="keyformer", budget=0.5, quant="kivi2"),
+    "keyformer0.5+fp8": dict(policy="keyformer", budget=0.5, quant="fp8"),
 }
 
 
