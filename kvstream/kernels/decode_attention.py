@@ -145,8 +145,8 @@ def _online_update(x, v, m_i, l_i, acc, USE_DOT: tl.constexpr, DOT_PREC: tl.cons
 
 @triton.jit
 def _fp8_operand(x, dtype: tl.constexpr):
-    """The dot operand type of the fp8 path: fp16 for half-precision models (the codes / 2**8 are exact fp16, and
-    fp16 queries keep bf16's bits within +-65504), fp32 for fp32 models."""
+    """The dot operand type of the fp8 path: fp16 for half-precision models (code / 2**8 is exact in fp16; a bf16
+    query converts exactly for magnitudes in [2**-14, 65504]: the path assumes |q| < 65504), fp32 for fp32 models."""
     if dtype == tl.float32:
         return x.to(tl.float32)
     else:
@@ -554,8 +554,7 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
         if t.device != q.device or t.stride(-1) != 1:
             raise ValueError(f"{name}: every cache tensor must be on {q.device} with a unit last-dim stride "
                              f"(got one on {t.device} with strides {t.stride()})")
-    if grouped and (slots.s_ks.stride() != slots.s_km.stride()
-                                   or slots.s_vs.stride() != slots.s_vm.stride()):
+    if grouped and (slots.s_ks.stride() != slots.s_km.stride() or slots.s_vs.stride() != slots.s_vm.stride()):
         raise ValueError(f"{name}: scale and min stores must share strides")
     if slots.win_pos.stride(-1) != 1:
         raise ValueError(f"{name}: win_pos must have a unit last-dim stride")
