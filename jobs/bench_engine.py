@@ -1,6 +1,9 @@
 """End-to-end generation on the engine against transformers' own caches, in one run on one GPU.
 
-    python jobs/bench_engine.py --batch 16 --prompt 4096 --new 256 --out bench/engine_h100.csv
+    python jobs/bench_engine.py --batch 16 --prompt 4096 --new 256 --out bench/engine_h100.csv    # (a) batch 16
+    python jobs/bench_engine.py --batch max --hf-batch 20 --out bench/engine_a_max.csv             # (a) max batch
+    python jobs/bench_engine.py --batch max --hf-batch 8 --new 4096 --out bench/engine_b.csv       # (b)
+    python jobs/bench_engine.py --mix ../shared/data/longbench_multi_news/multi_news.jsonl --hf-batch 16  # (c)
 
 A Llama-2-7B-shaped model (or `--shape llama3-8b`: 8 KV heads) with random bf16 weights (speed does not depend on
 the values) generates greedily from random prompts, every row to `--new` tokens (no EOS). Rows:
@@ -9,7 +12,14 @@ the values) generates greedily from random prompts, every row to `--new` tokens 
   the first call's extra time is reported apart as compile_s);
 - kvstream configs through `Engine.generate` (the fast decode path: CUDA-graph captured where the cache's step
   is capturable, else eager; the `graph` column says which).
-For each: tokens/s end to end, prefill seconds (a max_new_tokens=1 call), decode ms/step, the step's roofline
+`--batch max`: each kvstream config decodes as many sequences as its slot pool fits in 90% of the GPU memory beside
+the weights (kvstream.kvcache.capacity: a smaller cache is a bigger batch); the baselines run at `--hf-batch`.
+kvstream's prefill and decode times are GPU time from CUDA events around each scheduler phase of the measured call;
+the baselines' prefill is a max_new_tokens=1 call. `--mix FILE.jsonl` (workload c): `--mix-docs` documents whose
+prompt lengths follow the file's longest text field (~4 characters a token, clipped to [--mix-min, --prompt]) and
+output lengths drawn in [--mix-new], through kvstream's continuous batching, against transformers' static cache in
+length-sorted batches of --hf-batch (each batch runs to its longest output; one compiled decode shape).
+For each: tokens/s end to end, prefill seconds, decode ms/step, the step's roofline
 ((weight bytes + the cache bytes a step reads) / copy bandwidth measured in this run) and the ratio, host CPU ms
 per step, peak GiB above the weights, KV bytes held / full. Writes a CSV (GPU, versions, date in a `#` first
 line) and a Markdown table beside it, and prints the table.
@@ -60,11 +70,26 @@ def hf_generate(model, name: str, ids, new: int):
     return None
 
 
-def kv_generate(model, name: str, prompts: list[list[int]], new: int):
+def kv_engine(model, name: str) -> Engine:
     eng = Engine(model, cache=CacheConfig(**CONFIGS[name], engine="fast"))
-    eng.eos_token_ids = []  # every row runs to `new` tokens, as min_new_tokens does for the baselines
+    eng.eos_token_ids = []  # every row runs to its max_new_tokens, as min_new_tokens does for the baselines
+    eng.record_timing = True
+    return eng
+
+
+def kv_generate(model, name: str, prompts: list[list[int]], new: int):
+    eng = kv_engine(model, name)
     rows = eng.generate(prompts, max_new_tokens=new)
-    return rows, eng.last_graph
+    return rows, eng
+
+
+def max_batch(model, name: str, prompt: int, new: int) -> int:
+    """The sequences a kvstream config's slot pool holds beside the weights (what Engine.generate would use)."""
+    from kvstream.kvcache.scheduler import _slots_that_fit
+
+    torch.cuda.empty_cache()
+    cfg = CacheConfig(**CONFIGS[name], max_new_tokens=new)
+    return _slots_that_fit(cfg, model, prompt, new, torch.bfloat16, torch.device("cuda"), 0.9)
 
 
 def timed(fn):
@@ -79,25 +104,109 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
     B, T = ids.shape
     if CONFIGS[name] is None:
         gen = lambda n, i=ids: hf_generate(model, name, i, n)  # noqa: E731
+        _, warm_s, _ = timed(lambda: gen(new))  # transformers' static-cache compile, primes
+        _, prefill_s, _ = timed(lambda: gen(1))
+        torch.cuda.reset_peak_memory_stats()
+        _, total_s, cpu_s = timed(lambda: gen(new))
+        rows, eng, steps = None, None, new - 1
+        step_ms = 1e3 * (total_s - prefill_s) / steps
     else:
-        gen = lambda n, p=prompts: kv_generate(model, name, p, n)  # noqa: E731
-    _, warm_s, _ = timed(lambda: gen(new))  # compiles (Triton, transformers' static-cache compile), primes
-    _, prefill_s, _ = timed(lambda: gen(1))
-    torch.cuda.reset_peak_memory_stats()
-    out, total_s, cpu_s = timed(lambda: gen(new))
-    rows, graph = out if out is not None else (None, None)
+        timed(lambda: kv_generate(model, name, prompts[:2], 4))  # Triton compiles
+        torch.cuda.reset_peak_memory_stats()
+        (rows, eng), total_s, cpu_s = timed(lambda: kv_generate(model, name, prompts, new))
+        t = eng.last_timing
+        warm_s, prefill_s, steps = total_s, t["prefill_s"], t["decode_steps"]
+        step_ms = 1e3 * t["decode_s"] / steps
     peak = torch.cuda.max_memory_allocated() - w_bytes
     full_bytes = 2 * layers * kv_heads * head_dim * 2 * B * (T + new - 1)
     kv = full_bytes if rows is None else sum(r["kv_bytes"] for r in rows)
     kv_full = full_bytes if rows is None else sum(r["kv_bytes_full"] for r in rows)
-    step_ms = 1e3 * (total_s - prefill_s) / (new - 1)
     roof_ms = 1e3 * (w_bytes + kv) / bw
-    return dict(config=name, batch=B, prompt=T, new=new, tokens_per_s=B * new / total_s, total_s=total_s,
-                prefill_s=prefill_s, decode_step_ms=step_ms, roofline_step_ms=roof_ms,
-                step_vs_roofline=step_ms / roof_ms, cpu_ms_per_step=1e3 * cpu_s / new,
-                graph="-" if graph is None else "yes" if graph else "no",
+    return dict(config=name, batch=B, concurrent=B if eng is None else eng.last_num_slots, prompt=T, new=new,
+                tokens_per_s=B * new / total_s, docs_per_s=B / total_s, total_s=total_s, prefill_s=prefill_s,
+                decode_step_ms=step_ms, roofline_step_ms=roof_ms, step_vs_roofline=step_ms / roof_ms,
+                cpu_ms_per_step=1e3 * cpu_s / steps, gpu_ms_per_step=step_ms,
+                graph="-" if eng is None else "yes" if eng.last_graph else "no",
                 compile_s=max(0.0, warm_s - total_s), kv_bytes_ratio=kv / kv_full,
                 peak_gib_above_weights=peak / 2**30)
+
+
+def mix_lengths(path: str, docs: int, lo: int, hi: int, new_range: tuple[int, int], seed: int = 0):
+    """Workload (c): prompt lengths from a real dataset's documents (~4 characters a token), clipped to [lo, hi],
+    `docs` of them drawn with replacement, and output lengths uniform in new_range."""
+    import json
+    import random
+
+    texts = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(max((v for v in row.values() if isinstance(v, str)), key=len))
+    rnd = random.Random(seed)
+    lens = [min(hi, max(lo, len(rnd.choice(texts)) // 4)) for _ in range(docs)]
+    news = [rnd.randint(*new_range) for _ in range(docs)]
+    return lens, news
+
+
+def bench_mix(model, name, lens, news, hf_batch, vocab, w_bytes) -> dict:
+    """Workload (c) for one config: every document through kvstream's Scheduler (num_slots auto), or through
+    transformers' static cache in length-sorted batches of hf_batch. Tokens counted: each document's own."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    dev = torch.device("cuda")
+    if CONFIGS[name] is not None:
+        from kvstream.kvcache.scheduler import Request, Scheduler
+
+        eng = kv_engine(model, name)
+        eng.generate(prompts[:2], max_new_tokens=4)  # Triton compiles
+
+        def run():
+            sched = Scheduler(eng, "auto", max(lens), max(news), timing=True)
+            for i, (p, m) in enumerate(zip(prompts, news)):
+                sched.add(Request(str(i), p, max_new_tokens=m))
+            done = 0
+            while sched.has_work():
+                done += len(sched.step())
+            assert done == len(prompts)
+            return sched
+
+        torch.cuda.reset_peak_memory_stats()
+        sched, total_s, cpu_s = timed(run)
+        t = sched.timing()
+        conc, prefill_s, steps, decode_s = sched.num_slots, t["prefill_s"], t["decode_steps"], t["decode_s"]
+        compile_s = 0.0
+    else:
+        from transformers import StaticCache
+
+        order = sorted(range(len(lens)), key=lambda i: lens[i])
+        batches = [order[i:i + hf_batch] for i in range(0, len(order), hf_batch)]
+        cache_len = max(lens) + max(news)
+
+        def one(batch, width=None, new=None):
+            rows = [prompts[i] for i in batch] + [prompts[batch[0]]] * (hf_batch - len(batch))  # fixed batch
+            width = width or max(len(r) for r in rows)
+            ids = torch.zeros((hf_batch, width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, r in enumerate(rows):
+                r = r[-width:]
+                ids[j, width - len(r):], mask[j, width - len(r):] = torch.tensor(r), 1
+            new = new or max(news[i] for i in batch)
+            cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            with torch.inference_mode():
+                model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache,
+                               max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)
+
+        _, compile_s, _ = timed(lambda: one(batches[0], width=64, new=8))  # the decode step's compile
+        torch.cuda.reset_peak_memory_stats()
+        _, total_s, cpu_s = timed(lambda: [one(b) for b in batches])
+        conc, prefill_s, steps, decode_s = hf_batch, float("nan"), sum(max(news[i] for i in b) for b in batches), 0.0
+    gen_tokens = sum(news)
+    return dict(config=name, workload="mix", docs=len(lens), concurrent=conc, tokens_per_s=gen_tokens / total_s,
+                docs_per_s=len(lens) / total_s, total_s=total_s, prefill_s=prefill_s,
+                decode_step_ms=1e3 * decode_s / steps if decode_s else float("nan"),
+                cpu_ms_per_step=1e3 * cpu_s / steps, compile_s=compile_s,
+                peak_gib_above_weights=(torch.cuda.max_memory_allocated() - w_bytes) / 2**30)
 
 
 def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: int = 3) -> str:
@@ -107,26 +216,20 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
     says whether the step is bound by kernel time or by the gaps between kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kvstream.kvcache.cache import CompressedCache
-    from kvstream.kvcache.fast_decode import DecodeRunner
+    from kvstream.kvcache.scheduler import Request, Scheduler
 
-    dev = next(model.parameters()).device
-    cfg = CacheConfig(**CONFIGS[name], max_new_tokens=steps + 4)
-    ids = torch.tensor(prompts, device=dev)
-    B = ids.shape[0]
-    cache = CompressedCache(cfg, model.config)
+    eng = kv_engine(model, name)
+    sched = Scheduler(eng, len(prompts), len(prompts[0]), steps + 8)
+    sched.runner.use_graph = False  # eager steps: the same kernels a replay runs, each seen by the profiler
+    for i, p in enumerate(prompts):
+        sched.add(Request(str(i), p, max_new_tokens=steps + 8))
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        z = torch.zeros(B, device=dev)
-        runner = DecodeRunner(model, cache, steps + 4, z, z + 1, cache.plan.seeds, [], 0, graph=False)
-        runner.first(out.logits[:, -1])
-        for _ in range(2):
-            runner.step()
+        sched.step()  # admissions (prefills) and a first step
+        sched.runner.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                runner.step()
+                sched.runner.step()
             torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
             if e.device_time_total > 0]
@@ -141,18 +244,66 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
     return text
 
 
+def profile_prefill(model, name: str, prompt: int, path: str, reps: int = 3) -> str:
+    """One sequence's prefill of `prompt` tokens: wall time per prefill against the model's own forward (SDPA, no
+    cache) in the same run, and GPU time by kernel (torch.profiler), appended to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvstream.kvcache.cache import CompressedCache
+
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), device=dev)
+    mask = torch.ones_like(ids)
+
+    def kv():
+        cache = CompressedCache(CacheConfig(**CONFIGS[name], max_new_tokens=256), model.config, seeds=[1])
+        return kv_engine(model, name).prefill(cache, ids, mask)
+
+    def plain():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+
+    with torch.inference_mode():
+        walls = {}
+        for label, fn in (("model forward", plain), (name, kv)):
+            fn()
+            _, walls[label], _ = timed(lambda f=fn: [f() for _ in range(reps)])
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            kv()
+            torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    lines = [f"## prefill of {prompt} tokens, {name}: {1e3 * walls[name] / reps:.1f} ms wall (model forward alone "
+             f"{1e3 * walls['model forward'] / reps:.1f} ms); GPU kernel time {total:.1f} ms",
+             "| kernel | ms | launches |", "| --- | --- | --- |"]
+    lines += [f"| {k[:90]} | {ms:.2f} | {n} |" for k, ms, n in rows[:20]]
+    text = "\n".join(lines) + "\n"
+    with open(path, "a") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(REFERENCE_SHAPES), default="llama2-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", default="16", help="rows, or 'max': as many as each kvstream cache fits")
+    ap.add_argument("--hf-batch", type=int, default=None, help="the baselines' batch with --batch max / --mix")
+    ap.add_argument("--batch-cap", type=int, default=512, help="at most this many rows with --batch max")
+    ap.add_argument("--mix", default="", help="workload (c): a .jsonl dataset whose text lengths the prompts follow")
+    ap.add_argument("--mix-docs", type=int, default=512)
+    ap.add_argument("--mix-min", type=int, default=256)
+    ap.add_argument("--mix-new", default="64,512")
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default="bench/engine.csv")
     ap.add_argument("--profile", default="", help="kvstream configs whose eager decode step to profile, by kernel")
+    ap.add_argument("--profile-prefill", default="", help="kvstream configs whose one-sequence prefill to profile")
     a = ap.parse_args(argv)
-    bad = [c for c in a.configs.split(",") + [p for p in a.profile.split(",") if p] if c not in CONFIGS]
+    configs = [c for c in a.configs.split(",") if c]
+    profiled = [p for p in (a.profile + "," + a.profile_prefill).split(",") if p]
+    bad = [c for c in configs + profiled if c not in CONFIGS]
     if bad:
         ap.error(f"unknown --configs {bad}; valid: {', '.join(CONFIGS)}")
     if not torch.cuda.is_available():
@@ -163,35 +314,57 @@ def main(argv=None) -> int:
     model = build_model(a.shape, a.layers, dev)
     mc = model.config
     w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    g = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(3, mc.vocab_size, (a.batch, a.prompt), generator=g)
-    prompts = ids.tolist()
     rows = []
-    for name in a.configs.split(","):
+    if a.batch != "max" and not a.batch.isdigit():
+        ap.error(f"--batch {a.batch!r}: a number or 'max'")
+    if (a.batch == "max" or a.mix) and a.hf_batch is None:
+        ap.error("--batch max and --mix need --hf-batch (the baselines' batch)")
+    if a.mix:
+        lo, hi = (int(x) for x in a.mix_new.split(","))
+        lens, news = mix_lengths(a.mix, a.mix_docs, a.mix_min, a.prompt, (lo, hi))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name in configs:
         try:
-            rows.append(bench_one(model, name, ids.to(dev), prompts, a.new, w_bytes, bw, mc.num_hidden_layers,
-                                  mc.num_key_value_heads, mc.hidden_size // mc.num_attention_heads))
+            if a.mix:
+                rows.append(bench_mix(model, name, lens, news, a.hf_batch, mc.vocab_size, w_bytes))
+            else:
+                B = int(a.batch) if a.batch != "max" else (
+                    a.hf_batch if CONFIGS[name] is None else min(a.batch_cap, max_batch(model, name, a.prompt, a.new)))
+                ids = torch.randint(3, mc.vocab_size, (B, a.prompt), generator=g)
+                rows.append(bench_one(model, name, ids.to(dev), ids.tolist(), a.new, w_bytes, bw,
+                                      mc.num_hidden_layers, mc.num_key_value_heads,
+                                      mc.hidden_size // mc.num_attention_heads))
             print(rows[-1], flush=True)
         except torch.cuda.OutOfMemoryError as e:
-            print(f"{name}: out of memory at batch {a.batch} ({str(e).splitlines()[0]})", flush=True)
+            print(f"{name}: out of memory ({str(e).splitlines()[0]})", flush=True)
         torch.cuda.empty_cache()
     for name in [p for p in a.profile.split(",") if p]:
         if CONFIGS[name] is None:
             ap.error(f"--profile {name}: only kvstream configs are profiled")
+        prompts = torch.randint(3, mc.vocab_size, (int(a.batch) if a.batch.isdigit() else 16, a.prompt),
+                                generator=g).tolist()
         print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
         torch.cuda.empty_cache()
+    for name in [p for p in a.profile_prefill.split(",") if p]:
+        if CONFIGS[name] is None:
+            ap.error(f"--profile-prefill {name}: only kvstream configs are profiled")
+        print(profile_prefill(model, name, a.prompt, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
+        torch.cuda.empty_cache()
     if not rows:
-        print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch", file=sys.stderr)
+        print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch / --hf-batch",
+              file=sys.stderr)
         return 1
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    base = df.set_index("config").tokens_per_s
-    for ref in ("hf-static", "hf-dynamic"):
-        if ref in base:
-            df[f"x_{ref}"] = df.tokens_per_s / base[ref]
+    for col in ("tokens_per_s", "docs_per_s") if a.mix else ("tokens_per_s",):
+        base = df.set_index("config")[col]
+        for ref in ("hf-static", "hf-dynamic"):
+            if ref in base:
+                df[f"x_{ref}" + ("_docs" if col == "docs_per_s" else "")] = df[col] / base[ref]
     head = (f"# gpu={torch.cuda.get_device_name()}; torch={torch.__version__}; copy_bw_TBps={bw / 1e12:.3f}; "
             f"shape={a.shape}; layers={mc.num_hidden_layers}; weights_GB={w_bytes / 1e9:.2f}; "
+            f"workload={'mix:' + os.path.basename(a.mix) if a.mix else f'{a.prompt}+{a.new}@{a.batch}'}; "
             f"date={datetime.datetime.now(datetime.timezone.utc).isoformat()}")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:

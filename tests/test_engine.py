@@ -3,6 +3,8 @@ per-row fields, loading paths and dtypes, and bad input."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -30,7 +32,9 @@ def test_lily_from_bos(stories):
 
 def test_rows_have_consistent_fields(stories):
     prompts = ["Once upon a time, there was a big dog", "Tom", [1, 403]]
+    t0 = time.perf_counter()
     rows = stories.generate(prompts, max_new_tokens=12)
+    wall = time.perf_counter() - t0
     assert len(rows) == 3
     for prompt, row in zip(prompts, rows):
         assert set(row) == FIELDS
@@ -39,7 +43,7 @@ def test_rows_have_consistent_fields(stories):
         assert row["num_generated_tokens"] == len(row["token_ids"]) == 12  # no EOS within 12 tokens here
         assert isinstance(row["kv_bytes"], int) and isinstance(row["kv_bytes_full"], int) and row["kv_bytes"] > 0
     assert rows[0]["kv_bytes_full"] > rows[1]["kv_bytes_full"]  # a longer prompt, the same number of new tokens
-    assert rows[0]["time_taken_llm"] == rows[1]["time_taken_llm"] > 0
+    assert all(0 < row["time_taken_llm"] <= wall for row in rows)  # each row's own time, from its admission
     # a string prompt's text continues it: prompt text + generated text is the decode of all ids
     ids = stories.tokenizer.encode(prompts[0])
     assert "Once upon a time, there was a big dog" + rows[0]["generated_text"] == stories.tokenizer.decode(

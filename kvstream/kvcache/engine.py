@@ -1,9 +1,11 @@
 """Engine: batched generation over a transformers causal LM with a compressed KV cache.
 
-The API the pipeline calls. Each call left-pads its prompts, makes a fresh `CompressedCache` sized for that batch,
-prefills it with the model's own forward, decodes, then cuts every row at EOS or a stop string. Decoding runs on
-the fast path (`kvstream.kvcache.fast_decode`: a static step, CUDA-graph captured on CUDA, device sampling) for the
-Llama family, else through transformers' `model.generate` over the same cache (`CacheConfig.engine`).
+The API the pipeline calls. On the fast path (the Llama family: `kvstream.kvcache.fast_decode`, a static step,
+CUDA-graph captured on CUDA, device sampling) each call's prompts are requests of a continuous-batching Scheduler
+(`kvstream.kvcache.scheduler`) whose pool holds as many sequences as the GPU memory fits: each prompt prefilled
+alone, decoded beside the others, a finished row's slot taken by the next prompt. Other families: the prompts are
+left-padded into one batch, prefilled into a fresh `CompressedCache` and decoded by transformers' `model.generate`
+over it (`CacheConfig.engine`). Every row is cut at EOS or a stop string.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from transformers import StoppingCriteria
 
 from kvstream.kvcache.cache import CompressedCache, check_model_config
 from kvstream.kvcache.config import CacheConfig
-from kvstream.kvcache.fast_decode import DecodeRunner, unsupported_reason
+from kvstream.kvcache.fast_decode import unsupported_reason
 from kvstream.kvcache.models import cache_kwarg, decode_continuation, load_model, max_context
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ class Engine:
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
         self.decode_path = self._decode_path()
         self.last_graph: bool | None = None  # whether the last fast decode ran as CUDA-graph replays
+        self.last_num_slots: int | None = None  # sequences the last fast generate decoded together
+        self.gpu_memory_utilization = 0.9  # the share of GPU memory the fast path's slot pool may fill
+        self.record_timing = False  # benchmarks: GPU prefill / decode seconds of the last fast generate
+        self.last_timing: dict | None = None
 
     def _decode_path(self) -> str:
         """"fast" or "hf", from CacheConfig.engine and what the model allows (a log line says why not fast)."""
@@ -108,13 +114,13 @@ class Engine:
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  stop: list[str] | str | None = None, seed: int = 0) -> list[dict]:
-        """Generate a continuation of every prompt, as one batch.
+        """Generate a continuation of every prompt.
 
         prompts: list of str or of token-id lists. temperature 0 is greedy; > 0 samples (with top_p), seeded by
-        `seed` (the same seed and batch give the same output). stop: strings that end a row; the text is cut
+        `seed` (a row's output depends on its prompt, settings and seed, not on its batch-mates). stop: strings that end a row; the text is cut
         before the stop string, token_ids keep the token that completed it. EOS ends a row (counted, not decoded).
         Returns one dict per prompt: generated_text (str), token_ids (list[int]), num_input_tokens,
-        num_generated_tokens (== len(token_ids)), time_taken_llm (s, the batch's generate wall time), kv_bytes and
+        num_generated_tokens (== len(token_ids)), time_taken_llm (s: on the fast path from the row's admission to its end, else the batch's generate wall time), kv_bytes and
         kv_bytes_full (the row's KV cache bytes held vs a full-precision cache of the same tokens).
         """
         _check_sampling(max_new_tokens, temperature, top_p, seed)
@@ -124,6 +130,8 @@ class Engine:
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: pass tokenizer= to Engine.from_pretrained")
         ids = [self.prompt_ids(p, max_new_tokens) for p in prompts]
+        if self.decode_path == "fast":
+            return self._generate_scheduled(ids, max_new_tokens, temperature, top_p, stops, seed)
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -133,10 +141,7 @@ class Engine:
         cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
         cache = CompressedCache(cfg, self.model.config, seeds=[_row_seed(cfg.seed, seed, x) for x in ids])
         t0 = time.perf_counter()
-        if self.decode_path == "fast":
-            gen_ids = self._decode_fast(cache, input_ids, mask, max_new_tokens, temperature, top_p)
-        else:
-            gen_ids = self._decode_hf(cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed)
+        gen_ids = self._decode_hf(cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
@@ -153,20 +158,41 @@ class Engine:
             })
         return rows
 
-    def _decode_fast(self, cache, input_ids, mask, max_new_tokens, temperature, top_p) -> list[list[int]]:
-        """Prefill through the model's forward, then the static decode step (fast_decode.DecodeRunner). Sampling is
-        on the device with counter-based noise per row (the row's seed), so it needs no torch RNG."""
-        B, dev = input_ids.shape[0], self.device
-        with torch.inference_mode():
-            logits = self.prefill(cache, input_ids, mask)
-            runner = DecodeRunner(
-                self.model, cache, max_new_tokens,
-                temperature=torch.full((B,), float(temperature), dtype=torch.float32, device=dev),
-                top_p=torch.full((B,), float(top_p), dtype=torch.float32, device=dev),
-                seeds=cache.plan.seeds, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id)
-            tokens = runner.run(logits)
-        self.last_graph = runner.use_graph
-        return tokens.tolist()
+    def _generate_scheduled(self, ids, max_new_tokens, temperature, top_p, stops, seed) -> list[dict]:
+        """The fast path: every prompt a request of one continuous-batching Scheduler whose pool holds as many
+        sequences as fit (on CUDA: `num_slots="auto"` from the memory left beside the weights; on CPU: all),
+        so a batch larger than memory streams through the slots instead of failing."""
+        from kvstream.kvcache.scheduler import Request, Scheduler
+
+        longest = max(len(x) for x in ids)
+        if self.device.type == "cuda":
+            from kvstream.kvcache.scheduler import _slots_that_fit
+
+            cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
+            dtype = next(self.model.parameters()).dtype
+            slots = min(len(ids), _slots_that_fit(cfg, self.model, longest, max_new_tokens, dtype, self.device,
+                                                  self.gpu_memory_utilization))
+        else:
+            slots = len(ids)
+        sched = Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,
+                          timing=self.record_timing)
+        for i, x in enumerate(ids):
+            sched.add(Request(str(i), x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              stop=stops, seed=seed))
+        rows: dict[str, dict] = {}
+        while sched.has_work():
+            for row in sched.step():
+                rows[row.pop("id")] = row
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_graph, self.last_num_slots = sched.runner.use_graph, slots
+        self.last_timing = sched.timing() if self.record_timing else None
+        out = []
+        for i in range(len(ids)):
+            row = rows[str(i)]
+            del row["finish_reason"]
+            out.append(row)
+        return out
 
     def prefill(self, cache: CompressedCache, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The model's forward over a left-padded batch (B, T) into `cache` -> last-position logits (B, V)."""

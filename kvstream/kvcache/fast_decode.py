@@ -100,6 +100,7 @@ class DecodeRunner:
         self.tokens.scatter_(1, col, torch.where(live.view(self.B, 1), tok.view(self.B, 1), self.tokens.gather(1, col)))
         self.gen_t += live
         self.done |= live & (torch.isin(tok, self.eos) | (self.gen_t >= self.max_new))
+        self.cache.plan.active &= ~self.done  # a finished row writes nothing more into its cache
         self.tok_in.copy_(torch.where(live, tok, self.pad_id))
 
     def first(self, logits: torch.Tensor) -> None:
@@ -119,6 +120,7 @@ class DecodeRunner:
         self.tokens[b, 0] = tok[0]
         self.gen_t[b] = 1
         self.done[r] = torch.isin(tok, self.eos) | (max_new_tokens <= 1)
+        self.cache.plan.active[r] &= ~self.done[r]
         self.tok_in[r] = torch.where(self.done[r], self.pad_id, tok)
 
     def _forward(self) -> torch.Tensor:
@@ -161,7 +163,7 @@ class DecodeRunner:
     def run(self, prefill_logits: torch.Tensor) -> torch.Tensor:
         """Decode to the end: (B, max_new_tokens) int64 tokens, pad after a row's EOS (and its EOS kept)."""
         self.first(prefill_logits)
-        lagged = _LaggedFlags(self.done)
+        lagged = LaggedFlags(self.done)
         for _ in range(1, self.width):
             if lagged.all_done():  # the flags of the step before the last one queued: no wait on the GPU
                 break
@@ -170,10 +172,10 @@ class DecodeRunner:
         return self.tokens
 
 
-class _LaggedFlags:
-    """The finished flags, read one step late: each step copies them into one of two pinned host buffers behind an
-    event; the host reads the copy of the step before the one just queued (its event already passed, or about
-    to), so the GPU always has a step queued. On CPU the flags are read at once."""
+class LaggedFlags:
+    """The finished flags, read one step late: each push copies them into one of two pinned host buffers behind an
+    event; `read` returns the copy of the push before the newest (its event already passed, or about to), so the
+    GPU always has a step queued. On CPU the newest flags are read at once."""
 
     def __init__(self, done: torch.Tensor):
         self.cuda = done.is_cuda
@@ -189,14 +191,19 @@ class _LaggedFlags:
             self.host[i].copy_(done, non_blocking=True)
             self.events[i].record()
         else:
-            self.last = done
+            self.last = done.clone()
         self.pushed += 1
 
-    def all_done(self) -> bool:
+    def read(self) -> tuple[list[bool], int]:
+        """The flags of the push before the newest (the newest on CPU, or when there was one push), and that
+        push's index (0 for the first)."""
         if not self.cuda:
-            return bool(self.last.all())
-        if self.pushed < 2:
+            return self.last.tolist(), self.pushed - 1
+        index = max(self.pushed - 2, 0)
+        self.events[index % 2].synchronize()
+        return self.host[index % 2].tolist(), index
+
+    def all_done(self) -> bool:
+        if self.cuda and self.pushed < 2:
             return False
-        i = self.pushed % 2  # the older of the two buffers: the step before the last one queued
-        self.events[i].synchronize()
-        return bool(self.host[i].all())
+        return all(self.read()[0])

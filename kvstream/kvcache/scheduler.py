@@ -16,7 +16,10 @@ fixed-size; a paged kept store that sizes each slot by its own budget is the nex
 3. returns the sequences that finished (EOS, max_new_tokens, or cancelled) and frees their slots.
 A row's tokens equal `Engine.generate([its prompt], ...)` alone: the prefill is the same, and every decode-step
 quantity is per slot (positions, Keyformer step / tau / seed, sampling seed and step).
-Prefill is not chunked yet: an admission prefills the whole prompt between two decode steps.
+A request may carry its own cache budget (`Request.budget`, no larger than the pool's slots hold): per-request
+compression. The finished flags are read one step late on CUDA, so the host never waits on the step it just queued.
+`Engine.generate` runs on a Scheduler on the fast path. Prefill is not chunked yet: an admission prefills the whole
+prompt between two decode steps.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from kvstream.kvcache.cache import CompressedCache
 from kvstream.kvcache.capacity import max_slots
 from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_seed, _stop_list
-from kvstream.kvcache.fast_decode import DecodeRunner
+from kvstream.kvcache.fast_decode import DecodeRunner, LaggedFlags
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    budget: float | int | None = None  # this sequence's cache budget (CacheConfig.budget); None: the pool's
 
 
 class Scheduler:
@@ -54,11 +58,11 @@ class Scheduler:
     fit in gpu_memory_utilization of the GPU's memory beside what is already allocated (the weights) and a
     working reserve (kvstream.kvcache.capacity: a smaller cache is automatically a bigger batch);
     max_prompt_tokens, max_new_tokens: the largest prompt and generation a slot holds (requests over them are
-    refused at `add`).
+    refused at `add`); timing: record CUDA events around each phase for `timing()` (benchmarks).
     """
 
     def __init__(self, engine: Engine, num_slots: int | str, max_prompt_tokens: int, max_new_tokens: int,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, timing: bool = False):
         if engine.decode_path != "fast":
             raise ValueError("Scheduler needs an Engine on the fast path (a Llama-family model with "
                              f"CacheConfig.engine auto or fast); this one decodes through {engine.decode_path!r}")
@@ -83,6 +87,9 @@ class Scheduler:
         self.waiting: collections.deque[tuple[Request, list[int]]] = collections.deque()
         self.slots: list[tuple[Request, list[int]] | None] = [None] * num_slots
         self.started = [0.0] * num_slots  # when each slot's sequence was admitted (time_taken_llm)
+        self.admitted_at = [0] * num_slots  # the index of the first finished-flags push after each admission
+        self.flags = LaggedFlags(self.runner.done)
+        self._events: list | None = [] if timing else None
 
     # ---- the API ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -102,6 +109,8 @@ class Scheduler:
         if len(ids) > self.max_prompt:
             raise ValueError(f"request {request.id!r}: a prompt of {len(ids)} tokens is over the scheduler's "
                              f"max_prompt_tokens={self.max_prompt}")
+        if request.budget is not None:
+            self._check_budget(request, len(ids))
         self.waiting.append((dataclasses.replace(request, stop=stops), ids))
 
     def has_work(self) -> bool:
@@ -121,14 +130,52 @@ class Scheduler:
 
     def step(self) -> list[dict]:
         """Admit waiting requests into free slots, decode one token for every running sequence, and return the
-        finished ones: Engine.generate's row fields plus `id` and `finish_reason` ("stop" or "length")."""
+        finished ones: Engine.generate's row fields plus `id` and `finish_reason` ("stop" or "length").
+
+        The finished flags are read one step late on CUDA (the step just queued keeps the GPU busy while the host
+        reads the flags of the one before), so a sequence is returned one step after it ends; a finished row
+        writes nothing meanwhile (the runner clears its `active` flag on the device)."""
         with torch.inference_mode():
-            self._admit()
-            finished = self._collect()  # a sequence may end at its first token
+            self._timed("prefill", self._admit)
             if any(s is not None for s in self.slots):
-                self.runner.step()
-                finished += self._collect()
-        return finished
+                self._timed("decode", self.runner.step)
+            self.flags.push(self.runner.done)
+            return self._collect()
+
+    def timing(self) -> dict[str, float]:
+        """GPU seconds spent in admissions (prefills) and decode steps, and the decode steps run, since the
+        Scheduler was built with timing=True (CUDA events around each phase, read here: a host sync)."""
+        if self._events is None:
+            raise ValueError("Scheduler.timing: build the Scheduler with timing=True")
+        out = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+        for phase, a, b in self._events:
+            if a is None:
+                continue
+            b.synchronize()
+            out[f"{phase}_s"] += a.elapsed_time(b) / 1e3
+            out["decode_steps"] += phase == "decode"
+        return out
+
+    def _timed(self, phase: str, fn) -> None:
+        if self._events is None or self.engine.device.type != "cuda":
+            fn()
+            return
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        self._events.append((phase, a, b))
+
+    def progress(self) -> dict[str, list[int]]:
+        """The tokens each running sequence has so far (EOS cut), by id: a host sync, for streaming between
+        steps, not for the batch loop."""
+        running = [(b, held[0].id) for b, held in enumerate(self.slots) if held is not None]
+        if not running:
+            return {}
+        gen_t = self.runner.gen_t.tolist()
+        tokens = self.runner.tokens[[b for b, _ in running]].tolist()
+        return {rid: _cut_at_eos(row[: gen_t[b]], self.engine.eos_token_ids)
+                for (b, rid), row in zip(running, tokens)}
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _ids(self) -> set[str]:
@@ -141,7 +188,7 @@ class Scheduler:
             if self.slots[b] is not None:
                 continue
             req, ids = self.waiting.popleft()
-            cfg = dataclasses.replace(self.cfg, max_new_tokens=req.max_new_tokens)
+            cfg = self._config_of(req)
             one = CompressedCache(cfg, self.engine.model.config, seeds=[_row_seed(cfg.seed, req.seed, ids)])
             row = torch.tensor([ids], dtype=torch.long)
             logits = self.engine.prefill(one, row, torch.ones_like(row))
@@ -149,12 +196,13 @@ class Scheduler:
             self.runner.start_row(b, logits, req.max_new_tokens, req.temperature, req.top_p)
             self.slots[b] = (req, ids)
             self.started[b] = time.perf_counter()
+            self.admitted_at[b] = self.flags.pushed  # flags pushed from now on are this sequence's
 
     def _collect(self) -> list[dict]:
-        done = self.runner.done.tolist()
+        done, index = self.flags.read()
         out = []
         for b, held in enumerate(self.slots):
-            if held is None or not done[b]:
+            if held is None or index < self.admitted_at[b] or not done[b]:
                 continue
             req, ids = held
             n_gen = int(self.runner.gen_t[b])
@@ -168,6 +216,27 @@ class Scheduler:
                         "kv_bytes_full": kv_full})
             self._free(b)
         return out
+
+    def _config_of(self, req: Request):
+        cfg = dataclasses.replace(self.cfg, max_new_tokens=req.max_new_tokens)
+        return cfg if req.budget is None else dataclasses.replace(cfg, budget=req.budget)
+
+    def _check_budget(self, req: Request, n_prompt: int) -> None:
+        """A request's own budget must be a valid one for the pool's policy and fit the pool's slots."""
+        if self.cfg.policy == "full":
+            raise ValueError(f"request {req.id!r}: budget={req.budget!r} needs an evicting cache policy; this "
+                             "scheduler's policy is 'full' (every token kept)")
+        try:
+            cfg = self._config_of(req)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"request {req.id!r}: budget={req.budget!r}: {e}") from None
+        dtype = next(self.engine.model.parameters()).dtype
+        need = CompressedCache.pool(cfg, self.engine.model.config, 1, n_prompt, dtype, "meta").layers[0].store
+        have = self.pool.layers[0].store
+        if need.cs > have.cs or need.cw > have.cw or (have.kivi and need.cw != have.cw):
+            raise ValueError(f"request {req.id!r}: budget={req.budget!r} keeps {need.cs} tokens + a window of "
+                             f"{need.cw} for a {n_prompt}-token prompt; this scheduler's slots hold {have.cs} + "
+                             f"{have.cw} (its budget is {self.cfg.budget!r}); ask for a budget no larger")
 
     def _row_bytes(self, b: int) -> tuple[int, int]:
         """Bytes slot b's sequence holds, and what a full-precision cache of its tokens would hold."""

@@ -93,8 +93,9 @@ class SeqPlan:
         self.tau_dev.copy_(self.tau_table.gather(1, (self.t_dev + 1).clamp(max=last).view(-1, 1)).view(-1))
 
     def end_step(self) -> None:
-        """After the last layer of a decode step."""
-        self.t_dev += 1
+        """After the last layer of a decode step: the sequences that wrote it moved on (a finished or released
+        sequence's count stays where it ended)."""
+        self.t_dev += self.active
 
     def load_slot(self, b: int, src: "SeqPlan", sb: int = 0) -> None:
         """Slot b takes sequence sb of `src` (a plan of the same config): its lengths, budget, window, seed,
@@ -178,9 +179,12 @@ class LayerStore:
     def prefill(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None) -> None:
         """k, v (B, H, T, D) post-RoPE, left padded; scores (B, H, T) float32 prefill scores or None."""
         order = self.plan.order
-        gi = order.view(self.B, 1, -1, 1).expand(-1, self.H, -1, self.D)
-        kc, vc = k.gather(2, gi), v.gather(2, gi)  # valid tokens first, in position order
-        sc = None if scores is None else scores.gather(2, order.view(self.B, 1, -1).expand(-1, self.H, -1))
+        if min(self.plan.n) == k.shape[2]:  # no padding (a scheduler admission): already in position order
+            kc, vc, sc = k, v, scores
+        else:
+            gi = order.view(self.B, 1, -1, 1).expand(-1, self.H, -1, self.D)
+            kc, vc = k.gather(2, gi), v.gather(2, gi)  # valid tokens first, in position order
+            sc = None if scores is None else scores.gather(2, order.view(self.B, 1, -1).expand(-1, self.H, -1))
         if self.kivi:
             self._prefill_kivi(kc, vc)
         else:

@@ -50,12 +50,45 @@ def test_graph_equals_eager_and_generate(cache):
 @pytest.mark.parametrize("cache", [dict(policy="keyformer", budget=0.5), dict(policy="h2o", budget=0.5, quant="kivi2"),
                                    dict(policy="full"), dict(policy="h2o", budget=0.5, quant="fp8")])
 def test_fast_equals_generate_on_cuda(cache):
-    model = build_model("llama", hidden=256, heads=4, kv_heads=2).cuda().to(torch.bfloat16)
+    """Engine.generate on the fast path (a Scheduler, CUDA graph, finished flags read a step late) == transformers'
+    generate over the same cache, each prompt alone (float32: no batch-shape rounding differences)."""
+    model = build_model("llama", hidden=256, heads=4, kv_heads=2).cuda()
     ids, mask = padded_batch([70, 100, 85], seed=3)
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     out = {}
     for engine in ("fast", "hf"):
         eng = Engine(model, cache=CacheConfig(engine=engine, group_size=32, residual=32, **cache))
         eng.eos_token_ids = []
-        out[engine] = [r["token_ids"] for r in eng.generate(prompts, max_new_tokens=NEW)]
+        if engine == "fast":
+            out[engine] = [r["token_ids"] for r in eng.generate(prompts, max_new_tokens=NEW)]
+            assert eng.last_graph and eng.last_num_slots == 3
+        else:
+            out[engine] = [eng.generate([p], max_new_tokens=NEW)[0]["token_ids"] for p in prompts]
     assert out["fast"] == out["hf"]
+
+
+def test_scheduler_mid_flight_on_cuda():
+    """7 requests of different lengths through 3 slots of a captured step, the flags read one step late: every
+    row == its run alone, and a row that ends early (EOS) is returned with exactly its tokens."""
+    from kvstream.kvcache.scheduler import Request, Scheduler
+
+    model = build_model("llama", hidden=256, heads=4, kv_heads=2).cuda()
+    eng = Engine(model, cache=CacheConfig(policy="keyformer", budget=0.5, quant="kivi2", group_size=32, residual=32))
+    lengths, news = [70, 100, 85, 40, 90, 64, 77], [20, 5, 13, 20, 1, 9, 17]
+    ids, mask = padded_batch(lengths, seed=5)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    alone = [eng.generate([p], max_new_tokens=m)[0]["token_ids"] for p, m in zip(prompts, news)]
+    eng.eos_token_ids = [alone[0][6]]  # the 7th token of row 0 becomes an EOS: rows end early
+    alone = [eng.generate([p], max_new_tokens=m)[0] for p, m in zip(prompts, news)]
+    sched = Scheduler(eng, num_slots=3, max_prompt_tokens=100, max_new_tokens=20)
+    for i, (p, m) in enumerate(zip(prompts, news)):
+        sched.add(Request(f"r{i}", p, max_new_tokens=m))
+    got = {}
+    for _ in range(400):
+        if not sched.has_work():
+            break
+        got.update({row["id"]: row for row in sched.step()})
+    assert sched.runner.use_graph and sched.runner.graph is not None
+    for i, row in enumerate(alone):
+        assert got[f"r{i}"]["token_ids"] == row["token_ids"], i
+        assert (got[f"r{i}"]["kv_bytes"], got[f"r{i}"]["kv_bytes_full"]) == (row["kv_bytes"], row["kv_bytes_full"])

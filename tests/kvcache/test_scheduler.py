@@ -128,6 +128,50 @@ def test_cancel_frees_the_slot_and_the_next_request_runs():
     assert got["c1"]["token_ids"] == alone["token_ids"]
 
 
+def test_a_request_with_its_own_budget_equals_generate_with_that_budget():
+    """Per-request compression: a request's budget (no larger than the pool's) is its alone; a larger one, or one
+    on a `full` pool, is refused with the reason."""
+    eng = engine(dict(policy="keyformer", budget=0.6))
+    ps = prompts([30, 38, 26], seed=8)
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=40, max_new_tokens=10)
+    budgets = [0.3, None, 12]
+    for i, (p, b) in enumerate(zip(ps, budgets)):
+        sched.add(Request(f"b{i}", p, max_new_tokens=10, budget=b))
+    got = drain(sched)
+    for i, (p, b) in enumerate(zip(ps, budgets)):
+        cfg = dict(QUANT, policy="keyformer", budget=0.6 if b is None else b)
+        one = Engine.from_pretrained(eng.model, cache=CacheConfig(**cfg), device="cpu")
+        (alone,) = one.generate([p], max_new_tokens=10)
+        assert got[f"b{i}"]["token_ids"] == alone["token_ids"], i
+        assert got[f"b{i}"]["kv_bytes"] == alone["kv_bytes"], i
+    assert got["b0"]["kv_bytes"] < got["b1"]["kv_bytes"]
+    with pytest.raises(ValueError, match="budget=0.9 keeps .* ask for a budget no larger"):
+        sched.add(Request("big", ps[0], max_new_tokens=4, budget=0.9))
+    with pytest.raises(ValueError, match="budget=-1"):
+        sched.add(Request("neg", ps[0], max_new_tokens=4, budget=-1))
+    full = Scheduler(engine(CACHES["full"]), num_slots=1, max_prompt_tokens=40, max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs an evicting cache policy"):
+        full.add(Request("f", ps[0], max_new_tokens=4, budget=0.5))
+    assert not sched.has_work() and not full.has_work()
+
+
+def test_progress_shows_each_running_sequence_so_far():
+    eng = engine(CACHES["h2o"])
+    ps = prompts([20, 25], seed=9)
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=32, max_new_tokens=8)
+    sched.add(Request("p0", ps[0], max_new_tokens=8))
+    sched.add(Request("p1", ps[1], max_new_tokens=3))
+    seen = {"p0": [], "p1": []}
+    got = {}
+    while sched.has_work():
+        for rid, toks in sched.progress().items():
+            assert toks[: len(seen[rid])] == seen[rid]  # a prefix of what comes next
+            seen[rid] = toks
+        got.update({r["id"]: r for r in sched.step()})
+    assert seen["p0"] == got["p0"]["token_ids"][: len(seen["p0"])] and len(seen["p0"]) >= 7
+    assert sched.progress() == {}
+
+
 def test_bad_requests_are_refused_with_the_reason():
     eng = engine(CACHES["full"])
     sched = Scheduler(eng, num_slots=2, max_prompt_tokens=16, max_new_tokens=8)
