@@ -1,4 +1,4 @@
-"""Benchmark the Triton kernels on a GPU (issue 3): fused decode attention over bf16 / kivi4 / kivi2 storage,
+"""Benchmark the Triton kernels on a GPU (issue 3): fused decode attention over bf16 / fp8 / kivi4 / kivi2 storage,
 with and without eviction scores, against torch SDPA over a full bf16 cache, the unfused torch reference path
 (dequantize + matmul + softmax + P.V: `decode_attention_ref`) and the roofline (bytes the kernel must read /
 the device-to-device copy bandwidth measured in the same run); and the prefill score kernel against SDPA
@@ -50,6 +50,15 @@ def make_slots(B, H, ctx, storage, K, V) -> KVSlots:
     if storage == "bf16":
         s.s_k, s.s_v = K[:, :, :cs], V[:, :, :cs]
         return s
+    if storage == "fp8":  # random finite e4m3 codes (0x7F / 0xFF, NaN, skipped), one key / value scale per (b, h)
+        def codes():
+            r = torch.randint(0, 254, (B, H, cs, D), dtype=torch.uint8, device=dev)
+            return r + (r >= 0x7F).to(torch.uint8)
+
+        s.quant, s.bits = "fp8", 8
+        s.s_k, s.s_v = codes(), codes()
+        s.s_ks, s.s_vs = (torch.full((B, H, 1), 0.01, device=dev) for _ in range(2))
+        return s
     bits = 4 if storage == "kivi4" else 2
     P = 32 // bits
     s.quant, s.bits = "channel", bits
@@ -61,7 +70,7 @@ def make_slots(B, H, ctx, storage, K, V) -> KVSlots:
 
 
 def slot_bytes(s: KVSlots) -> int:
-    names = ("win_k", "win_v", "s_k", "s_v", "s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm")
+    names = ("win_k", "win_v", "s_k", "s_v", "s_kc", "s_ks", "s_km", "s_vc", "s_vs", "s_vm")  # fp8: codes + scales
     return sum(getattr(s, n).numel() * getattr(s, n).element_size() for n in names if getattr(s, n) is not None)
 
 
@@ -116,7 +125,7 @@ def tune_decode(H, storage, B=32, ctx=4096):
     K = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
     V = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
     s = make_slots(B, H, ctx, storage, K, V)
-    if storage == "bf16":
+    if storage in ("bf16", "fp8"):
         configs = [dict(block_n=bn, num_warps=nw, num_stages=ns, use_dot=ud)
                    for ud in (False, True) for bn, nw, ns in ((64, 4, 1), (128, 4, 1), (64, 2, 3))]
     else:
@@ -165,6 +174,7 @@ def workspace(q, s, mode, storage, H):
 
 
 ROUNDS = 2  # interleaved timing rounds per decode shape; each cell keeps its fastest round
+STORAGES = ("bf16", "fp8", "kivi4", "kivi2")
 
 
 def bench_decode(B, ctx, H, bw, rows):
@@ -179,7 +189,7 @@ def bench_decode(B, ctx, H, bw, rows):
     full_bytes = 2 * K.numel() * 2
     base = dict(batch=B, context=ctx, q_heads=HQ, kv_heads=H)
     seed = torch.arange(B, device="cuda", dtype=torch.int64)
-    storages = ("bf16", "kivi4", "kivi2")
+    storages = STORAGES
     slots = {st: make_slots(B, H, ctx, st, K, V) for st in storages}
     accs = {st: torch.zeros(B, H, s.cs + s.cw, device="cuda") for st, s in slots.items()}
     cells = {("sdpa", 0): lambda: torch.nn.functional.scaled_dot_product_attention(q4, K, V, scale=scale,
@@ -337,17 +347,20 @@ def markdown(rows) -> str:
                 return r
         return None
 
-    out = ["| KV heads | B | ctx | SDPA bf16 ms | fused bf16 ms | fused kivi4 ms | fused kivi2 ms (% roofline, x SDPA) "
-           "| kivi2 + H2O scores | kivi2 + Keyformer scores | torch ref kivi2 ms |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| KV heads | B | ctx | SDPA bf16 ms | fused bf16 ms | fused fp8 ms (% roofline) | fused kivi4 ms "
+           "| fused kivi2 ms (% roofline, x SDPA) | kivi2 + H2O scores | kivi2 + Keyformer scores "
+           "| torch ref kivi2 ms |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda r: "n/a" if r is None or r["ms"] != r["ms"] else f"{r['ms']:.3f}"  # noqa: E731
     for r0 in rows:
         if r0["impl"] != "sdpa":
             continue
         k2 = get(r0, "fused", "kivi2", 0)
         k2s = f"{fmt(k2)} ({100 * k2['frac_roofline']:.0f}%, {k2['vs_sdpa']:.2f}x)" if k2 else "n/a"
+        f8 = get(r0, "fused", "fp8", 0)
+        f8s = f"{fmt(f8)} ({100 * f8['frac_roofline']:.0f}%)" if f8 else "n/a"
         out.append(f"| {r0['kv_heads']} | {r0['batch']} | {r0['context']} | {fmt(r0)} "
-                   f"| {fmt(get(r0, 'fused', 'bf16', 0))} "
+                   f"| {fmt(get(r0, 'fused', 'bf16', 0))} | {f8s} "
                    f"| {fmt(get(r0, 'fused', 'kivi4', 0))} | {k2s} | {fmt(get(r0, 'fused', 'kivi2', 1))} "
                    f"| {fmt(get(r0, 'fused', 'kivi2', 2))} | {fmt(get(r0, 'torch_ref', 'kivi2', 2))} |")
     out += ["", "| KV heads | prompt | SDPA causal prefill ms | H2O scores ms (fraction) "
@@ -391,7 +404,7 @@ def main() -> None:
               f"scores {e_acc:.2e}", flush=True)
     rows: list[dict] = []
     for H in [int(x) for x in args.kv_heads.split(",")]:
-        for storage in ("bf16", "kivi4", "kivi2") if not args.prefill_only else ():
+        for storage in STORAGES if not args.prefill_only else ():
             print(tune_decode(H, storage), flush=True)
         if args.tune_only:
             continue

@@ -4,8 +4,9 @@ Same signature and semantics as `kernels.decode_attention_ref.decode_attention_r
 (SGLang `decode_attention` shape), three launches:
 - stage 1, one program per (sequence b, KV head h, split): the split takes a contiguous share of the
   sequence's own held tokens (the S slots [0, s_len[b]) then the Cw ring slots) and reads each tile ONCE for all
-  GRP query heads of h. fp8 codes are decoded bit by bit and scaled by the (b, h)'s key / value scale in
-  registers (`kernels.fp8_quant`); packed KIVI codes + scale/min are dequantized in registers: per-channel keys use
+  GRP query heads of h. fp8 codes are decoded bit by bit to code / 2**8 (exact fp16: three integer ops, no
+  conversion; `kernels.fp8_quant`) and fed to the dots as they are, the (b, h)'s key scale applied to the logits and
+  its value scale to the P.V sums; packed KIVI codes + scale/min are dequantized in registers: per-channel keys use
   q.(c * s + m) = (q * s).c + q.m (one group per tile, so the key tile is never dequantized); per-token values
   are unpacked along channels. Free and evicted slots are masked; an online softmax keeps the running max, sum
   and un-normalized P.V. Two inner paths, picked per launch: tensor-core tl.dot (GQA) and CUDA-core
@@ -36,7 +37,7 @@ import triton.language as tl
 from kvstream.kernels.decode_kivi import _decode_stage1_kivi, kivi_config
 from kvstream.kernels.decode_kivi_cc import _decode_stage1_kivi_cc, cc_config, cc_supported, pv_chain_default
 from kvstream.kernels.decode_kivi_gqa import GQA_MAX_CODES, _decode_stage1_kivi_gqa, gqa_config, gqa_supported, qt_default
-from kvstream.kernels.fp8_quant import fp8_dequant
+from kvstream.kernels.fp8_quant import fp8_to_f16
 from kvstream.kernels.gumbel import gumbel_lg2
 from kvstream.kernels.slots import KVSlots
 from kvstream.kernels.triton_util import LN2 as _LN2
@@ -116,18 +117,40 @@ def _load_per_token(codes_ptr, scale_ptr, mn_ptr, row_off, s_row_off, mask, out_
 
 
 @triton.jit
-def _online_update(x, v, m_i, l_i, acc, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online-softmax update with one tile: x (BLOCK_G, BLOCK_N) masked fp32 logits, v (BLOCK_N, D)."""
+def _softmax_step(x, m_i, l_i):
+    """Online softmax over one tile of x (BLOCK_G, BLOCK_N) masked fp32 logits: (p, alpha, m_new, l_new)."""
     m_new = tl.maximum(m_i, tl.max(x, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(x - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _pv(p, v, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """(BLOCK_G, BLOCK_N) fp32 weights x (BLOCK_N, D) values -> (BLOCK_G, D) fp32 (p rounded to v's dtype for the
+    tensor cores)."""
     if USE_DOT:
-        pv = dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        return dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
     else:
-        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)  # few query heads: CUDA-core FMAs
-    acc = acc * alpha[:, None] + pv
+        return tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)  # few query heads: CUDA-core FMAs
+
+
+@triton.jit
+def _online_update(x, v, m_i, l_i, acc, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update with one tile: x (BLOCK_G, BLOCK_N) masked fp32 logits, v (BLOCK_N, D)."""
+    p, alpha, m_new, l_i = _softmax_step(x, m_i, l_i)
+    acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, DOT_PREC, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _fp8_operand(x, dtype: tl.constexpr):
+    """The dot operand type of the fp8 path: fp16 for half-precision models (code / 2**8 is exact in fp16; a bf16
+    query converts exactly for magnitudes in [2**-14, 65504]: the path assumes |q| < 65504), fp32 for fp32 models."""
+    if dtype == tl.float32:
+        return x.to(tl.float32)
+    else:
+        return x.to(tl.float16)
 
 
 @triton.jit
@@ -172,9 +195,12 @@ def _decode_stage1(
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     logit_row = logit_ptr + b * stride_lb + hq[:, None] * stride_lh  # (BLOCK_G, 1)
-    if QUANT == 3:  # fp8: one key and one value scale per (b, h)
-        k_sc = tl.load(sks_ptr + b * stride_ksb + h * stride_ksh)
-        v_sc = tl.load(svs_ptr + b * stride_vsb + h * stride_vsh)
+    if QUANT == 3:
+        # fp8: the codes decode to code / 2**8 (exact fp16, no per-element multiply); the (b, h)'s key scale x 2**8
+        # multiplies the logits, its value scale x 2**8 the P.V sums
+        k_sc = tl.load(sks_ptr + b * stride_ksb + h * stride_ksh) * 256.0
+        v_sc = tl.load(svs_ptr + b * stride_vsb + h * stride_vsh) * 256.0
+        q8 = _fp8_operand(q, dtype)
 
     # -- the kept store S: slots [lo, min(hi, s_len)), tiles aligned to BLOCK_N (within one key group)
     s_hi = tl.minimum(hi, s_len)
@@ -195,14 +221,14 @@ def _decode_stage1(
                 x = dot((qf * sc[None, :]).to(dtype), c_t.to(dtype), DOT_PREC, UPCAST) + qm[:, None]
             else:
                 x = tl.sum((qf * sc[None, :])[:, :, None] * c_t[None, :, :], 1) + qm[:, None]
+        elif QUANT == 3:
+            c = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :], mask=nmask[:, None],
+                        other=0)
+            x = _qk(q8, tl.trans(_fp8_operand(fp8_to_f16(c), dtype)), USE_DOT, DOT_PREC, UPCAST) * k_sc
         else:
             if QUANT == 0:
                 k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
                             mask=nmask[:, None], other=0.0)
-            elif QUANT == 3:  # e4m3 codes times the (b, h) key scale, rounded to the model dtype
-                k = tl.load(sk_ptr + b * stride_skb + h * stride_skh + n2 * stride_skn + d[None, :],
-                            mask=nmask[:, None], other=0)
-                k = to_dtype_rne(fp8_dequant(k, k_sc), dtype)
             else:
                 k = _load_per_token(sk_ptr, sks_ptr, skm_ptr, b * stride_skb + h * stride_skh + n2 * stride_skn,
                                     b * stride_ksb + h * stride_ksh + n2 * stride_ksn, nmask[:, None], dtype,
@@ -211,22 +237,30 @@ def _decode_stage1(
         x = tl.where(nmask[None, :], x * sm_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
         # values: slots < sv_len from S, slots in [sv_len, s_len) from the ring at slot % Cw
         from_s = nmask & (n < sv_len)
-        if QUANT == 0:
-            v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
-                        mask=from_s[:, None], other=0.0)
-        elif QUANT == 3:
-            v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
-                        mask=from_s[:, None], other=0)
-            v = to_dtype_rne(fp8_dequant(v, v_sc), dtype)
+        if QUANT == 3:  # fp8: P.V over code / 2**8, times the value scale; ring values of the tile (past sv_len) apart
+            c = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :], mask=from_s[:, None],
+                        other=0)
+            p, alpha, m_i, l_i = _softmax_step(x, m_i, l_i)
+            pv = _pv(p, _fp8_operand(fp8_to_f16(c), dtype), USE_DOT, DOT_PREC, UPCAST) * v_sc
+            if s0 + BLOCK_N > sv_len:
+                from_w = nmask & (n >= sv_len)
+                vw = tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n2 % Cw) * stride_wvn + d[None, :],
+                             mask=from_w[:, None], other=0.0)
+                pv += _pv(p, vw, USE_DOT, DOT_PREC, UPCAST)
+            acc = acc * alpha[:, None] + pv
         else:
-            v = _load_per_token(sv_ptr, svs_ptr, svm_ptr, b * stride_svb + h * stride_svh + n2 * stride_svn,
-                                b * stride_vsb + h * stride_vsh + n2 * stride_vsn, from_s[:, None], dtype,
-                                BITS, G, BLOCK_N, D)
-        if s0 + BLOCK_N > sv_len:
-            from_w = nmask & (n >= sv_len)
-            v += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n2 % Cw) * stride_wvn + d[None, :],
-                         mask=from_w[:, None], other=0.0)
-        m_i, l_i, acc = _online_update(x, v, m_i, l_i, acc, USE_DOT, DOT_PREC, UPCAST)
+            if QUANT == 0:
+                v = tl.load(sv_ptr + b * stride_svb + h * stride_svh + n2 * stride_svn + d[None, :],
+                            mask=from_s[:, None], other=0.0)
+            else:
+                v = _load_per_token(sv_ptr, svs_ptr, svm_ptr, b * stride_svb + h * stride_svh + n2 * stride_svn,
+                                    b * stride_vsb + h * stride_vsh + n2 * stride_vsn, from_s[:, None], dtype,
+                                    BITS, G, BLOCK_N, D)
+            if s0 + BLOCK_N > sv_len:
+                from_w = nmask & (n >= sv_len)
+                v += tl.load(wv_ptr + b * stride_wvb + h * stride_wvh + (n2 % Cw) * stride_wvn + d[None, :],
+                             mask=from_w[:, None], other=0.0)
+            m_i, l_i, acc = _online_update(x, v, m_i, l_i, acc, USE_DOT, DOT_PREC, UPCAST)
         if SCORE:
             tl.store(logit_row + n[None, :], x, mask=gmask[:, None] & nmask[None, :])
 
@@ -520,8 +554,7 @@ def _check(q, slots, score_mode, scores_acc, seed, ws):
         if t.device != q.device or t.stride(-1) != 1:
             raise ValueError(f"{name}: every cache tensor must be on {q.device} with a unit last-dim stride "
                              f"(got one on {t.device} with strides {t.stride()})")
-    if grouped and (slots.s_ks.stride() != slots.s_km.stride()
-                                   or slots.s_vs.stride() != slots.s_vm.stride()):
+    if grouped and (slots.s_ks.stride() != slots.s_km.stride() or slots.s_vs.stride() != slots.s_vm.stride()):
         raise ValueError(f"{name}: scale and min stores must share strides")
     if slots.win_pos.stride(-1) != 1:
         raise ValueError(f"{name}: win_pos must have a unit last-dim stride")

@@ -246,9 +246,10 @@ def evict_write(slots: KVSlots, s_pos: torch.Tensor, scores: torch.Tensor | None
 
     slots: KVSlots (quant "none" | "fp8" | "channel" | "token"); win_k, win_v (B, H, Cw, D) model dtype; s_len,
         sv_len, win_lo (B,) int32 (updated by the second launch); S tensors of the quant, Cs slots: "none" s_k, s_v
-        (B, H, Cs, D); "fp8" s_k, s_v (B, H, Cs, D) uint8 e4m3 codes, s_ks, s_vs (B, H, 1) float32; "channel" s_kc (B, H, Cs // P, D) int32, s_ks, s_km (B, H, Cs // G, D), Cs a multiple of
-        max(G, P); "token" s_kc (B, H, Cs, ceil(D / P)) int32, s_ks, s_km (B, H, Cs, D // G); quantized values
-        s_vc (B, H, Cs, ceil(D / P)) int32, s_vs, s_vm (B, H, Cs, D // G). P = 32 // bits; D a multiple of G.
+        (B, H, Cs, D); "fp8" s_k, s_v (B, H, Cs, D) uint8 e4m3 codes, s_ks, s_vs (B, H, 1) float32; "channel"
+        s_kc (B, H, Cs // P, D) int32, s_ks, s_km (B, H, Cs // G, D), Cs a multiple of max(G, P); "token" s_kc
+        (B, H, Cs, ceil(D / P)) int32, s_ks, s_km (B, H, Cs, D // G); quantized values s_vc (B, H, Cs, ceil(D / P))
+        int32, s_vs, s_vm (B, H, Cs, D // G). P = 32 // bits; D a multiple of G.
     s_pos (B, H, Cs) int32; scores (B, H, Cs + Cw) float32 or None (index s: S slot s, Cs + r: ring slot r).
     pos (B,) int32: position of the token appended this step (ring slot pos % (w + 1)); w (B,) int32: the recent
         window (w + 1 <= Cw, not checked: it would need a host read); cap (B,) int32: S slots the sequence may use

@@ -11,7 +11,8 @@ subnormals to nearest nor saturates):
 - encode: normal results (|y| >= 2**-6) round the fp32 mantissa to 3 bits with an integer add (ties to even)
   and rebias the exponent (127 -> 7); subnormal ones are rint(|y| * 2**9) by the magic-number add (2**23), whose
   result 8 is the smallest normal's pattern.
-`fp8_quant` / `fp8_dequant` are the in-register helpers the decode attention and eviction write kernels call;
+`fp8_quant` (the eviction write) and `fp8_to_f16` (the decode attention: code / 2**8 as the dot operand, the
+scales applied to the logits and the P.V sums) are in-register helpers;
 `fp8_encode` / `fp8_decode` launch them over whole (B, H, N, D) tensors (the prefill's encode on the Triton
 backend, and the codec's tests).
 """
@@ -29,11 +30,16 @@ _BLOCK = 1024
 
 
 @triton.jit
+def fp8_to_f16(codes):
+    """codes (any shape) uint8 e4m3 bit patterns -> fp16 holding code / 2**8 exactly (subnormals included)."""
+    c = codes.to(tl.uint32)
+    return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def fp8_dequant(codes, scale):
     """codes (any shape) uint8 e4m3 bit patterns, scale fp32 (broadcastable) -> fp32 float32(code) * scale."""
-    c = codes.to(tl.uint32)
-    h = (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.uint16)  # fp16 holding the e4m3 value / 2**8
-    return h.to(tl.float16, bitcast=True).to(tl.float32) * (scale * 256.0)
+    return fp8_to_f16(codes).to(tl.float32) * (scale * 256.0)
 
 
 @triton.jit

@@ -72,7 +72,8 @@ def test_fast_equals_generate_on_real_weights(stories260k):
                                    device="cpu").model
     ps = [[1, 403, 80, 261], [1, 172, 263, 93, 313, 80, 330, 400, 372], [1]]
     for cache in (dict(policy="full"), dict(policy="keyformer", budget=0.5), dict(policy="h2o", budget=4),
-                  dict(policy="full", quant="kivi4", group_size=8, residual=16)):
+                  dict(policy="full", quant="kivi4", group_size=8, residual=16),
+                  dict(policy="keyformer", budget=0.5, quant="fp8")):
         cfg = dict(cache)
         fast = Engine(model, cache=CacheConfig(engine="fast", **cfg))
         hf = Engine(model, cache=CacheConfig(engine="hf", **cfg))

@@ -27,7 +27,8 @@ def _decode(model, cfg: CacheConfig, ids, mask, graph: bool | None):
     return tokens, runner, cache
 
 
-@pytest.mark.parametrize("cache", [dict(policy="full", quant="kivi2"), dict(policy="full", quant="kivi4")])
+@pytest.mark.parametrize("cache", [dict(policy="full", quant="kivi2"), dict(policy="full", quant="kivi4"),
+                                   dict(policy="full", quant="fp8"), dict(policy="keyformer", budget=0.5, quant="fp8")])
 def test_graph_equals_eager_and_generate(cache):
     model = build_model("llama", hidden=256, heads=4, kv_heads=2).cuda().to(torch.bfloat16)  # head_dim 64
     ids, mask = padded_batch([70, 100, 85], seed=2)
@@ -47,7 +48,7 @@ def test_graph_equals_eager_and_generate(cache):
 
 
 @pytest.mark.parametrize("cache", [dict(policy="keyformer", budget=0.5), dict(policy="h2o", budget=0.5, quant="kivi2"),
-                                   dict(policy="full")])
+                                   dict(policy="full"), dict(policy="h2o", budget=0.5, quant="fp8")])
 def test_fast_equals_generate_on_cuda(cache):
     """Engine.generate on the fast path (a Scheduler, CUDA graph, finished flags read a step late) == transformers'
     generate over the same cache, each prompt alone (float32: no batch-shape rounding differences)."""

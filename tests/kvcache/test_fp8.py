@@ -105,3 +105,21 @@ def test_scheduler_slots_carry_their_scales():
         got.update({row["id"]: row for row in sched.step()})
     for i, p in enumerate(ps):
         assert got[f"r{i}"]["token_ids"] == eng.generate([p], max_new_tokens=8)[0]["token_ids"], i
+
+
+def test_a_slot_holds_half_the_bytes():
+    """The memory-sized pool follows the format: a full + fp8 slot of the Llama-2-7B shape (prompt 4096 + 256 new)
+    takes half a bf16 slot (and the scales), so about twice the sequences fit."""
+    from transformers import LlamaConfig
+
+    from kvstream.kvcache.capacity import max_slots, slot_bytes
+    from kvstream.kvcache.models import REFERENCE_SHAPES
+
+    mc = LlamaConfig(**REFERENCE_SHAPES["llama2-7b"])
+    bf16 = torch.bfloat16
+    full = slot_bytes(CacheConfig(policy="full"), mc, 4096, 256, bf16)
+    fp8 = slot_bytes(CacheConfig(policy="full", quant="fp8"), mc, 4096, 256, bf16)
+    assert 0.5 < fp8 / full < 0.51, fp8 / full
+    mem = 60 * 2**30
+    n_full, n_fp8 = (max_slots(CacheConfig(policy="full", quant=q), mc, 4096, 256, bf16, mem) for q in ("none", "fp8"))
+    assert 1.9 * n_full <= n_fp8 <= 2 * n_full + 1, (n_full, n_fp8)
