@@ -216,9 +216,9 @@ def test_64_requests_at_16_in_flight_each_equal_its_offline_result(server, offli
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):
-    with cf.ThreadPoolExecutor(40) as pool:
-        answers = list(pool.map(lambda _: post(server + "/v1/completions", {"prompt": "Count the apples",
-                                                                            "max_tokens": 60, "temperature": 0}), range(40)))
+    body = {"prompt": "Count the apples", "max_tokens": 60, "temperature": 0}
+    with cf.ThreadPoolExecutor(40) as pool:  # 40 at once over max_queue=16 (Serve lets 48 reach the replica)
+        answers = list(pool.map(lambda _: post(server + "/v1/completions", body), range(40)))
     codes = [a[0] for a in answers]
     assert set(codes) <= {200, 429} and codes.count(200) >= 16 and 429 in codes, codes
     refused = [a for a in answers if a[0] == 429]
@@ -253,6 +253,27 @@ def test_a_client_that_disconnects_cancels_its_sequence_and_frees_the_slot(serve
     assert wait_idle(server, before + 2)["cancelled"] == before + 2
     code, ok, _ = post(server + "/v1/completions", {"prompt": "Hello", "max_tokens": 5})
     assert code == 200 and ok["usage"]["completion_tokens"] == 5
+
+
+def test_bench_serve_smoke_run_writes_its_tables(server, tmp_path):
+    """jobs/bench_serve.py on the running Serve (its own app beside this module's): 2 levels, a few requests."""
+    import importlib.util
+
+    from tests.pipeline.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "jobs/bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve.csv"
+    rows = bench.main(["--caches", "keyformer0.5+kivi2", "--concurrency", "1,3", "--requests", "4", "--prompt", "24",
+                       "--new", "6", "--num-slots", "2", "--num-cpus", "0.25", "--port", server.rsplit(":", 1)[1],
+                       "--out", str(out)])
+    assert [r["clients"] for r in rows] == [1, 3]
+    assert all(r["requests_ok"] == 4 and r["requests_failed"] == 0 and r["gen_tok_per_s"] > 0 for r in rows)
+    assert all(0 < r["kv_ratio"] < 0.5 and 0 < r["p50_ttft_s"] <= r["p50_s"] <= r["p99_s"] for r in rows), rows
+    assert out.read_text().startswith("# device=cpu")
+    assert "| keyformer0.5+kivi2 | 3 | 4 | 0 |" in out.with_suffix(".md").read_text()
+    assert health(server)["status"] == "ok"  # this module's app still serves
 
 
 def replica_pid() -> tuple[int, str]:
