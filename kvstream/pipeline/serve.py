@@ -82,7 +82,7 @@ class KVStreamServer:
                 if op == "add":
                     try:
                         self.sched.add(arg)
-                    except ValueError as e:
+                    except Exception as e:  # ValueError: refused (a 400); anything else fails this request only
                         self._finish(arg.id, "error", e)
                     else:
                         ticket = self.pending.get(arg.id)
@@ -170,16 +170,17 @@ class KVStreamServer:
         ticket = self.pending[rid] = Ticket(rid, stream)
         self.inbox.put(("add", SeqRequest(rid, prompt=ids, **fields)))
         self.wake.set()
-        streaming = False
+        streaming, loop = False, asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
             kind, value = await asyncio.wait_for(ticket.events.get(), self.timeout)  # queued, or refused at add
             if kind == "queued" and stream:
                 text = TextStream(self.engine.tokenizer, ids, fields["stop"], self.engine.eos_token_ids)
                 streaming = True
-                return StreamingResponse(self._events(ticket, text, chat, include_usage),
+                return StreamingResponse(self._events(ticket, text, chat, include_usage, deadline),
                                          media_type="text/event-stream")
             if kind == "queued":
-                kind, value = await asyncio.wait_for(self._next_final(ticket), self.timeout)
+                kind, value = await asyncio.wait_for(self._next_final(ticket), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             return error(504, f"the request took over serve.timeout_s={self.timeout} s and was cancelled",
                          kind="timeout_error")
@@ -224,10 +225,10 @@ class KVStreamServer:
             return error(400, str(exc), param)
         return error(500, str(exc), kind="server_error")
 
-    async def _events(self, ticket: Ticket, text: TextStream, chat: bool, include_usage: bool):
-        """The server-sent events of one streamed request; cancels its sequence if the stream ends early."""
+    async def _events(self, ticket: Ticket, text: TextStream, chat: bool, include_usage: bool, deadline: float):
+        """The server-sent events of one streamed request (until `deadline`, the event loop's clock); cancels its
+        sequence if the stream ends early."""
         rid, loop = ticket.rid, asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         try:
             if chat:
                 yield chunk(rid, self.model_name, chat, role=True)
