@@ -1,18 +1,18 @@
 """Load generator for the Serve deployment: throughput and latency at given concurrency levels per cache config.
 
-    python jobs/bench_serve.py --model demo:llama2-7b --num-gpus 1 --num-slots auto --prompt 4000 --new 256 \
+    python jobs/bench_serve.py --model demo:llama2-7b --num-gpus 1 --num-slots auto --prompt 3800 --new 256 \
         --concurrency 1,8,32,64 --caches full,keyformer0.5+kivi2 --requests 256 --max-seconds 300 \
         --out bench/serve_h100.csv
     python jobs/bench_serve.py --concurrency 1,4 --requests 8 --prompt 32 --new 8   # CPU smoke run, demo model
 
 For each cache config the app (kvstream.pipeline.serve) is deployed on a local Serve bound to 127.0.0.1 only
 (--port; an already running Serve is reused, and the app is deleted afterwards); then, for each concurrency level
-c, c client threads send streamed greedy /v1/completions requests back to back until --requests have been sent or
---max-seconds have passed (the level's bounds; each request also has --timeout). Prompts are distinct texts of
-exactly --prompt tokens (the model's tokenizer). Per level: requests ok / failed, req/s, generated tokens/s (and
-its ratio to `full` at the same level), p50 / p99 end-to-end latency, p50 time to first token, the mean kv_bytes /
-kv_bytes_full the server reports. Writes a CSV (device, versions and date in its first line) and a Markdown table
-beside it (.md), and prints the table.
+c, c client threads send greedy /v1/completions requests (streamed with --stream) back to back until --requests
+have been sent or --max-seconds have passed (the level's bounds; each request also has --timeout). Prompts are
+distinct texts of --prompt tokens (the model's tokenizer). Per level: requests ok / failed, req/s, generated
+tokens/s (and its ratio to `full` at the same level), p50 / p99 end-to-end latency, p50 time to first token
+(--stream only), the mean kv_bytes / kv_bytes_full the server reports. Writes a CSV (device, versions and date in
+its first line) and a Markdown table beside it (.md), and prints the table.
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ def make_prompts(model: dict, n: int, tokens: int) -> list[str]:
     return out
 
 
-def one_request(port: int, prefix: str, prompt: str, new: int, timeout: float) -> dict:
-    """One streamed greedy completion over loopback: status, latency, time to first token, usage, kv bytes."""
-    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+def one_request(port: int, prefix: str, prompt: str, new: int, timeout: float, stream: bool) -> dict:
+    """One greedy completion over loopback: status, latency, time to first token (streamed only), usage, kv
+    bytes."""
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
     out = {"status": 0, "latency_s": None, "ttft_s": None, "completion_tokens": 0, "kv_bytes": None}
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -61,8 +63,11 @@ def one_request(port: int, prefix: str, prompt: str, new: int, timeout: float) -
         conn.request("POST", f"{prefix}/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
         out["status"] = r.status
-        if r.status != 200:
-            r.read()
+        if r.status != 200 or not stream:
+            reply = json.loads(r.read()) if r.status == 200 else None
+            if reply is not None:
+                out.update(latency_s=time.perf_counter() - t0, completion_tokens=reply["usage"]["completion_tokens"],
+                           kv_bytes=reply["kv_bytes"], kv_bytes_full=reply["kv_bytes_full"])
             return out
         for line in r:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
@@ -85,7 +90,7 @@ def one_request(port: int, prefix: str, prompt: str, new: int, timeout: float) -
 
 
 def load(port: int, prefix: str, prompts: list[str], concurrency: int, new: int, max_requests: int,
-         max_seconds: float, timeout: float) -> tuple[list[dict], float]:
+         max_seconds: float, timeout: float, stream: bool) -> tuple[list[dict], float]:
     """c threads send requests back to back until max_requests are sent or max_seconds pass: (results, wall s)."""
     results, lock, sent = [], threading.Lock(), [0]
     deadline = time.perf_counter() + max_seconds
@@ -96,7 +101,7 @@ def load(port: int, prefix: str, prompts: list[str], concurrency: int, new: int,
                 if sent[0] >= max_requests or time.perf_counter() > deadline:
                     return
                 i, sent[0] = sent[0], sent[0] + 1
-            res = one_request(port, prefix, prompts[i % len(prompts)], new, timeout)
+            res = one_request(port, prefix, prompts[i % len(prompts)], new, timeout, stream)
             with lock:
                 results.append(res)
 
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-slots", default="8", help="sequences per replica, or auto (GPU)")
     ap.add_argument("--num-gpus", type=float, default=0)
     ap.add_argument("--num-cpus", type=float, default=1)
+    ap.add_argument("--stream", action="store_true", help="streamed requests (adds time to first token; the server "
+                    "then reads every step's tokens, a host sync per step)")
     ap.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
     ap.add_argument("--out", default="bench/serve.csv")
     a = ap.parse_args(argv)
@@ -172,9 +179,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "max_queue": 2 * max(levels), "timeout_s": a.timeout, "num_gpus": a.num_gpus,
                          "num_cpus": a.num_cpus, "model_name": "bench"}}
         serve.run(build_app(cfg), name=name, route_prefix=prefix)
-        load(a.port, prefix, prompts[:2], 2, min(a.new, 4), 2, a.max_seconds, a.timeout)  # warm-up
+        load(a.port, prefix, prompts[:2], 2, min(a.new, 4), 2, a.max_seconds, a.timeout, a.stream)  # warm-up
         for c in levels:
-            results, wall = load(a.port, prefix, prompts, c, a.new, a.requests, a.max_seconds, a.timeout)
+            results, wall = load(a.port, prefix, prompts, c, a.new, a.requests, a.max_seconds, a.timeout, a.stream)
             rows.append(summarize(cache, c, results, wall))
             print(rows[-1], flush=True)
         serve.delete(name)
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["tok_s_vs_full"] = r["gen_tok_per_s"] / base[r["clients"]] if base.get(r["clients"]) else float("nan")
     device = torch.cuda.get_device_name() if a.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     head = (f"# device={device}; model={a.model}; prompt={a.prompt}; new={a.new}; num_slots={a.num_slots}; "
+            f"stream={a.stream}; "
             f"torch={torch.__version__}; ray={ray.__version__}; "
             f"date={datetime.datetime.now(datetime.timezone.utc).isoformat()}")
     import pandas as pd

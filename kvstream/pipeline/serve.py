@@ -25,6 +25,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from ray import serve
 
 from kvstream.pipeline.serve_api import BadRequest, error, parse_chat, parse_completion
@@ -178,7 +179,7 @@ class KVStreamServer:
                 text = TextStream(self.engine.tokenizer, ids, fields["stop"], self.engine.eos_token_ids)
                 streaming = True
                 return StreamingResponse(self._events(ticket, text, chat, include_usage, deadline),
-                                         media_type="text/event-stream")
+                                         media_type="text/event-stream", background=BackgroundTask(self._drop, rid))
             if kind == "queued":
                 kind, value = await asyncio.wait_for(self._next_final(ticket), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:

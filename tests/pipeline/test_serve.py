@@ -266,7 +266,7 @@ def test_bench_serve_smoke_run_writes_its_tables(server, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "serve.csv"
     rows = bench.main(["--caches", "keyformer0.5+kivi2", "--concurrency", "1,3", "--requests", "4", "--prompt", "24",
-                       "--new", "6", "--num-slots", "2", "--num-cpus", "0.25", "--port", server.rsplit(":", 1)[1],
+                       "--new", "6", "--num-slots", "2", "--num-cpus", "0.25", "--stream", "--port", server.rsplit(":", 1)[1],
                        "--out", str(out)])
     assert [r["clients"] for r in rows] == [1, 3]
     assert all(r["requests_ok"] == 4 and r["requests_failed"] == 0 and r["gen_tok_per_s"] > 0 for r in rows)
