@@ -35,17 +35,29 @@ api = FastAPI()
 
 
 class Ticket:
-    """One request in flight: the event loop of its handler and the queue the stepping thread feeds
-    (("tokens", list[int]) while streamed, then ("done", row) or ("error", exception))."""
+    """One request in flight: the event loop of its handler and the queue the stepping thread feeds ("queued"
+    once admitted to the scheduler's queue; "tokens" while streamed; then ("done", row) or ("error", exception)).
+    A stream's tokens so far sit in `latest`; "tokens" only says they grew (one notice at a time, so a slow
+    reader never piles up token lists)."""
 
     def __init__(self, rid: str, stream: bool):
         self.rid, self.stream = rid, stream
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.n_seen = 0
+        self.n_seen, self.latest, self.noticed = 0, [], False
 
     def push(self, kind: str, value) -> None:  # from the stepping thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def offer(self, tokens: list[int]) -> None:  # from the stepping thread: a stream's tokens so far
+        self.n_seen, self.latest = len(tokens), tokens
+        if not self.noticed:
+            self.noticed = True
+            self.push("tokens", None)
+
+    def take(self) -> list[int]:  # from the handler, on a "tokens" notice
+        self.noticed = False
+        return self.latest
 
 
 @serve.deployment
@@ -114,8 +126,7 @@ class KVStreamServer:
         for t in streams:
             tokens = progress.get(t.rid)
             if tokens is not None and len(tokens) > t.n_seen:
-                t.n_seen = len(tokens)
-                t.push("tokens", tokens)
+                t.offer(tokens)
 
     def _finish(self, rid: str, kind: str, value) -> None:
         ticket = self.pending.pop(rid, None)
@@ -241,7 +252,7 @@ class KVStreamServer:
                                       "timeout_error")
                     return
                 if kind == "tokens":
-                    delta = text.update(value)
+                    delta = text.update(ticket.take())
                     if delta:
                         yield chunk(rid, self.model_name, chat, text=delta)
                 elif kind == "done":

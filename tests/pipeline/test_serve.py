@@ -150,7 +150,13 @@ def test_raw_http_streams_server_sent_events_with_stop_strings(server, offline):
                             {"messages": CHAT, "max_tokens": 12, "temperature": 0, "stream": True})
     assert status == 200 and events[-1] == "[DONE]" and events[0]["object"] == "chat.completion.chunk"
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
-    assert text == offline([chat_prompt(CHAT)], 12)[0]["generated_text"]
+    want = offline([chat_prompt(CHAT)], 12)[0]
+    assert text == want["generated_text"]
+    code, chat, _ = post(server + "/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 12,
+                                                           "temperature": 0})
+    assert code == 200 and chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == text
+    assert chat["usage"] == {"prompt_tokens": want["num_input_tokens"], "completion_tokens": 12, "total_tokens":
+                             want["num_input_tokens"] + 12}
 
 
 def test_kv_cache_sets_the_request_budget(server, offline):
@@ -253,6 +259,28 @@ def test_a_client_that_disconnects_cancels_its_sequence_and_frees_the_slot(serve
     assert wait_idle(server, before + 2)["cancelled"] == before + 2
     code, ok, _ = post(server + "/v1/completions", {"prompt": "Hello", "max_tokens": 5})
     assert code == 200 and ok["usage"]["completion_tokens"] == 5
+
+
+def test_a_request_over_the_timeout_gets_504_or_an_error_event_and_is_cancelled(server):
+    """A second app beside this module's, with serve.timeout_s=1 and one slot: 1500 greedy tokens take seconds."""
+    from ray import serve
+
+    from kvstream.pipeline.serve import build_app
+
+    serve.run(build_app({**CONFIG, "serve": {**SERVE, "timeout_s": 1, "num_slots": 1, "num_cpus": 0.25}}),
+              name="kvs-short", route_prefix="/short")
+    try:
+        short = server + "/short"
+        t = time.perf_counter()
+        code, err, _ = post(short + "/v1/completions", LONG, timeout=30)
+        assert code == 504 and err["error"]["type"] == "timeout_error" and time.perf_counter() - t < 10, err
+        status, _, events = sse(server, "/short/v1/completions", {**LONG, "stream": True})
+        assert status == 200 and events[-1]["error"]["type"] == "timeout_error", events[-1]
+        assert wait_idle(short, 2)["cancelled"] == 2
+        code, ok, _ = post(short + "/v1/completions", {"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+        assert code == 200 and ok["usage"]["completion_tokens"] == 3
+    finally:
+        serve.delete("kvs-short")
 
 
 def test_bench_serve_smoke_run_writes_its_tables(server, tmp_path):
