@@ -110,6 +110,8 @@ def validate_serve(cfg: DictConfig) -> None:
     need(s.max_prompt_tokens >= 1, "serve.max_prompt_tokens", "must be >= 1")
     need(s.num_slots == "auto" or (isinstance(s.num_slots, int) and not isinstance(s.num_slots, bool)
                                    and s.num_slots >= 1), "serve.num_slots", "must be an int >= 1 or auto")
+    need(s.num_slots != "auto" or s.num_gpus > 0, "serve.num_slots",
+         "auto sizes the pool from GPU memory: set serve.num_gpus > 0, or a number of slots in CPU mode")
     need(s.max_queue >= 1, "serve.max_queue", "must be >= 1")
     need(s.timeout_s > 0, "serve.timeout_s", "must be > 0 seconds")
     need(s.num_gpus >= 0, "serve.num_gpus", "must be >= 0 (0 = CPU mode)")

@@ -32,6 +32,7 @@ def test_yaml_dotted_strings_and_nested_sections_merge_into_deployment_options()
     ({"serve.bogus": "1"}, "serve.bogus"),
     ({"server": {}}, "server"),
     ({"serve.num_slots": "0"}, "serve.num_slots"),
+    ({"serve.num_slots": "auto"}, "serve.num_slots"),  # CPU mode: auto needs a GPU
     ({"serve.max_queue": "0"}, "serve.max_queue"),
     ({"serve.timeout_s": "-1"}, "serve.timeout_s"),
     ({"serve.port": "70000"}, "serve.port"),
