@@ -208,17 +208,16 @@ class KVStreamServer:
         from kvstream.pipeline.prompts import ChatPrompt
 
         param = "messages" if chat else "prompt"
+        text, ids = (None, None) if chat else (fields.pop("prompt"), None)
+        if chat:
+            try:
+                text, ids = ChatPrompt({}, mode="auto").render(fields.pop("messages"), self.engine.tokenizer)
+            except Exception as e:  # a chat template that rejects this conversation (e.g. roles out of order)
+                raise BadRequest(f"messages: the chat template failed: {type(e).__name__}: {e}", param) from None
         try:
-            if chat:
-                messages = fields.pop("messages")
-                text, ids = ChatPrompt({}, mode="auto").render(messages, self.engine.tokenizer)
-            else:
-                text, ids = fields.pop("prompt"), None
             ids = self.engine.prompt_ids(text if ids is None else ids, fields["max_new_tokens"])
-        except ValueError as e:
+        except ValueError as e:  # empty, ids outside the vocabulary, over the model's context
             raise BadRequest(f"{param}: {e}", param) from None
-        except Exception as e:  # a chat template that rejects this conversation (e.g. roles out of order)
-            raise BadRequest(f"{param}: the chat template failed: {type(e).__name__}: {e}", param) from None
         if len(ids) > self.max_prompt:
             raise BadRequest(f"{param}: the prompt is {len(ids)} tokens, over serve.max_prompt_tokens="
                              f"{self.max_prompt}; shorten it", param)
