@@ -1,102 +1,88 @@
-"""A Ray Serve deployment over the engine's scheduler: an OpenAI-compatible completions endpoint (first step).
+"""A Ray Serve deployment over the engine's scheduler: an OpenAI-compatible endpoint with continuous batching.
 
     from kvstream.pipeline.serve import build_app
     serve.run(build_app({"model": {"path": "demo:tiny-llama"}, "cache": {"policy": "keyformer", "budget": 0.5}}))
+    # or: serve run kvstream.pipeline.serve:build_app model.path=demo:tiny-llama cache.policy=keyformer ...
+    # or: python jobs/serve.py --config conf/serve.yaml   (keys: kvstream/pipeline/serve_config.py)
 
 One replica owns one Engine and one `Scheduler` (kvstream.kvcache.scheduler: continuous batching). A single stepping
-thread owns the scheduler: HTTP handlers hand it requests through a queue and await futures it resolves, so
-concurrent requests share the running batch. Routes: `POST /v1/completions` (prompt, max_tokens, temperature,
-top_p, stop, seed, n=1; responses carry `usage`, `finish_reason` and kvstream's `kv_bytes` / `kv_bytes_full`),
-`GET /v1/models`, `GET /health`. Bad requests get a 400 with an OpenAI-style error body naming the field; a full
-queue a 429 with Retry-After; a request over its timeout a 504 (its sequence is cancelled). Not yet (issue 16):
-chat completions, streaming, per-request `kv_cache`, disconnect cancellation, `jobs/serve.py`.
+thread owns the scheduler: HTTP handlers hand it requests through a queue and read what it pushes back (the tokens
+so far of a streamed sequence, once per step while streams are open; the finished row), so concurrent requests
+share the running batch. Routes: `POST /v1/completions`, `POST /v1/chat/completions` (messages through the
+tokenizer's chat template where it has one, else the converse job's plain template), both with `stream: true` as
+server-sent events; `GET /v1/models`; `GET /health` (with the replica's slot counts). kvstream's request field
+`kv_cache` ({"budget": x}) sets the request's own cache budget; responses report its `kv_bytes` / `kv_bytes_full`.
+Bad requests get a 400 with an OpenAI-style error body naming the field (serve_api.py); over serve.max_queue
+requests in flight a 429 with Retry-After; over serve.timeout_s a 504 (in a stream: an error event); a client
+that disconnects (Serve cancels its handler) has its sequence cancelled and its slot freed.
 """
+
 
 import asyncio
 import queue
 import threading
-import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from ray import serve
 
+from kvstream.pipeline.serve_api import BadRequest, error, parse_chat, parse_completion
+from kvstream.pipeline.serve_stream import DONE, TextStream, chat_body, chunk, completion_body, error_event
+
 api = FastAPI()
-DEFAULTS = {"max_new_tokens": 256, "max_prompt_tokens": 2048, "num_slots": 8, "max_queue": 64, "timeout_s": 300.0,
-            "model_name": None, "num_gpus": 0, "num_cpus": 1}
 
 
-def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", **headers):
-    """An OpenAI-style error response."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+class Ticket:
+    """One request in flight: the event loop of its handler and the queue the stepping thread feeds ("queued"
+    once admitted to the scheduler's queue; "tokens" while streamed; then ("done", row) or ("error", exception)).
+    A stream's tokens so far sit in `latest`; "tokens" only says they grew (one notice at a time, so a slow
+    reader never piles up token lists)."""
 
+    def __init__(self, rid: str, stream: bool):
+        self.rid, self.stream = rid, stream
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.n_seen, self.latest, self.noticed = 0, [], False
 
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+    def push(self, kind: str, value) -> None:  # from the stepping thread
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
+    def offer(self, tokens: list[int]) -> None:  # from the stepping thread: a stream's tokens so far
+        self.n_seen, self.latest = len(tokens), tokens
+        if not self.noticed:
+            self.noticed = True
+            self.push("tokens", None)
 
-def parse_completion(body: Any, model_name: str, max_new: int) -> dict:
-    """The fields of a /v1/completions body, checked; BadRequest names the first bad one."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    if body.get("model") not in (None, model_name):
-        raise BadRequest(f"model {body.get('model')!r} is not served here; this deployment serves {model_name!r}",
-                         "model")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequest("prompt must be a non-empty string", "prompt")
-    n = body.get("n", 1)
-    if n != 1:
-        raise BadRequest("only n=1 is supported", "n")
-    if body.get("stream"):
-        raise BadRequest("stream=true is not supported yet", "stream")
-    max_tokens = body.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_new:
-        raise BadRequest(f"max_tokens must be an integer in [1, {max_new}]", "max_tokens")
-    temperature, top_p, seed = body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("seed", 0)
-    for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise BadRequest(f"{name} must be a number", name)
-    if not 0 <= temperature <= 2:
-        raise BadRequest("temperature must be in [0, 2]", "temperature")
-    if not 0 < top_p <= 1:
-        raise BadRequest("top_p must be in (0, 1]", "top_p")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise BadRequest("seed must be an integer", "seed")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", "stop")
-    return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                seed=seed, stop=stop)
+    def take(self) -> list[int]:  # from the handler, on a "tokens" notice
+        self.noticed = False
+        return self.latest
 
 
 @serve.deployment
 @serve.ingress(api)
 class KVStreamServer:
-    """One replica: an Engine, a Scheduler, and the thread that steps it."""
+    """One replica: an Engine, a Scheduler, and the thread that steps it. config: a resolved serve config
+    (kvstream.pipeline.serve_config) as a plain dict."""
 
     def __init__(self, config: dict):
         from kvstream.kvcache.scheduler import Scheduler
         from kvstream.pipeline.models import build_engine, device_for
 
-        opts = {**DEFAULTS, **(config.get("serve") or {})}
-        self.model_name = opts["model_name"] or config["model"]["path"]
-        self.max_new, self.max_queue, self.timeout = opts["max_new_tokens"], opts["max_queue"], opts["timeout_s"]
-        cache = dict(config.get("cache") or {}, max_new_tokens=self.max_new)
-        self.engine = build_engine(config["model"], cache, device_for(opts.get("num_gpus", 0)))
-        self.sched = Scheduler(self.engine, opts["num_slots"], opts["max_prompt_tokens"], self.max_new)
+        s = config["serve"]
+        self.model_name = s["model_name"] or config["model"]["path"]
+        self.max_new, self.max_prompt = s["max_new_tokens"], s["max_prompt_tokens"]
+        self.max_queue, self.timeout = s["max_queue"], s["timeout_s"]
+        self.policy = config["cache"]["policy"]
+        self.engine = build_engine(config["model"], config["cache"], device_for(s["num_gpus"]))
+        self.sched = Scheduler(self.engine, s["num_slots"], self.max_prompt, self.max_new)
         self.inbox: queue.Queue = queue.Queue()
-        self.pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self.pending: dict[str, Ticket] = {}
+        self.counts = {"running": 0, "waiting": 0, "cancelled": 0, "finished": 0}
         self.wake = threading.Event()
-        threading.Thread(target=self._loop, daemon=True, name="kvstream-scheduler").start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="kvstream-scheduler")
+        self.thread.start()
 
     # ---- the stepping thread (the only one that touches the scheduler) -----------------------------------------
     def _loop(self) -> None:
@@ -109,35 +95,59 @@ class KVStreamServer:
                 if op == "add":
                     try:
                         self.sched.add(arg)
-                    except ValueError as e:
-                        self._resolve(arg.id, e)
-                else:
-                    self.sched.cancel(arg)
+                    except Exception as e:  # ValueError: refused (a 400); anything else fails this request only
+                        self._finish(arg.id, "error", e)
+                    else:
+                        ticket = self.pending.get(arg.id)
+                        if ticket is not None:
+                            ticket.push("queued", None)
+                elif self.sched.cancel(arg):
+                    self.counts["cancelled"] += 1
             if self.sched.has_work():
                 try:
                     for row in self.sched.step():
-                        self._resolve(row["id"], row)
+                        self.counts["finished"] += 1
+                        self._finish(row["id"], "done", row)
+                    self._stream_progress()
                 except Exception as e:  # a failed step fails what it held; the replica goes on
                     for rid in list(self.pending):
                         self.sched.cancel(rid)
-                        self._resolve(rid, RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+                        self._finish(rid, "error", RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+            self.counts["running"] = sum(s is not None for s in self.sched.slots)
+            self.counts["waiting"] = len(self.sched.waiting)
 
-    def _resolve(self, rid: str, value) -> None:
-        held = self.pending.pop(rid, None)
-        if held is None:
+    def _stream_progress(self) -> None:
+        """Push the tokens so far of every streamed running sequence that grew (one host sync, only while
+        streams are open)."""
+        streams = [t for t in list(self.pending.values()) if t.stream]
+        if not streams:
             return
-        loop, fut = held
+        progress = self.sched.progress()
+        for t in streams:
+            tokens = progress.get(t.rid)
+            if tokens is not None and len(tokens) > t.n_seen:
+                t.offer(tokens)
 
-        def settle():
-            if not fut.done():
-                (fut.set_exception if isinstance(value, BaseException) else fut.set_result)(value)
+    def _finish(self, rid: str, kind: str, value) -> None:
+        ticket = self.pending.pop(rid, None)
+        if ticket is not None:
+            ticket.push(kind, value)
 
-        loop.call_soon_threadsafe(settle)
+    def _drop(self, rid: str) -> None:
+        """The handler is gone (answered, timed out, or its client disconnected): cancel the sequence if it runs."""
+        if self.pending.pop(rid, None) is not None:
+            self.inbox.put(("cancel", rid))
+            self.wake.set()
+
+    def check_health(self) -> None:
+        """Serve's replica health check: a dead stepping thread makes Serve replace the replica."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the scheduler thread has stopped")
 
     # ---- HTTP ------------------------------------------------------------------------------------------------
     @api.get("/health")
     def health(self) -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "num_slots": self.sched.num_slots, "in_flight": len(self.pending), **self.counts}
 
     @api.get("/v1/models")
     def models(self) -> dict:
@@ -145,6 +155,13 @@ class KVStreamServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, chat: bool):
         from kvstream.kvcache.scheduler import Request as SeqRequest
 
         try:
@@ -152,46 +169,115 @@ class KVStreamServer:
         except Exception:
             return error(400, "the request body is not valid JSON")
         try:
-            fields = parse_completion(body, self.model_name, self.max_new)
+            parse = parse_chat if chat else parse_completion
+            fields = parse(body, self.model_name, self.max_new, self.policy)
+            ids = self._prompt_ids(fields, chat)
         except BadRequest as e:
             return error(400, str(e), e.param)
+        stream, include_usage = fields.pop("stream"), fields.pop("include_usage")
         if len(self.pending) >= self.max_queue:
             return error(429, f"{len(self.pending)} requests are in flight (serve.max_queue={self.max_queue}); "
                               "retry later", kind="rate_limit_error", **{"Retry-After": "1"})
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[rid] = (asyncio.get_running_loop(), fut)
-        self.inbox.put(("add", SeqRequest(rid, **fields)))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        ticket = self.pending[rid] = Ticket(rid, stream)
+        self.inbox.put(("add", SeqRequest(rid, prompt=ids, **fields)))
         self.wake.set()
+        streaming, loop = False, asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
-            row = await asyncio.wait_for(fut, self.timeout)
+            kind, value = await asyncio.wait_for(ticket.events.get(), self.timeout)  # queued, or refused at add
+            if kind == "queued" and stream:
+                text = TextStream(self.engine.tokenizer, ids, fields["stop"], self.engine.eos_token_ids)
+                streaming = True
+                return StreamingResponse(self._events(ticket, text, chat, include_usage, deadline),
+                                         media_type="text/event-stream", background=BackgroundTask(self._drop, rid))
+            if kind == "queued":
+                kind, value = await asyncio.wait_for(self._next_final(ticket), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
-            self.pending.pop(rid, None)
-            self.inbox.put(("cancel", rid))
             return error(504, f"the request took over serve.timeout_s={self.timeout} s and was cancelled",
                          kind="timeout_error")
-        except ValueError as e:  # refused by the scheduler: a prompt over the limits
-            return error(400, str(e), "prompt")
-        except RuntimeError as e:
-            return error(500, str(e), kind="server_error")
-        n_in, n_out = row["num_input_tokens"], row["num_generated_tokens"]
-        return {
-            "id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-            "choices": [{"index": 0, "text": row["generated_text"], "finish_reason": row["finish_reason"],
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
-            "kv_bytes": row["kv_bytes"], "kv_bytes_full": row["kv_bytes_full"],
-        }
+        finally:  # also on a client disconnect: Serve cancels this handler
+            if not streaming:
+                self._drop(rid)
+        if kind == "error":
+            return self._failure(value, fields["budget"] is not None, chat)
+        return (chat_body if chat else completion_body)(rid, self.model_name, value)
+
+    def _prompt_ids(self, fields: dict, chat: bool) -> list[int]:
+        """The prompt's token ids (chat: rendered as the converse job renders a conversation), checked."""
+        from kvstream.pipeline.prompts import ChatPrompt
+
+        param = "messages" if chat else "prompt"
+        text, ids = (None, None) if chat else (fields.pop("prompt"), None)
+        if chat:
+            try:
+                text, ids = ChatPrompt({}, mode="auto").render(fields.pop("messages"), self.engine.tokenizer)
+            except Exception as e:  # a chat template that rejects this conversation (e.g. roles out of order)
+                raise BadRequest(f"messages: the chat template failed: {type(e).__name__}: {e}", param) from None
+        try:
+            ids = self.engine.prompt_ids(text if ids is None else ids, fields["max_new_tokens"])
+        except ValueError as e:  # empty, ids outside the vocabulary, over the model's context
+            raise BadRequest(f"{param}: {e}", param) from None
+        if len(ids) > self.max_prompt:
+            raise BadRequest(f"{param}: the prompt is {len(ids)} tokens, over serve.max_prompt_tokens="
+                             f"{self.max_prompt}; shorten it", param)
+        return ids
+
+    @staticmethod
+    async def _next_final(ticket: Ticket) -> tuple[str, object]:
+        while True:
+            kind, value = await ticket.events.get()
+            if kind in ("done", "error"):
+                return kind, value
+
+    def _failure(self, exc: BaseException, has_budget: bool, chat: bool):
+        if isinstance(exc, ValueError):  # refused by the scheduler at add
+            param = "kv_cache" if has_budget and "budget" in str(exc) else ("messages" if chat else "prompt")
+            return error(400, str(exc), param)
+        return error(500, str(exc), kind="server_error")
+
+    async def _events(self, ticket: Ticket, text: TextStream, chat: bool, include_usage: bool, deadline: float):
+        """The server-sent events of one streamed request (until `deadline`, the event loop's clock); cancels its
+        sequence if the stream ends early."""
+        rid, loop = ticket.rid, asyncio.get_running_loop()
+        try:
+            if chat:
+                yield chunk(rid, self.model_name, chat, role=True)
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(ticket.events.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    yield error_event(f"the request took over serve.timeout_s={self.timeout} s and was cancelled",
+                                      "timeout_error")
+                    return
+                if kind == "tokens":
+                    delta = text.update(ticket.take())
+                    if delta:
+                        yield chunk(rid, self.model_name, chat, text=delta)
+                elif kind == "done":
+                    delta = text.finish(value["generated_text"])
+                    if delta:
+                        yield chunk(rid, self.model_name, chat, text=delta)
+                    yield chunk(rid, self.model_name, chat, finish=value["finish_reason"], row=value,
+                                with_usage=include_usage)
+                    yield DONE
+                    return
+                elif kind == "error":
+                    yield error_event(str(value), "server_error")
+                    return
+        finally:  # normal end: a no-op; a disconnect (GeneratorExit / CancelledError) or timeout: cancel
+            self._drop(rid)
 
 
-def build_app(config: dict):
-    """The Serve application for a config dict: {"model": {...}, "cache": {...}, "serve": {...}} (`serve run` can
-    call it with the same keys)."""
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "path" not in config["model"]:
-        raise ValueError("build_app: config needs model.path (and optionally cache.*, serve.*)")
-    opts = {**DEFAULTS, **(config.get("serve") or {})}
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"build_app: unknown serve keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    actor = {"num_gpus": opts["num_gpus"], "num_cpus": opts["num_cpus"]}
-    return KVStreamServer.options(ray_actor_options=actor).bind(config)
+def build_app(args: dict):
+    """The Serve application for a config: nested sections {"model": {...}, "cache": {...}, "serve": {...}},
+    dotted keys {"serve.num_slots": "4"} as `serve run kvstream.pipeline.serve:build_app key=value` passes them,
+    and/or {"config": "conf/serve.yaml"} (keys: kvstream/pipeline/serve_config.py). A bad key is a ConfigError."""
+    from omegaconf import OmegaConf
+
+    from kvstream.pipeline.serve_config import cache_dict, deployment_options, from_builder_args
+
+    cfg = from_builder_args(args)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["cache"] = cache_dict(cfg)
+    return KVStreamServer.options(**deployment_options(cfg)).bind(config)
