@@ -8,6 +8,7 @@ import torch
 from tests.kvcache.tiny import build_model, padded_batch
 
 from kvstream.kvcache import CacheConfig, CompressedCache, Engine
+from kvstream.kvcache.engine import _row_seed
 from kvstream.kvcache.fast_decode import DecodeRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -15,7 +16,9 @@ NEW = 20
 
 
 def _decode(model, cfg: CacheConfig, ids, mask, graph: bool | None):
-    cache = CompressedCache(cfg, model.config)
+    # each row's Keyformer noise seed as Engine.generate derives it, so a noisy policy's kept tokens match its run
+    seeds = [_row_seed(cfg.seed, 0, row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu())]
+    cache = CompressedCache(cfg, model.config, seeds=seeds)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     B = ids.shape[0]
     with torch.inference_mode():
