@@ -37,6 +37,15 @@ from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_s
 from kvstream.kvcache.fast_decode import DecodeRunner, LaggedFlags
 
 
+class RequestError(ValueError):
+    """A request the scheduler refuses; `field` names the Request field at fault (servers map it to their
+    parameter names)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class Request:
     """One sequence to generate: prompt (str, or token ids), its decoding settings (Engine.generate's)."""
@@ -93,25 +102,45 @@ class Scheduler:
 
     # ---- the API ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Queue a request; a bad one is a ValueError that names the problem (nothing is queued then)."""
+        """Queue a request; a bad one is a RequestError (a ValueError) that names the problem and the field
+        (nothing is queued then)."""
+        ids = self.check(request)
+        self.waiting.append((dataclasses.replace(request, stop=_stop_list(request.stop)), ids))
+
+    def check(self, request: Request) -> list[int]:
+        """Everything `add` checks, without queueing: the request's prompt token ids, or a RequestError whose
+        `field` names what is wrong ("id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop",
+        "budget")."""
         if not isinstance(request, Request):
-            raise ValueError(f"Scheduler.add takes a Request, not {type(request).__name__}")
+            raise RequestError(f"Scheduler.add takes a Request, not {type(request).__name__}", "request")
         if request.id in self._ids():
-            raise ValueError(f"Scheduler.add: request id {request.id!r} is already queued or running")
-        _check_sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
+            raise RequestError(f"Scheduler.add: request id {request.id!r} is already queued or running", "id")
+        for name, args in (("max_new_tokens", (request.max_new_tokens, 0.0, 1.0, 0)),
+                           ("temperature", (1, request.temperature, 1.0, 0)), ("top_p", (1, 0.0, request.top_p, 0)),
+                           ("seed", (1, 0.0, 1.0, request.seed))):
+            try:
+                _check_sampling(*args)
+            except ValueError as e:
+                raise RequestError(str(e), name) from None
         if request.max_new_tokens > self.max_new:
-            raise ValueError(f"request {request.id!r}: max_new_tokens={request.max_new_tokens} is over the "
-                             f"scheduler's {self.max_new}")
-        stops = _stop_list(request.stop)
+            raise RequestError(f"request {request.id!r}: max_new_tokens={request.max_new_tokens} is over the "
+                               f"scheduler's {self.max_new}", "max_new_tokens")
+        try:
+            stops = _stop_list(request.stop)
+        except ValueError as e:
+            raise RequestError(str(e), "stop") from None
         if stops and self.engine.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer: pass tokenizer= to Engine.from_pretrained")
-        ids = self.engine.prompt_ids(request.prompt, request.max_new_tokens)
+            raise RequestError("stop strings need a tokenizer: pass tokenizer= to Engine.from_pretrained", "stop")
+        try:
+            ids = self.engine.prompt_ids(request.prompt, request.max_new_tokens)
+        except ValueError as e:
+            raise RequestError(str(e), "prompt") from None
         if len(ids) > self.max_prompt:
-            raise ValueError(f"request {request.id!r}: a prompt of {len(ids)} tokens is over the scheduler's "
-                             f"max_prompt_tokens={self.max_prompt}")
+            raise RequestError(f"request {request.id!r}: a prompt of {len(ids)} tokens is over the scheduler's "
+                               f"max_prompt_tokens={self.max_prompt}", "prompt")
         if request.budget is not None:
             self._check_budget(request, len(ids))
-        self.waiting.append((dataclasses.replace(request, stop=stops), ids))
+        return ids
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
@@ -224,19 +253,19 @@ class Scheduler:
     def _check_budget(self, req: Request, n_prompt: int) -> None:
         """A request's own budget must be a valid one for the pool's policy and fit the pool's slots."""
         if self.cfg.policy == "full":
-            raise ValueError(f"request {req.id!r}: budget={req.budget!r} needs an evicting cache policy; this "
-                             "scheduler's policy is 'full' (every token kept)")
+            raise RequestError(f"request {req.id!r}: budget={req.budget!r} needs an evicting cache policy; this "
+                               "scheduler's policy is 'full' (every token kept)", "budget")
         try:
             cfg = self._config_of(req)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"request {req.id!r}: budget={req.budget!r}: {e}") from None
+            raise RequestError(f"request {req.id!r}: budget={req.budget!r}: {e}", "budget") from None
         dtype = next(self.engine.model.parameters()).dtype
         need = CompressedCache.pool(cfg, self.engine.model.config, 1, n_prompt, dtype, "meta").layers[0].store
         have = self.pool.layers[0].store
         if need.cs > have.cs or need.cw > have.cw or (have.kivi and need.cw != have.cw):
-            raise ValueError(f"request {req.id!r}: budget={req.budget!r} keeps {need.cs} tokens + a window of "
-                             f"{need.cw} for a {n_prompt}-token prompt; this scheduler's slots hold {have.cs} + "
-                             f"{have.cw} (its budget is {self.cfg.budget!r}); ask for a budget no larger")
+            raise RequestError(f"request {req.id!r}: budget={req.budget!r} keeps {need.cs} tokens + a window of "
+                               f"{need.cw} for a {n_prompt}-token prompt; this scheduler's slots hold {have.cs} + "
+                               f"{have.cw} (its budget is {self.cfg.budget!r}); ask for a budget no larger", "budget")
 
     def _row_bytes(self, b: int) -> tuple[int, int]:
         """Bytes slot b's sequence holds, and what a full-precision cache of its tokens would hold."""

@@ -200,7 +200,7 @@ class KVStreamServer:
             if not streaming:
                 self._drop(rid)
         if kind == "error":
-            return self._failure(value, fields["budget"] is not None, chat)
+            return self._failure(value, chat)
         return (chat_body if chat else completion_body)(rid, self.model_name, value)
 
     def _prompt_ids(self, fields: dict, chat: bool) -> list[int]:
@@ -230,9 +230,11 @@ class KVStreamServer:
             if kind in ("done", "error"):
                 return kind, value
 
-    def _failure(self, exc: BaseException, has_budget: bool, chat: bool):
-        if isinstance(exc, ValueError):  # refused by the scheduler at add
-            param = "kv_cache" if has_budget and "budget" in str(exc) else ("messages" if chat else "prompt")
+    def _failure(self, exc: BaseException, chat: bool):
+        if isinstance(exc, ValueError):  # refused by the scheduler at add (a RequestError names the field)
+            field = getattr(exc, "field", "prompt")
+            param = {"budget": "kv_cache", "prompt": "messages" if chat else "prompt",
+                     "max_new_tokens": "max_tokens"}.get(field, field)
             return error(400, str(exc), param)
         return error(500, str(exc), kind="server_error")
 

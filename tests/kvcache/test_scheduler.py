@@ -9,7 +9,7 @@ import torch
 from tests.kvcache.tiny import build_model, padded_batch
 
 from kvstream.kvcache import CacheConfig, Engine
-from kvstream.kvcache.scheduler import Request, Scheduler
+from kvstream.kvcache.scheduler import Request, RequestError, Scheduler
 
 QUANT = dict(group_size=16, residual=32)
 CACHES = {
@@ -145,8 +145,9 @@ def test_a_request_with_its_own_budget_equals_generate_with_that_budget():
         assert got[f"b{i}"]["token_ids"] == alone["token_ids"], i
         assert got[f"b{i}"]["kv_bytes"] == alone["kv_bytes"], i
     assert got["b0"]["kv_bytes"] < got["b1"]["kv_bytes"]
-    with pytest.raises(ValueError, match="budget=0.9 keeps .* ask for a budget no larger"):
+    with pytest.raises(ValueError, match="budget=0.9 keeps .* ask for a budget no larger") as e:
         sched.add(Request("big", ps[0], max_new_tokens=4, budget=0.9))
+    assert e.value.field == "budget"
     with pytest.raises(ValueError, match="budget=-1"):
         sched.add(Request("neg", ps[0], max_new_tokens=4, budget=-1))
     full = Scheduler(engine(CACHES["full"]), num_slots=1, max_prompt_tokens=40, max_new_tokens=4)
@@ -181,8 +182,15 @@ def test_bad_requests_are_refused_with_the_reason():
         sched.add(Request("new", [1, 5, 6], max_new_tokens=9))
     with pytest.raises(ValueError, match="empty prompt"):
         sched.add(Request("empty", [], max_new_tokens=4))
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature") as e:
         sched.add(Request("t", [1, 5], max_new_tokens=2, temperature=-1))
+    assert e.value.field == "temperature"
+    for bad, field in ((dict(top_p=0.0), "top_p"), (dict(seed=1.5), "seed"), (dict(max_new_tokens=0), "max_new_tokens"),
+                       (dict(prompt=[]), "prompt"), (dict(stop="x"), "stop")):
+        with pytest.raises(RequestError) as e:
+            sched.check(Request(**{"id": "f", "prompt": [1, 5], "max_new_tokens": 2, **bad}))
+        assert e.value.field == field, (bad, e.value.field, str(e.value))
+    assert sched.check(Request("f", [1, 5, 6], max_new_tokens=2)) == [1, 5, 6] and not sched.has_work()
     sched.add(Request("ok", [1, 5, 6], max_new_tokens=2))
     with pytest.raises(ValueError, match="'ok' is already queued"):
         sched.add(Request("ok", [1, 5, 7], max_new_tokens=2))
