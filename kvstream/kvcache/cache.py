@@ -13,6 +13,7 @@ in chunks, then keeps each sequence's budget; decode steps append, attend, then 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "kvstream"
 SUPPORTED_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo", "olmo2", "phi3")
 _TAG = "_kvstream_layer"
+
+
+@dataclass
+class _Staging:
+    """A chunked prefill's full-precision prompt so far, per layer: keys, values (B, H, T, D), queries
+    (B, Hq, T, D) when the policy scores tokens; None until the layer's first chunk and after its last."""
+
+    total: int
+    k: list
+    v: list
+    q: list
 
 
 class _Layer(CacheLayerMixin):
@@ -77,6 +89,7 @@ class CompressedCache(Cache):
         self.plan: SeqPlan | None = None
         self.backend: str | None = None
         self._workspace = None  # (shape key, kernels.decode_attention.DecodeWorkspace) for the triton backend
+        self._staging: _Staging | None = None  # a chunked prefill in progress (begin_chunked_prefill)
         super().__init__(layers=[_Layer() for _ in range(self.num_layers)])
         install_attention(model_config)
         if cfg.policy == "keyformer" and cfg.max_new_tokens is None:
@@ -87,11 +100,14 @@ class CompressedCache(Cache):
         """Store the new tokens of `layer_idx`; returns them tagged so the kvstream attention finds this cache."""
         layer = self.layers[layer_idx]
         q_len = key_states.shape[2]
+        if layer.store is None and self._staging is not None:
+            return self._stage(layer_idx, key_states, value_states)
         if layer.store is not None:
             if q_len != 1:
                 raise NotImplementedError(
                     f"CompressedCache decodes one token per step; got {q_len} new tokens after the prompt "
-                    "(chunked prefill, assisted or speculative decoding are not supported)"
+                    "(chunked prefill goes through begin_chunked_prefill; assisted or speculative decoding are not "
+                    "supported)"
                 )
             layer.store.append(key_states, value_states)
         layer.seen += q_len
@@ -106,13 +122,15 @@ class CompressedCache(Cache):
 
     def reset(self):
         super().reset()
-        self.plan = None
+        self.plan, self._staging = None, None
 
     # ---- attention -------------------------------------------------------------------------------------------
     def attend(self, layer_idx: int, module, query, key, value, attention_mask, scaling: float):
         """query (B, Hq, q_len, D); key/value (B, H, q_len, D) -> attention output (B, q_len, Hq, D)."""
         layer = self.layers[layer_idx]
         decode_fn, prefill_fn = ops(self.backend or self._resolve_backend(query.device))
+        if layer.store is None and self._staging is not None:
+            return self._prefill_chunk(layer_idx, module, query, key, value, scaling, prefill_fn)
         if layer.store is None:
             return self._prefill(layer_idx, module, query, key, value, attention_mask, scaling, prefill_fn)
         store, plan = layer.store, self.plan
@@ -151,6 +169,12 @@ class CompressedCache(Cache):
             # the same call transformers' SDPA path makes, so prefill outputs are identical to the uncompressed model
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
             lse = None
+        self._build_store(layer_idx, query, key, value, valid, scaling, prefill_fn, lse)
+        return out
+
+    def _build_store(self, layer_idx, query, key, value, valid, scaling, prefill_fn, lse=None) -> None:
+        """The layer's store from its whole prompt: the policy's prefill scores (query (B, Hq, T, D) against key
+        (B, H, T, D)), then the kept tokens and the recent window."""
         scores = None
         if self.policy.scored:
             scores = prefill_fn(query, key, valid, scaling, self.cfg.tau_init, self.policy.noisy, self.plan.seeds,
@@ -161,6 +185,68 @@ class CompressedCache(Cache):
         self.layers[layer_idx].store = store
         if all(layer.store is not None for layer in self.layers):
             self.plan.order = None  # only prefill needs it
+
+    # ---- chunked prefill -------------------------------------------------------------------------------------
+    def begin_chunked_prefill(self, prompt_tokens: int) -> None:
+        """Take the next forwards as chunks of unpadded prompts of `prompt_tokens` tokens each (every row the same
+        length, no attention mask; kvstream.kvcache.scheduler admits one sequence at a time this way).
+
+        Each chunk attends over the prompt so far (its keys / values staged in full precision per layer), and its
+        queries are staged too when the policy scores tokens. When a layer's last chunk has run, its store is
+        built exactly as a one-shot prefill builds it: the same scoring over the whole prompt's queries and keys
+        (Keyformer's noise keyed by the same positions), the same selection. Costs the staging memory of the whole
+        prompt for every layer until the last chunk: (2 H + Hq if scored) x T x D in the model's dtype, per row."""
+        if self.plan is not None or any(layer.seen for layer in self.layers):
+            raise ValueError("begin_chunked_prefill: this cache already holds tokens; use a fresh cache")
+        if not isinstance(prompt_tokens, int) or prompt_tokens < 1:
+            raise ValueError(f"begin_chunked_prefill: prompt_tokens={prompt_tokens!r} must be an int >= 1")
+        L = self.num_layers
+        self._staging = _Staging(prompt_tokens, [None] * L, [None] * L, [None] * L)
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether a chunked prefill is in progress (its last chunk not run yet)."""
+        return self._staging is not None
+
+    def _stage(self, layer_idx: int, key_states, value_states):
+        st, layer = self._staging, self.layers[layer_idx]
+        B, H, c, D = key_states.shape
+        s, e = layer.seen, layer.seen + c
+        if e > st.total:
+            raise ValueError(f"chunked prefill: {e} tokens fed, the prompt has {st.total}")
+        if st.k[layer_idx] is None:
+            st.k[layer_idx] = key_states.new_empty(B, H, st.total, D)
+            st.v[layer_idx] = value_states.new_empty(B, H, st.total, D)
+        st.k[layer_idx][:, :, s:e] = key_states
+        st.v[layer_idx][:, :, s:e] = value_states
+        layer.seen = e
+        key, value = st.k[layer_idx][:, :, :e], st.v[layer_idx][:, :, :e]
+        setattr(key, _TAG, (self, layer_idx))
+        return key, value
+
+    def _prefill_chunk(self, layer_idx, module, query, key, value, scaling, prefill_fn):
+        """query (B, Hq, c, D): the chunk's rows; key / value (B, H, e, D): the prompt so far, the chunk last."""
+        st = self._staging
+        B, Hq, c, D = query.shape
+        e = key.shape[2]
+        s = e - c
+        if self.plan is None:
+            self.backend = self._resolve_backend(query.device)
+            self.plan = self._plan_for([st.total] * B, query.device, None)
+        if self.policy.scored:
+            if st.q[layer_idx] is None:
+                st.q[layer_idx] = query.new_empty(B, Hq, st.total, D)
+            st.q[layer_idx][:, :, s:e] = query
+        rows = torch.arange(s, e, device=query.device)
+        mask = (torch.arange(e, device=query.device).view(1, e) <= rows.view(c, 1)).view(1, 1, c, e)  # causal
+        out, _ = sdpa_attention_forward(module, query, key, value, mask.expand(B, 1, c, e), dropout=0.0,
+                                        scaling=scaling)
+        if e == st.total:  # the layer's last chunk: its store, as a one-shot prefill builds it
+            valid = torch.ones(B, e, dtype=torch.bool, device=query.device)
+            self._build_store(layer_idx, st.q[layer_idx], key, value, valid, scaling, prefill_fn)
+            st.k[layer_idx] = st.v[layer_idx] = st.q[layer_idx] = None
+            if all(layer.store is not None for layer in self.layers):
+                self._staging = None
         return out
 
     def _lse_prefill(self, module, query, T: int) -> bool:

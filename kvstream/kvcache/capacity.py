@@ -43,6 +43,19 @@ def reserve_bytes(model_config, max_prompt_tokens: int, num_slots_hint: int, dty
     return 2 * size * per_token * (max_prompt_tokens + num_slots_hint) + 2 * size * mc.vocab_size * num_slots_hint
 
 
+def staging_bytes(cfg: CacheConfig, model_config, prompt_tokens: int, dtype: torch.dtype) -> int:
+    """What a chunked admission stages until its last chunk (CompressedCache.begin_chunked_prefill): the whole
+    prompt's keys and values of every layer in the model's dtype, and its queries when the policy scores tokens."""
+    from kvstream.kvcache.policies import get_policy
+
+    mc = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hq = mc.num_attention_heads
+    h = mc.num_key_value_heads or hq
+    d = getattr(mc, "head_dim", None) or mc.hidden_size // hq
+    heads = 2 * h + (hq if get_policy(cfg).scored else 0)
+    return mc.num_hidden_layers * heads * prompt_tokens * d * (torch.finfo(dtype).bits // 8)
+
+
 def max_slots(cfg: CacheConfig, model_config, max_prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype,
               memory_bytes: int, reserve: int | None = None) -> int:
     """The number of slots that fit in `memory_bytes` (memory free for the cache and activations) beside the

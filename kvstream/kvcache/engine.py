@@ -58,6 +58,7 @@ class Engine:
         self.last_num_slots: int | None = None  # sequences the last fast generate decoded together
         self.gpu_memory_utilization = 0.9  # the share of GPU memory the fast path's slot pool may fill
         self.record_timing = False  # benchmarks: GPU prefill / decode seconds of the last fast generate
+        self.prefill_tokens: int | None = None  # fast path: chunked prefill, prompt tokens per step (Scheduler)
         self.last_timing: dict | None = None
 
     def _decode_path(self) -> str:
@@ -171,11 +172,11 @@ class Engine:
             cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
             dtype = next(self.model.parameters()).dtype
             slots = min(len(ids), _slots_that_fit(cfg, self.model, longest, max_new_tokens, dtype, self.device,
-                                                  self.gpu_memory_utilization))
+                                                  self.gpu_memory_utilization, self.prefill_tokens is not None))
         else:
             slots = len(ids)
         sched = Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,
-                          timing=self.record_timing)
+                          timing=self.record_timing, prefill_tokens=self.prefill_tokens)
         for i, x in enumerate(ids):
             sched.add(Request(str(i), x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               stop=stops, seed=seed))
@@ -199,6 +200,15 @@ class Engine:
         ids, m = input_ids.to(self.device), mask.to(self.device)
         pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # what generate passes for a left-padded batch
         out = self.model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(self.model): cache})
+        return out.logits[:, -1]
+
+    def prefill_chunk(self, cache: CompressedCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One chunk of an unpadded prompt (B, c) at positions start .. start + c - 1 into a cache in chunked
+        prefill (`CompressedCache.begin_chunked_prefill`) -> the chunk's last-position logits (B, V)."""
+        ids = input_ids.to(self.device)
+        pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{cache_kwarg(self.model): cache})
         return out.logits[:, -1]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstream.kvcache.cache import CompressedCache
-from kvstream.kvcache.capacity import max_slots
+from kvstream.kvcache.capacity import max_slots, staging_bytes
 from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_seed, _stop_list
 from kvstream.kvcache.fast_decode import DecodeRunner, LaggedFlags
 
@@ -44,6 +44,19 @@ class RequestError(ValueError):
     def __init__(self, message: str, field: str):
         super().__init__(message)
         self.field = field
+
+
+@dataclass
+class _Admission:
+    """A chunked prefill in progress: the slot it will take, its request and prompt, its one-sequence cache, the
+    prompt tokens fed so far, when it started."""
+
+    slot: int
+    req: "Request"
+    ids: list[int]
+    cache: CompressedCache
+    done: int
+    t0: float
 
 
 @dataclass
@@ -67,11 +80,14 @@ class Scheduler:
     fit in gpu_memory_utilization of the GPU's memory beside what is already allocated (the weights) and a
     working reserve (kvstream.kvcache.capacity: a smaller cache is automatically a bigger batch);
     max_prompt_tokens, max_new_tokens: the largest prompt and generation a slot holds (requests over them are
-    refused at `add`); timing: record CUDA events around each phase for `timing()` (benchmarks).
+    refused at `add`); timing: record CUDA events around each phase for `timing()` (benchmarks); prefill_tokens:
+    chunked prefill, at most this many prompt tokens admitted per step between decode steps (None: each admission
+    prefills its whole prompt at once). Chunked or not, a sequence's kept tokens and scores are those of a one-shot
+    prefill (CompressedCache.begin_chunked_prefill).
     """
 
     def __init__(self, engine: Engine, num_slots: int | str, max_prompt_tokens: int, max_new_tokens: int,
-                 gpu_memory_utilization: float = 0.9, timing: bool = False):
+                 gpu_memory_utilization: float = 0.9, timing: bool = False, prefill_tokens: int | None = None):
         if engine.decode_path != "fast":
             raise ValueError("Scheduler needs an Engine on the fast path (a Llama-family model with "
                              f"CacheConfig.engine auto or fast); this one decodes through {engine.decode_path!r}")
@@ -84,7 +100,12 @@ class Scheduler:
         dtype = next(model.parameters()).dtype
         if num_slots == "auto":
             num_slots = _slots_that_fit(self.cfg, model, max_prompt_tokens, max_new_tokens, dtype, dev,
-                                        gpu_memory_utilization)
+                                        gpu_memory_utilization, chunked=prefill_tokens is not None)
+        if prefill_tokens is not None and (not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool)
+                                           or prefill_tokens < 1):
+            raise ValueError(f"Scheduler: prefill_tokens={prefill_tokens!r} must be an int >= 1 or None")
+        self.prefill_tokens = prefill_tokens
+        self.prefilling: _Admission | None = None  # the chunked admission in progress
         if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
             raise ValueError(f"Scheduler: num_slots={num_slots!r} must be an int >= 1 or 'auto'")
         self.num_slots, self.max_prompt, self.max_new = num_slots, max_prompt_tokens, max_new_tokens
@@ -143,7 +164,7 @@ class Scheduler:
         return ids
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots)
+        return bool(self.waiting) or self.prefilling is not None or any(s is not None for s in self.slots)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting request, or stop a running one and free its slot; whether the id was found."""
@@ -151,6 +172,9 @@ class Scheduler:
             if req.id == request_id:
                 del self.waiting[i]
                 return True
+        if self.prefilling is not None and self.prefilling.req.id == request_id:
+            self.prefilling = None  # its staging is dropped with it; its slot was never taken
+            return True
         for b, held in enumerate(self.slots):
             if held is not None and held[0].id == request_id:
                 self._free(b)
@@ -208,24 +232,57 @@ class Scheduler:
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _ids(self) -> set[str]:
-        return {r.id for r, _ in self.waiting} | {s[0].id for s in self.slots if s is not None}
+        ids = {r.id for r, _ in self.waiting} | {s[0].id for s in self.slots if s is not None}
+        return ids | ({self.prefilling.req.id} if self.prefilling is not None else set())
 
     def _admit(self) -> None:
+        if self.prefill_tokens is not None:
+            self._admit_chunked()
+            return
         for b in range(self.num_slots):
             if not self.waiting:
                 return
             if self.slots[b] is not None:
                 continue
             req, ids = self.waiting.popleft()
-            cfg = self._config_of(req)
-            one = CompressedCache(cfg, self.engine.model.config, seeds=[_row_seed(cfg.seed, req.seed, ids)])
+            t0 = time.perf_counter()
+            one = self._cache_for(req, ids)
             row = torch.tensor([ids], dtype=torch.long)
-            logits = self.engine.prefill(one, row, torch.ones_like(row))
-            self.pool.load_slot(b, one)
-            self.runner.start_row(b, logits, req.max_new_tokens, req.temperature, req.top_p)
-            self.slots[b] = (req, ids)
-            self.started[b] = time.perf_counter()
-            self.admitted_at[b] = self.flags.pushed  # flags pushed from now on are this sequence's
+            self._start(b, req, ids, one, self.engine.prefill(one, row, torch.ones_like(row)), t0)
+
+    def _admit_chunked(self) -> None:
+        """At most `prefill_tokens` prompt tokens this step: the admission in progress goes on, and when it ends
+        the next waiting request starts in the next free slot (a short prompt may be admitted whole)."""
+        budget = self.prefill_tokens
+        while budget > 0:
+            if self.prefilling is None:
+                free = [b for b in range(self.num_slots) if self.slots[b] is None]
+                if not free or not self.waiting:
+                    return
+                req, ids = self.waiting.popleft()
+                one = self._cache_for(req, ids)
+                one.begin_chunked_prefill(len(ids))
+                self.prefilling = _Admission(free[0], req, ids, one, 0, time.perf_counter())
+            a = self.prefilling
+            c = min(budget, len(a.ids) - a.done)
+            logits = self.engine.prefill_chunk(a.cache, torch.tensor([a.ids[a.done:a.done + c]]), a.done)
+            a.done += c
+            budget -= c
+            if a.done == len(a.ids):
+                self.prefilling = None
+                self._start(a.slot, a.req, a.ids, a.cache, logits, a.t0)
+
+    def _cache_for(self, req: Request, ids: list[int]) -> CompressedCache:
+        cfg = self._config_of(req)
+        return CompressedCache(cfg, self.engine.model.config, seeds=[_row_seed(cfg.seed, req.seed, ids)])
+
+    def _start(self, b: int, req: Request, ids: list[int], one: CompressedCache, logits, t0: float) -> None:
+        """Slot b takes the prefilled sequence: its state into the slot, its first token drawn."""
+        self.pool.load_slot(b, one)
+        self.runner.start_row(b, logits, req.max_new_tokens, req.temperature, req.top_p)
+        self.slots[b] = (req, ids)
+        self.started[b] = t0
+        self.admitted_at[b] = self.flags.pushed  # flags pushed from now on are this sequence's
 
     def _collect(self) -> list[dict]:
         done, index = self.flags.read()
@@ -281,12 +338,16 @@ class Scheduler:
         self.runner.done[b] = True
 
 
-def _slots_that_fit(cfg, model, max_prompt: int, max_new: int, dtype, device, utilization: float) -> int:
-    """num_slots="auto": the slots that fit in `utilization` of the GPU beside what is already allocated."""
+def _slots_that_fit(cfg, model, max_prompt: int, max_new: int, dtype, device, utilization: float,
+                    chunked: bool = False) -> int:
+    """num_slots="auto": the slots that fit in `utilization` of the GPU beside what is already allocated (and a
+    chunked admission's staging of the longest prompt, when chunked)."""
     if device.type != "cuda":
         raise ValueError("Scheduler: num_slots='auto' sizes the pool from GPU memory; on a CPU pass a number")
     if not 0 < utilization <= 1:
         raise ValueError(f"Scheduler: gpu_memory_utilization={utilization} must be in (0, 1]")
     free, total = torch.cuda.mem_get_info(device)
     budget = min(free, utilization * total - torch.cuda.memory_allocated(device))
+    if chunked:
+        budget -= staging_bytes(cfg, model.config, max_prompt, dtype)
     return max_slots(cfg, model.config, max_prompt, max_new, dtype, int(budget))

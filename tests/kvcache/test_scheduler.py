@@ -4,6 +4,8 @@ sequence before; cancel frees its slot; bad requests are refused with the reason
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tests.kvcache.tiny import build_model, padded_batch
@@ -230,3 +232,75 @@ def test_memory_decides_the_batch():
     assert held[1] - held[0] == 3 * one
     with pytest.raises(ValueError, match="on a CPU pass a number"):
         Scheduler(eng, num_slots="auto", max_prompt_tokens=40, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 33])
+@pytest.mark.parametrize("name", ["full", "keyformer+kivi2", "h2o", "full+kivi2"])
+def test_chunked_prefill_keeps_what_one_shot_keeps(name, chunk):
+    """A prompt fed in chunks that do not divide it: the same kept positions per layer and KV head, the same
+    scores (float tolerance) and last logits as one prefill of the whole prompt."""
+    from kvstream.kvcache import CompressedCache
+
+    eng = engine(CACHES[name])
+    (p,) = prompts([50], seed=11)
+    row = torch.tensor([p])
+    cfg = dataclasses.replace(eng.cache_config, max_new_tokens=8)
+    with torch.inference_mode():
+        one = CompressedCache(cfg, eng.model.config, seeds=[5])
+        want = eng.prefill(one, row, torch.ones_like(row))
+        ch = CompressedCache(cfg, eng.model.config, seeds=[5])
+        ch.begin_chunked_prefill(len(p))
+        for s in range(0, len(p), chunk):
+            assert ch.prefilling
+            got = eng.prefill_chunk(ch, row[:, s:s + chunk], s)
+    assert not ch.prefilling
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for i, (a, b) in enumerate(zip(one.layers, ch.layers)):
+        assert one.kept_positions(i) == ch.kept_positions(i), (name, i)
+        if a.store.scores is not None:
+            torch.testing.assert_close(b.store.scores, a.store.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.store.win_k, a.store.win_k, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already holds tokens"):
+        ch.begin_chunked_prefill(10)
+
+
+@pytest.mark.parametrize("name", list(CACHES))
+def test_chunked_admissions_equal_generate_alone_and_decode_goes_on(name):
+    """prefill_tokens=7: admissions take several steps, interleaved with the running sequences' decode steps
+    (a running row gains a token every step meanwhile); every row still equals Engine.generate alone."""
+    eng = engine(CACHES[name])
+    ps = prompts([23, 40, 31, 12, 37], seed=1)
+    news = [9, 4, 12, 7, 10]
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=48, max_new_tokens=12, prefill_tokens=7)
+    for i, (p, m) in enumerate(zip(ps, news)):
+        sched.add(Request(f"r{i}", p, max_new_tokens=m))
+    got, interleaved = {}, 0
+    for _ in range(400):
+        if not sched.has_work():
+            break
+        before = sched.progress()
+        prefilling = sched.prefilling is not None
+        got.update({r["id"]: r for r in sched.step()})
+        after = sched.progress()
+        grew = [rid for rid in before if rid in after and len(after[rid]) == len(before[rid]) + 1]
+        interleaved += bool(prefilling and grew)
+    assert sorted(got) == [f"r{i}" for i in range(5)] and interleaved >= 3
+    for i, (p, m) in enumerate(zip(ps, news)):
+        (alone,) = eng.generate([p], max_new_tokens=m)
+        assert got[f"r{i}"]["token_ids"] == alone["token_ids"], (name, i)
+        assert got[f"r{i}"]["kv_bytes"] == alone["kv_bytes"], (name, i)
+
+
+def test_a_chunked_admission_can_be_cancelled():
+    eng = engine(CACHES["keyformer+kivi2"])
+    ps = prompts([40, 20], seed=12)
+    sched = Scheduler(eng, num_slots=1, max_prompt_tokens=48, max_new_tokens=6, prefill_tokens=8)
+    sched.add(Request("long", ps[0], max_new_tokens=6))
+    sched.add(Request("next", ps[1], max_new_tokens=6))
+    sched.step()
+    assert sched.prefilling is not None and sched.prefilling.req.id == "long"
+    assert sched.cancel("long") and sched.prefilling is None
+    got = drain(sched)
+    assert list(got) == ["next"] and got["next"]["token_ids"] == eng.generate([ps[1]], max_new_tokens=6)[0]["token_ids"]
+    with pytest.raises(ValueError, match="prefill_tokens=0"):
+        Scheduler(eng, num_slots=1, max_prompt_tokens=8, max_new_tokens=4, prefill_tokens=0)
