@@ -76,7 +76,8 @@ class KVStreamServer:
         self.max_queue, self.timeout = s["max_queue"], s["timeout_s"]
         self.policy = config["cache"]["policy"]
         self.engine = build_engine(config["model"], config["cache"], device_for(s["num_gpus"]))
-        self.sched = Scheduler(self.engine, s["num_slots"], self.max_prompt, self.max_new)
+        self.sched = Scheduler(self.engine, s["num_slots"], self.max_prompt, self.max_new,
+                               prefill_tokens=s["prefill_tokens"])
         self.inbox: queue.Queue = queue.Queue()
         self.pending: dict[str, Ticket] = {}
         self.counts = {"running": 0, "waiting": 0, "cancelled": 0, "finished": 0}

@@ -24,6 +24,7 @@ class ServeConf:
     max_new_tokens: int = 256  # the largest max_tokens a request may ask
     max_prompt_tokens: int = 2048  # the longest prompt (after the chat template) a slot holds
     num_slots: Any = 8  # sequences decoded together per replica, or auto (from GPU memory; GPU only)
+    prefill_tokens: Optional[int] = 512  # chunked prefill: prompt tokens admitted per step between decode steps
     max_queue: int = 64  # requests in flight per replica (running + waiting); over it: 429 + Retry-After
     timeout_s: float = 300.0  # per request; over it: 504 (or an error event in a stream) and the sequence cancelled
     num_gpus: float = 0.0  # per replica (1 on a GPU machine); 0: CPU mode
@@ -112,6 +113,9 @@ def validate_serve(cfg: DictConfig) -> None:
                                    and s.num_slots >= 1), "serve.num_slots", "must be an int >= 1 or auto")
     need(s.num_slots != "auto" or s.num_gpus > 0, "serve.num_slots",
          "auto sizes the pool from GPU memory: set serve.num_gpus > 0, or a number of slots in CPU mode")
+    need(s.prefill_tokens is None or (isinstance(s.prefill_tokens, int) and not isinstance(s.prefill_tokens, bool)
+                                      and s.prefill_tokens >= 1), "serve.prefill_tokens",
+         "must be an int >= 1 (prompt tokens per step) or null (each prompt prefilled whole)")
     need(s.max_queue >= 1, "serve.max_queue", "must be >= 1")
     need(s.timeout_s > 0, "serve.timeout_s", "must be > 0 seconds")
     need(s.num_gpus >= 0, "serve.num_gpus", "must be >= 0 (0 = CPU mode)")
