@@ -233,13 +233,21 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
             for _ in range(steps):
                 sched.runner.step()
             torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+    rows, total, launches = _by_kernel(prof, steps)
+    return _append_table(path, f"## {name}: GPU kernel time per eager decode step {total:.2f} ms, {launches} "
+                               "launches", "| kernel | ms / step | launches / step |", rows[:25])
+
+
+def _by_kernel(prof, per: int = 1):
+    """(kernel, ms, launches) per `per` runs from a torch.profiler run, most time first; total ms; launches."""
+    rows = [(e.key, e.device_time_total / per / 1e3, e.count // per) for e in prof.key_averages()
             if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
-    total = sum(r[1] for r in rows)
-    lines = [f"## {name}: GPU kernel time per eager decode step {total:.2f} ms, {sum(r[2] for r in rows)} launches",
-             "| kernel | ms / step | launches / step |", "| --- | --- | --- |"]
-    lines += [f"| {k[:90]} | {ms:.3f} | {n} |" for k, ms, n in rows[:25]]
+    return rows, sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+
+def _append_table(path: str, title: str, header: str, rows) -> str:
+    lines = [title, header, "| --- | --- | --- |"] + [f"| {k[:90]} | {ms:.3f} | {n} |" for k, ms, n in rows]
     text = "\n".join(lines) + "\n"
     with open(path, "a") as f:
         f.write(text + "\n")
@@ -272,17 +280,10 @@ def profile_prefill(model, name: str, prompt: int, path: str, reps: int = 3) -> 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             kv()
             torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
-    total = sum(r[1] for r in rows)
-    lines = [f"## prefill of {prompt} tokens, {name}: {1e3 * walls[name] / reps:.1f} ms wall (model forward alone "
-             f"{1e3 * walls['model forward'] / reps:.1f} ms); GPU kernel time {total:.1f} ms",
-             "| kernel | ms | launches |", "| --- | --- | --- |"]
-    lines += [f"| {k[:90]} | {ms:.2f} | {n} |" for k, ms, n in rows[:20]]
-    text = "\n".join(lines) + "\n"
-    with open(path, "a") as f:
-        f.write(text + "\n")
-    return text
+    rows, total, _ = _by_kernel(prof)
+    return _append_table(path, f"## prefill of {prompt} tokens, {name}: {1e3 * walls[name] / reps:.1f} ms wall (model "
+                               f"forward alone {1e3 * walls['model forward'] / reps:.1f} ms); GPU kernel time "
+                               f"{total:.1f} ms", "| kernel | ms | launches |", rows[:20])
 
 
 def main(argv=None) -> int:

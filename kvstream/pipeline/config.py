@@ -119,19 +119,29 @@ def load_config(task: str, config_path: str | None = None, overrides: list[str] 
         cfg.data.path = "demo:converse"
         cfg.output.path = "outputs/converse"
     try:
-        if config_path:
-            cfg = OmegaConf.merge(cfg, _load_yaml(config_path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. generate.max_new_tokens=64)")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = merge_layers(cfg, config_path, overrides, "generate.max_new_tokens=64")
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     if cfg.task != task:
         raise ConfigError(f"task={cfg.task!r} (from --config/overrides) but this is the {task} job: "
                           f"run jobs/{cfg.task}.py, or set task: {task}")
     validate(cfg)
+    return cfg
+
+
+def merge_layers(cfg: DictConfig, config_path: str | None, overrides: list[str] | None, example: str,
+                 tree: dict | None = None) -> DictConfig:
+    """cfg <- the YAML file <- a nested `tree` <- `key=value` overrides (`example`: one for the error message);
+    OmegaConf's own errors (unknown keys, wrong types) go to the caller, which names its sections."""
+    if config_path:
+        cfg = OmegaConf.merge(cfg, _load_yaml(config_path))
+    if tree:
+        cfg = OmegaConf.merge(cfg, tree)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. {example})")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg
 
 

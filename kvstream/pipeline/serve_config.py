@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kvstream.pipeline.config import ConfigError, ModelConf, _load_yaml
+from kvstream.pipeline.config import ConfigError, ModelConf, merge_layers
 
 
 @dataclass
@@ -51,15 +51,7 @@ def load_serve_config(config_path: str | None = None, overrides: list[str] | Non
     """Defaults -> YAML file -> nested `tree` -> dotlist overrides; returns a validated, resolved DictConfig."""
     cfg = OmegaConf.structured(ServeJobConf)
     try:
-        if config_path:
-            cfg = OmegaConf.merge(cfg, _load_yaml(config_path))
-        if tree:
-            cfg = OmegaConf.merge(cfg, tree)
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. serve.num_slots=16)")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = merge_layers(cfg, config_path, overrides, "serve.num_slots=16", tree)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key {getattr(e, 'full_key', None)!r}: {msg}. Sections: model, cache, serve "
