@@ -135,6 +135,14 @@ class DecodeRunner:
         x = self.inner.norm(x)
         return self.model.lm_head(x[:, -1]).float()  # (B, V)
 
+    def snapshot(self) -> torch.Tensor:
+        """(B, 4) int64 on the device: finished flag, tokens emitted, the last and the one-before-last token of
+        each row (what a host that reads it one step late needs to follow every row's output without a sync: a
+        row gains at most two tokens between two snapshots, its first one and the step's)."""
+        g = self.gen_t.view(self.B, 1)
+        last = self.tokens.gather(1, torch.cat((g - 1, g - 2), 1).clamp(min=0))  # (B, 2)
+        return torch.cat((self.done.view(self.B, 1).long(), g, last), 1)
+
     def _step(self) -> None:
         logits = self._forward()
         self._emit(sample(logits, self.temperature, self.top_p, self.seeds, self.gen_t))
@@ -173,37 +181,40 @@ class DecodeRunner:
 
 
 class LaggedFlags:
-    """The finished flags, read one step late: each push copies them into one of two pinned host buffers behind an
-    event; `read` returns the copy of the push before the newest (its event already passed, or about to), so the
-    GPU always has a step queued. On CPU the newest flags are read at once."""
+    """Per-row device state (a (B,) or (B, k) tensor: the finished flags, or a packed snapshot) read one step late:
+    each push copies it into one of two pinned host buffers behind an event; `read` returns the copy of the push
+    before the newest (its event already passed, or about to), so the GPU always has a step queued. On CPU the newest
+    push is read at once, unless lag=True (what CUDA does, for tests)."""
 
-    def __init__(self, done: torch.Tensor):
+    def __init__(self, done: torch.Tensor, lag: bool | None = None):
         self.cuda = done.is_cuda
+        self.lag = self.cuda if lag is None else bool(lag)
         if self.cuda:
             self.host = [torch.empty(done.shape, dtype=done.dtype, pin_memory=True) for _ in range(2)]
             self.events = [torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)]  # wait asleep
+        else:
+            self.host = [None, None]
         self.pushed = 0
         self.push(done)
 
     def push(self, done: torch.Tensor) -> None:
+        i = self.pushed % 2
         if self.cuda:
-            i = self.pushed % 2
             self.host[i].copy_(done, non_blocking=True)
             self.events[i].record()
         else:
-            self.last = done.clone()
+            self.host[i] = done.clone()
         self.pushed += 1
 
-    def read(self) -> tuple[list[bool], int]:
-        """The flags of the push before the newest (the newest on CPU, or when there was one push), and that
-        push's index (0 for the first)."""
-        if not self.cuda:
-            return self.last.tolist(), self.pushed - 1
-        index = max(self.pushed - 2, 0)
-        self.events[index % 2].synchronize()
+    def read(self) -> tuple[list, int]:
+        """The state of the push before the newest (the newest on CPU without lag, or when there was one push) as
+        a list, and that push's index (0 for the first)."""
+        index = max(self.pushed - 2, 0) if self.lag else self.pushed - 1
+        if self.cuda:
+            self.events[index % 2].synchronize()
         return self.host[index % 2].tolist(), index
 
     def all_done(self) -> bool:
-        if self.cuda and self.pushed < 2:
+        if self.lag and self.pushed < 2:
             return False
         return all(self.read()[0])

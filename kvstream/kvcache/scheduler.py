@@ -17,7 +17,9 @@ fixed-size; a paged kept store that sizes each slot by its own budget is the nex
 A row's tokens equal `Engine.generate([its prompt], ...)` alone: the prefill is the same, and every decode-step
 quantity is per slot (positions, Keyformer step / tau / seed, sampling seed and step).
 A request may carry its own cache budget (`Request.budget`, no larger than the pool's slots hold): per-request
-compression. The finished flags are read one step late on CUDA, so the host never waits on the step it just queued.
+compression. The rows' state (finished flag, tokens emitted, the last two tokens) is read one step late on CUDA from
+a pinned snapshot, so the host never waits on the step it just queued and follows every row's output without
+reading the device (`progress()` for streaming costs the loop nothing).
 `Engine.generate` runs on a Scheduler on the fast path. Prefill is not chunked yet: an admission prefills the whole
 prompt between two decode steps.
 """
@@ -83,11 +85,13 @@ class Scheduler:
     refused at `add`); timing: record CUDA events around each phase for `timing()` (benchmarks); prefill_tokens:
     chunked prefill, at most this many prompt tokens admitted per step between decode steps (None: each admission
     prefills its whole prompt at once). Chunked or not, a sequence's kept tokens and scores are those of a one-shot
-    prefill (CompressedCache.begin_chunked_prefill).
+    prefill (CompressedCache.begin_chunked_prefill); lagged: read the rows' state one step late (None: on CUDA;
+    True on CPU runs the CUDA logic, for tests).
     """
 
     def __init__(self, engine: Engine, num_slots: int | str, max_prompt_tokens: int, max_new_tokens: int,
-                 gpu_memory_utilization: float = 0.9, timing: bool = False, prefill_tokens: int | None = None):
+                 gpu_memory_utilization: float = 0.9, timing: bool = False, prefill_tokens: int | None = None,
+                 lagged: bool | None = None):
         if engine.decode_path != "fast":
             raise ValueError("Scheduler needs an Engine on the fast path (a Llama-family model with "
                              f"CacheConfig.engine auto or fast); this one decodes through {engine.decode_path!r}")
@@ -117,8 +121,9 @@ class Scheduler:
         self.waiting: collections.deque[tuple[Request, list[int]]] = collections.deque()
         self.slots: list[tuple[Request, list[int]] | None] = [None] * num_slots
         self.started = [0.0] * num_slots  # when each slot's sequence was admitted (time_taken_llm)
-        self.admitted_at = [0] * num_slots  # the index of the first finished-flags push after each admission
-        self.flags = LaggedFlags(self.runner.done)
+        self.admitted_at = [0] * num_slots  # the index of the first snapshot pushed after each admission
+        self.out: list[list[int]] = [[] for _ in range(num_slots)]  # each slot's tokens so far, on the host
+        self.flags = LaggedFlags(self.runner.snapshot(), lag=lagged)
         self._events: list | None = [] if timing else None
 
     # ---- the API ---------------------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ class Scheduler:
             self._timed("prefill", self._admit)
             if any(s is not None for s in self.slots):
                 self._timed("decode", self.runner.step)
-            self.flags.push(self.runner.done)
+            self.flags.push(self.runner.snapshot())
             return self._collect()
 
     def timing(self) -> dict[str, float]:
@@ -220,15 +225,10 @@ class Scheduler:
         self._events.append((phase, a, b))
 
     def progress(self) -> dict[str, list[int]]:
-        """The tokens each running sequence has so far (EOS cut), by id: a host sync, for streaming between
-        steps, not for the batch loop."""
-        running = [(b, held[0].id) for b, held in enumerate(self.slots) if held is not None]
-        if not running:
-            return {}
-        gen_t = self.runner.gen_t.tolist()
-        tokens = self.runner.tokens[[b for b, _ in running]].tolist()
-        return {rid: _cut_at_eos(row[: gen_t[b]], self.engine.eos_token_ids)
-                for (b, rid), row in zip(running, tokens)}
+        """The tokens each running sequence has so far (EOS cut), by id, as of the last snapshot read (one step
+        behind on CUDA): host lists, no device read, so streaming costs the decode loop nothing."""
+        return {held[0].id: _cut_at_eos(list(self.out[b]), self.engine.eos_token_ids)
+                for b, held in enumerate(self.slots) if held is not None}
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _ids(self) -> set[str]:
@@ -282,17 +282,26 @@ class Scheduler:
         self.runner.start_row(b, logits, req.max_new_tokens, req.temperature, req.top_p)
         self.slots[b] = (req, ids)
         self.started[b] = t0
-        self.admitted_at[b] = self.flags.pushed  # flags pushed from now on are this sequence's
+        self.admitted_at[b] = self.flags.pushed  # snapshots pushed from now on are this sequence's
+        self.out[b] = []
 
     def _collect(self) -> list[dict]:
-        done, index = self.flags.read()
+        """Follow every running slot's output from the snapshot read (each snapshot is read once, in order), and
+        return the sequences it shows finished."""
+        snap, index = self.flags.read()
         out = []
         for b, held in enumerate(self.slots):
-            if held is None or index < self.admitted_at[b] or not done[b]:
+            if held is None or index < self.admitted_at[b]:
+                continue
+            done, n_gen, last, before = snap[b]
+            new = n_gen - len(self.out[b])
+            if not 0 <= new <= 2:
+                raise RuntimeError(f"Scheduler: slot {b} moved {new} tokens between two snapshots (at most 2)")
+            self.out[b] += [before, last][2 - new:]
+            if not done:
                 continue
             req, ids = held
-            n_gen = int(self.runner.gen_t[b])
-            gen = _cut_at_eos(self.runner.tokens[b, :n_gen].tolist(), self.engine.eos_token_ids)
+            gen = _cut_at_eos(list(self.out[b]), self.engine.eos_token_ids)
             text, gen = self.engine._text(ids, gen, req.stop)
             ended = bool(gen) and (gen[-1] in self.engine.eos_token_ids or len(gen) < n_gen)
             kv, kv_full = self._row_bytes(b)

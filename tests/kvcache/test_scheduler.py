@@ -44,12 +44,14 @@ def drain(sched: Scheduler, max_steps: int = 200) -> dict[str, dict]:
     raise AssertionError("the scheduler did not finish")
 
 
+@pytest.mark.parametrize("lagged", [None, True], ids=["read-now", "read-late"])
 @pytest.mark.parametrize("name", list(CACHES))
-def test_rows_equal_generate_alone_with_mid_flight_admission(name):
+def test_rows_equal_generate_alone_with_mid_flight_admission(name, lagged):
+    """read-late: the rows' state read one step late as on CUDA (lagged=True runs that logic on the CPU)."""
     eng = engine(CACHES[name])
     ps = prompts([23, 40, 31, 12, 37], seed=1)
     news = [9, 4, 12, 7, 10]
-    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=48, max_new_tokens=12)  # 5 requests, 2 slots
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=48, max_new_tokens=12, lagged=lagged)  # 5 requests, 2 slots
     for i, (p, m) in enumerate(zip(ps, news)):
         sched.add(Request(f"r{i}", p, max_new_tokens=m))
     got = drain(sched)
@@ -264,14 +266,35 @@ def test_chunked_prefill_keeps_what_one_shot_keeps(name, chunk):
         ch.begin_chunked_prefill(10)
 
 
+def test_rows_that_end_early_under_late_reads():
+    """EOS mid-way, a first token that is already the end, max_new_tokens=1: each row returned with exactly its
+    tokens when the state is read one step late (its slot then goes to the next request)."""
+    eng = engine(CACHES["keyformer+kivi2"])
+    ps = prompts([30, 25, 33, 21, 28, 19, 35], seed=13)
+    news = [12, 1, 9, 12, 5, 12, 7]
+    free_run = [eng.generate([p], max_new_tokens=m)[0]["token_ids"] for p, m in zip(ps, news)]
+    eng.eos_token_ids = [free_run[0][4], free_run[3][0]]  # row 0 ends at its 5th token, row 3 at its first
+    alone = [eng.generate([p], max_new_tokens=m)[0] for p, m in zip(ps, news)]
+    assert len(alone[0]["token_ids"]) == 5 and len(alone[3]["token_ids"]) == 1
+    sched = Scheduler(eng, num_slots=3, max_prompt_tokens=40, max_new_tokens=12, lagged=True)
+    for i, (p, m) in enumerate(zip(ps, news)):
+        sched.add(Request(f"e{i}", p, max_new_tokens=m))
+    got = drain(sched)
+    for i, row in enumerate(alone):
+        assert got[f"e{i}"]["token_ids"] == row["token_ids"], i
+        assert got[f"e{i}"]["finish_reason"] == ("stop" if row["token_ids"][-1] in eng.eos_token_ids else "length")
+        assert got[f"e{i}"]["kv_bytes"] == row["kv_bytes"], i
+
+
+@pytest.mark.parametrize("lagged", [None, True], ids=["read-now", "read-late"])
 @pytest.mark.parametrize("name", list(CACHES))
-def test_chunked_admissions_equal_generate_alone_and_decode_goes_on(name):
+def test_chunked_admissions_equal_generate_alone_and_decode_goes_on(name, lagged):
     """prefill_tokens=7: admissions take several steps, interleaved with the running sequences' decode steps
     (a running row gains a token every step meanwhile); every row still equals Engine.generate alone."""
     eng = engine(CACHES[name])
     ps = prompts([23, 40, 31, 12, 37], seed=1)
     news = [9, 4, 12, 7, 10]
-    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=48, max_new_tokens=12, prefill_tokens=7)
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=48, max_new_tokens=12, prefill_tokens=7, lagged=lagged)
     for i, (p, m) in enumerate(zip(ps, news)):
         sched.add(Request(f"r{i}", p, max_new_tokens=m))
     got, interleaved = {}, 0
