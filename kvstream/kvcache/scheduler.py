@@ -356,7 +356,9 @@ def _slots_that_fit(cfg, model, max_prompt: int, max_new: int, dtype, device, ut
     if not 0 < utilization <= 1:
         raise ValueError(f"Scheduler: gpu_memory_utilization={utilization} must be in (0, 1]")
     free, total = torch.cuda.mem_get_info(device)
-    budget = min(free, utilization * total - torch.cuda.memory_allocated(device))
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated  # freed blocks PyTorch keeps (an earlier pool's): usable
+    budget = min(free + cached, utilization * total - allocated)
     if chunked:
         budget -= staging_bytes(cfg, model.config, max_prompt, dtype)
     return max_slots(cfg, model.config, max_prompt, max_new, dtype, int(budget))
