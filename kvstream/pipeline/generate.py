@@ -57,11 +57,14 @@ class GenerateUDF:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.batches = 0
 
-    def _engine_generate(self, ids: list[list[int]]) -> list[dict]:
+    def _inject_oom(self, ids: list[list[int]]) -> None:
         if self.inject.get("oom_above") is not None and len(ids) > int(self.inject["oom_above"]):
             import torch
 
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected: batch of {len(ids)} rows)")
+
+    def _engine_generate(self, ids: list[list[int]]) -> list[dict]:
+        self._inject_oom(ids)
         g = self.gen
         return self.engine.generate(ids, max_new_tokens=g["max_new_tokens"], temperature=g["temperature"],
                                     top_p=g["top_p"], stop=list(g.get("stop") or []) or None, seed=g["seed"])

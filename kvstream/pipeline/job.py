@@ -1,8 +1,9 @@
 """A batch job end to end: config -> Ray Data pipeline -> Parquet results + stats.
 
-read files -> [limit] -> [skip rows already in the output] -> prompt -> tokenize + length policy
--> sort windows by length -> generate (actor pool, one Engine per actor) -> write Parquet parts (on the workers,
-kvstream/pipeline/parts.py) -> small stats rows to the driver.
+read files -> [limit] -> [skip rows already in the output] -> the request (`prompt` / `messages`) -> the processor
+(kvstream/pipeline/processor.py: requests + tokenize + length policy -> sort windows by length -> generate, an actor
+pool with one Engine per actor) -> write Parquet parts (on the workers, kvstream/pipeline/parts.py) -> small stats
+rows to the driver.
 
 Everything up to the driver's loop is lazy; Ray Data streams batches through it. The driver only counts (stats,
 progress) and, at the end, dedupes ids held twice (writer.compact) and writes the stats. It starts a local Ray
@@ -21,22 +22,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvstream.pipeline.checks import check_input, check_model, check_output, max_input_tokens
+from kvstream.pipeline.checks import check_input, check_model, check_output
 from kvstream.pipeline.config import ConfigError, cache_config, keys_help, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
 from kvstream.pipeline.fs import InputError, absolute, full_url, join, list_inputs, s3_options, write_bytes_atomic
-from kvstream.pipeline.generate import Generate
 from kvstream.pipeline.ids import duplicate_plan
 from kvstream.pipeline.interrupt import Interrupted, raising_on_signals
 from kvstream.pipeline.logs import configure_driver, python_level, quiet
 from kvstream.pipeline.parts import WriteParts, clean_temp, run_parts, settled_parts
-from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
+from kvstream.pipeline.job_processor import injected_faults, job_processor
+from kvstream.pipeline.prompts import RequestColumn
 from kvstream.pipeline.reader import read_batch, rel_name
-from kvstream.pipeline.stage import SkipDone, SortByLength
+from kvstream.pipeline.stage import SkipDone
 from kvstream.pipeline.stats import RunStats, summary
 from kvstream.pipeline.totals import write_stats
-from kvstream.pipeline.tokenize import Tokenize
 from kvstream.pipeline.writer import clear_results, compact, done_ids, new_run, repeated_ids, results_dir
 
 log = logging.getLogger("kvstream")
@@ -51,7 +51,7 @@ def input_spec(cfg: DictConfig) -> dict[str, Any]:
     col = d.text_column if cfg.task == "summarize" else d.messages_column
     passthrough = [c for c in [d.reference_column, *d.passthrough_columns] if c]
     for c in passthrough:
-        if c in ("id", "error", "generated_text", "num_input_tokens", "num_generated_tokens"):
+        if c in ("id", "error", "generated_text", "num_input_tokens", "num_generated_tokens", "prompt", "messages"):
             raise ConfigError(f"data passthrough column {c!r} collides with an output column; rename it in the data")
     return {"task": cfg.task, "input_column": col, "id_column": d.id_column, "format": d.format,
             "passthrough": list(dict.fromkeys(passthrough))}
@@ -109,20 +109,6 @@ def check_fits(cfg: DictConfig, resources: dict) -> None:
                           f"(fractions such as 0.5 are fine)")
 
 
-def injected_faults() -> dict:
-    """Test hooks from the driver's environment (see pipeline/generate.py and pipeline/parts.py)."""
-    env = os.environ
-    out: dict[str, Any] = {}
-    if env.get("KVSTREAM_INJECT_OOM_ABOVE"):
-        out["oom_above"] = int(env["KVSTREAM_INJECT_OOM_ABOVE"])
-    if env.get("KVSTREAM_INJECT_CRASH_MARKER"):
-        out["crash_marker"] = env["KVSTREAM_INJECT_CRASH_MARKER"]
-        out["crash_after"] = int(env.get("KVSTREAM_INJECT_CRASH_AFTER", "1"))
-    if env.get("KVSTREAM_INJECT_WRITE_CRASH_MARKER"):
-        out["write_crash_marker"] = env["KVSTREAM_INJECT_WRITE_CRASH_MARKER"]
-    return out
-
-
 def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict,
                   ids: dict | None = None):
     """The lazy Ray Dataset of result rows (`ids`: the repeated-id plan of kvstream/pipeline/ids.py)."""
@@ -142,19 +128,8 @@ def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done
         ds = ds.limit(int(cfg.data.limit))
     if done:
         ds = SkipDone(ray.put(done)).apply(ds)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    p = cfg.prompt
-    if cfg.task == "summarize":
-        prompt = SummarizePrompt(p.template)
-    else:
-        prompt = ChatPrompt(model, p.chat_template, p.system, p.turn_template, p.generation_prefix)
-    ds = prompt.apply(ds)
-    ds = Tokenize(model, max_input_tokens(cfg), cfg.generate.truncation).apply(ds)
-    ds = SortByLength(window).apply(ds)
-    ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per generation batch: spread, streamed
-    gen = Generate(model, cache_config(cfg).to_dict(), OmegaConf.to_container(cfg.generate, resolve=True),
-                   r.num_actors, r.num_gpus_per_actor, r.num_cpus_per_actor, r.batch_size, injected_faults())
-    return gen.apply(ds)
+    ds = job_processor(cfg, window)(RequestColumn(cfg.task, cfg.prompt.template).apply(ds))
+    return ds.drop_columns(["prompt" if cfg.task == "summarize" else "messages"])  # the request, not a result
 
 
 def resolved_yaml(cfg: DictConfig) -> str:
