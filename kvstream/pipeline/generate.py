@@ -7,7 +7,7 @@ input's rows. A dead actor is restarted by Ray (Ray Data's actor defaults: `max_
 `max_task_retries=-1`) and its batch retried;
 the results of a batch are only emitted when it completes, so a crash neither loses nor duplicates rows.
 
-Test hooks (`inject`, from KVSTREAM_INJECT_* environment variables on the driver, see job.py):
+Test hooks (`inject`, from KVSTREAM_INJECT_* environment variables on the driver, see job_processor.py):
   oom_above: raise `torch.OutOfMemoryError` for any batch with more rows than this (an OOM on CPU).
   crash_marker, crash_after: `os._exit(1)` on the batch after `crash_after` batches if the marker file does not
     exist yet (the marker is created first, so the restarted actor does not crash again).

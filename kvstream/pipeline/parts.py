@@ -13,8 +13,8 @@ Exactly once, across retries, actor deaths and reruns:
     an id is still held twice (a block rebuilt with other rows, a retried failed row) `writer.compact` keeps the
     newest row at commit time (the end of every run).
 
-Test hook (`inject`, from KVSTREAM_INJECT_WRITE_CRASH_MARKER on the driver, see job.py): after the rename of a part,
-`os._exit(1)` once (the marker file is created first), so Ray retries a task whose part is already written.
+Test hook (`inject`, from KVSTREAM_INJECT_WRITE_CRASH_MARKER on the driver, job_processor.py): after the rename of a
+part, `os._exit(1)` once (the marker file is created first), so Ray retries a task whose part is already written.
 """
 
 from __future__ import annotations
