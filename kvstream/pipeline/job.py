@@ -199,8 +199,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             batches.close()  # stops Ray Data's executor (and its actors) now, not at garbage collection
         # from the listing: parts of this run (stopped early: once the cancelled writers' last renames are done)
         written, rows_written = run_parts(results, run_id, s3) if finished else settled_parts(results, run_id, s3)
-        if written and (retry or repeated_ids(output, s3)):
-            compact(output, s3)  # the retried rows' older, failed rows go (and any id a rebuilt block wrote twice)
+        # the retried rows' older, failed rows go; and where the parts hold more rows than the stats rows counted (a
+        # block written twice, e.g. rebuilt with other rows), any id held twice (the ids are read only then)
+        if written and (retry or (rows_written != stats.rows and repeated_ids(output, s3))):
+            compact(output, s3)
     stats.skipped = len(set(done))
     stats.retried = len(retry)
     c = cache_config(cfg)

@@ -11,7 +11,8 @@ Exactly once, across retries, actor deaths and reruns:
     the same rows under the same name again, replacing the file instead of adding one;
   - a rerun skips the ids already in committed parts (SkipDone); the run prefix (a timestamp) orders parts, so where
     an id is still held twice (a block rebuilt with other rows, a retried failed row) `writer.compact` keeps the
-    newest row at commit time (the end of every run).
+    newest row at commit time: the end of a run whose parts hold more rows than its stats counted (or that retried
+    failed rows), and the start of the next run where the ids it reads repeat (job.py).
 
 Test hook (`inject`, from KVSTREAM_INJECT_WRITE_CRASH_MARKER on the driver, job_processor.py): after the rename of a
 part, `os._exit(1)` once (the marker file is created first), so Ray retries a task whose part is already written.
