@@ -7,8 +7,9 @@
     from kvstream.pipeline import KVStreamProcessorConfig, build_processor
     ds = build_processor(KVStreamProcessorConfig(model_source="demo:tiny-llama"))(ds)
 
-Stages (kvstream/pipeline/stage.py shape): read -> prompt -> tokenize + length policy -> sort by length -> generate
-(actor pool holding one `kvstream.Engine` each) -> Parquet results + stats.json. See kvstream/pipeline/job.py.
+Stages (kvstream/pipeline/stage.py shape): read -> the request (prompt / messages) -> the processor (requests +
+tokenize + length policy -> sort by length -> generate: actor pool holding one `kvstream.Engine` each) -> Parquet
+parts written by the workers -> stats on the driver (stats.json). See kvstream/pipeline/job.py.
 """
 
 __all__ = ["ConfigError", "InputError", "KVStreamProcessorConfig", "build_processor", "load_config", "main", "run"]

@@ -7,7 +7,7 @@ input's rows. A dead actor is restarted by Ray (Ray Data's actor defaults: `max_
 `max_task_retries=-1`) and its batch retried;
 the results of a batch are only emitted when it completes, so a crash neither loses nor duplicates rows.
 
-Test hooks (`inject`, from KVSTREAM_INJECT_* environment variables on the driver, see job.py):
+Test hooks (`inject`, from KVSTREAM_INJECT_* environment variables on the driver, see job_processor.py):
   oom_above: raise `torch.OutOfMemoryError` for any batch with more rows than this (an OOM on CPU).
   crash_marker, crash_after: `os._exit(1)` on the batch after `crash_after` batches if the marker file does not
     exist yet (the marker is created first, so the restarted actor does not crash again).
@@ -57,11 +57,14 @@ class GenerateUDF:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.batches = 0
 
-    def _engine_generate(self, ids: list[list[int]]) -> list[dict]:
+    def _inject_oom(self, ids: list[list[int]]) -> None:
         if self.inject.get("oom_above") is not None and len(ids) > int(self.inject["oom_above"]):
             import torch
 
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected: batch of {len(ids)} rows)")
+
+    def _engine_generate(self, ids: list[list[int]]) -> list[dict]:
+        self._inject_oom(ids)
         g = self.gen
         return self.engine.generate(ids, max_new_tokens=g["max_new_tokens"], temperature=g["temperature"],
                                     top_p=g["top_p"], stop=list(g.get("stop") or []) or None, seed=g["seed"])

@@ -31,9 +31,10 @@ class RowFailed(RuntimeError):
 class GenerateRequestsUDF(GenerateUDF):
     """Ray Data class UDF: `__init__` builds the Engine (GenerateUDF's), `__call__` generates each group of a batch."""
 
-    def __init__(self, model: dict, cache: dict, num_gpus: float, num_cpus: float, continue_on_error: bool = True):
-        super().__init__(model, cache, {}, num_gpus, num_cpus)
-        self.continue_on_error = continue_on_error
+    def __init__(self, model: dict, cache: dict, num_gpus: float, num_cpus: float, continue_on_error: bool = True,
+                 inject: dict | None = None, tag_rows: bool = False):
+        super().__init__(model, cache, {}, num_gpus, num_cpus, inject)
+        self.continue_on_error, self.tag_rows = continue_on_error, tag_rows
         self.engines = {None: self.engine}
         self.params: dict = {}
 
@@ -47,6 +48,7 @@ class GenerateRequestsUDF(GenerateUDF):
         return self.engines[budget]
 
     def _engine_generate(self, ids: list[list[int]]) -> list[dict]:
+        self._inject_oom(ids)
         p = self.params  # the group's, set by __call__ before GenerateUDF.run
         return self.engine_for(p["kv_cache"]).generate(
             ids, max_new_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
@@ -54,6 +56,8 @@ class GenerateRequestsUDF(GenerateUDF):
 
     def __call__(self, table: pa.Table) -> pa.Table:
         GenerateRequests.check(table)
+        self._maybe_crash()
+        self.batches += 1
         ids, params, errors = table[IDS].to_pylist(), table[PARAMS].to_pylist(), table["error"].to_pylist()
         groups: dict[str, list[int]] = {}
         for i, (key, err) in enumerate(zip(params, errors)):
@@ -79,6 +83,10 @@ class GenerateRequestsUDF(GenerateUDF):
         cols = {**out, "num_input_tokens": n_in, "truncated": table["truncated"].to_pylist(), "error": errors}
         for name in OUTPUT_COLUMNS:  # ray.data.llm's names first, then ours
             result = replace_column(result, name, cols[name], OUTPUT_TYPES[name])
+        if self.tag_rows:  # the jobs' cache columns and the actor for their per-actor stats
+            for name, value in (("policy", self.cache_cfg.policy), ("quant", self.cache_cfg.quant),
+                                ("_actor", self.actor)):
+                result = replace_column(result, name, [value] * result.num_rows, pa.string())
         return result
 
 class GenerateRequests(Stage):
@@ -89,9 +97,9 @@ class GenerateRequests(Stage):
 
     def __init__(self, model: dict, cache: dict, concurrency: int | tuple[int, int], num_gpus: float,
                  num_cpus: float, batch_size: int, accelerator_type: str | None = None,
-                 continue_on_error: bool = True):
+                 continue_on_error: bool = True, inject: dict | None = None, tag_rows: bool = False):
         self.ctor = dict(model=model, cache=cache, num_gpus=num_gpus, num_cpus=num_cpus,
-                         continue_on_error=continue_on_error)
+                         continue_on_error=continue_on_error, inject=inject or {}, tag_rows=tag_rows)
         self.concurrency, self.num_gpus, self.num_cpus = concurrency, num_gpus, num_cpus
         self.batch_size, self.accelerator_type = batch_size, accelerator_type
 

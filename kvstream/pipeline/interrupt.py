@@ -49,3 +49,18 @@ def raising_on_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def deferring_sigint() -> Iterator[None]:
+    """On a worker: SIGINT (a terminal's Ctrl-C reaches the local Ray's workers too) and Ray's non-forced task
+    cancellation (a KeyboardInterrupt raised as if SIGINT came) are ignored inside the block, so a short write
+    finishes whole instead of stopping halfway and printing a traceback; main thread only, elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

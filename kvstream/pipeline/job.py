@@ -1,9 +1,12 @@
 """A batch job end to end: config -> Ray Data pipeline -> Parquet results + stats.
 
-read files -> [limit] -> [skip rows already in the output] -> prompt -> tokenize + length policy
--> sort windows by length -> generate (actor pool, one Engine per actor) -> driver writes Parquet parts.
+read files -> [limit] -> [skip rows already in the output] -> the request (`prompt` / `messages`) -> the processor
+(kvstream/pipeline/processor.py: requests + tokenize + length policy -> sort windows by length -> generate, an actor
+pool with one Engine per actor) -> write Parquet parts (on the workers, kvstream/pipeline/parts.py) -> small stats
+rows to the driver.
 
-Everything up to the driver's loop is lazy; Ray Data streams batches through it. The driver starts a local Ray
+Everything up to the driver's loop is lazy; Ray Data streams batches through it. The driver only counts (stats,
+progress) and, at the end, dedupes ids held twice (writer.compact) and writes the stats. It starts a local Ray
 unless `runtime.address` or RAY_ADDRESS names a cluster (as `ray job submit` does).
 """
 
@@ -19,22 +22,22 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvstream.pipeline.checks import check_input, check_model, check_output, max_input_tokens
+from kvstream.pipeline.checks import check_input, check_model, check_output
 from kvstream.pipeline.config import ConfigError, cache_config, keys_help, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
-from kvstream.pipeline.fs import InputError, absolute, join, list_inputs, s3_options, write_bytes_atomic
-from kvstream.pipeline.generate import Generate
+from kvstream.pipeline.fs import InputError, absolute, full_url, join, list_inputs, s3_options, write_bytes_atomic
 from kvstream.pipeline.ids import duplicate_plan
 from kvstream.pipeline.interrupt import Interrupted, raising_on_signals
 from kvstream.pipeline.logs import configure_driver, python_level, quiet
-from kvstream.pipeline.prompts import ChatPrompt, SummarizePrompt
+from kvstream.pipeline.parts import WriteParts, clean_temp, run_parts, settled_parts
+from kvstream.pipeline.job_processor import injected_faults, job_processor
+from kvstream.pipeline.prompts import RequestColumn
 from kvstream.pipeline.reader import read_batch, rel_name
-from kvstream.pipeline.stage import SkipDone, SortByLength
+from kvstream.pipeline.stage import SkipDone
 from kvstream.pipeline.stats import RunStats, summary
 from kvstream.pipeline.totals import write_stats
-from kvstream.pipeline.tokenize import Tokenize
-from kvstream.pipeline.writer import ResultWriter, clear_results, compact, done_ids
+from kvstream.pipeline.writer import clear_results, compact, done_ids, new_run, repeated_ids, results_dir
 
 log = logging.getLogger("kvstream")
 EXIT_CONFIG = 2  # a config or input error: one `kvstream: error:` line
@@ -48,7 +51,7 @@ def input_spec(cfg: DictConfig) -> dict[str, Any]:
     col = d.text_column if cfg.task == "summarize" else d.messages_column
     passthrough = [c for c in [d.reference_column, *d.passthrough_columns] if c]
     for c in passthrough:
-        if c in ("id", "error", "generated_text", "num_input_tokens", "num_generated_tokens"):
+        if c in ("id", "error", "generated_text", "num_input_tokens", "num_generated_tokens", "prompt", "messages"):
             raise ConfigError(f"data passthrough column {c!r} collides with an output column; rename it in the data")
     return {"task": cfg.task, "input_column": col, "id_column": d.id_column, "format": d.format,
             "passthrough": list(dict.fromkeys(passthrough))}
@@ -67,6 +70,11 @@ def init_ray(cfg: DictConfig) -> None:
     quiet(level)
     resources = ray.cluster_resources()
     resolve_actors(cfg, resources)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and not cfg.output.path.startswith(("s3://", "s3a://")):
+        log.warning("output.path=%s is a local path and this Ray has %d nodes: the workers write the results on "
+                    "their own node, so it must be storage every node shares (a network mount), else use s3://",
+                    cfg.output.path, nodes)
     if not address:
         check_fits(cfg, resources)
 
@@ -101,18 +109,6 @@ def check_fits(cfg: DictConfig, resources: dict) -> None:
                           f"(fractions such as 0.5 are fine)")
 
 
-def injected_faults() -> dict:
-    """Test hooks from the driver's environment (see pipeline/generate.py)."""
-    env = os.environ
-    out: dict[str, Any] = {}
-    if env.get("KVSTREAM_INJECT_OOM_ABOVE"):
-        out["oom_above"] = int(env["KVSTREAM_INJECT_OOM_ABOVE"])
-    if env.get("KVSTREAM_INJECT_CRASH_MARKER"):
-        out["crash_marker"] = env["KVSTREAM_INJECT_CRASH_MARKER"]
-        out["crash_after"] = int(env.get("KVSTREAM_INJECT_CRASH_AFTER", "1"))
-    return out
-
-
 def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict,
                   ids: dict | None = None):
     """The lazy Ray Dataset of result rows (`ids`: the repeated-id plan of kvstream/pipeline/ids.py)."""
@@ -132,19 +128,8 @@ def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done
         ds = ds.limit(int(cfg.data.limit))
     if done:
         ds = SkipDone(ray.put(done)).apply(ds)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    p = cfg.prompt
-    if cfg.task == "summarize":
-        prompt = SummarizePrompt(p.template)
-    else:
-        prompt = ChatPrompt(model, p.chat_template, p.system, p.turn_template, p.generation_prefix)
-    ds = prompt.apply(ds)
-    ds = Tokenize(model, max_input_tokens(cfg), cfg.generate.truncation).apply(ds)
-    ds = SortByLength(window).apply(ds)
-    ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per generation batch: spread, streamed
-    gen = Generate(model, cache_config(cfg).to_dict(), OmegaConf.to_container(cfg.generate, resolve=True),
-                   r.num_actors, r.num_gpus_per_actor, r.num_cpus_per_actor, r.batch_size, injected_faults())
-    return gen.apply(ds)
+    ds = job_processor(cfg, window)(RequestColumn(cfg.task, cfg.prompt.template).apply(ds))
+    return ds.drop_columns(["prompt" if cfg.task == "summarize" else "messages"])  # the request, not a result
 
 
 def resolved_yaml(cfg: DictConfig) -> str:
@@ -184,11 +169,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
-    stats, writer = RunStats(cfg.data.reference_column), ResultWriter(output, cfg.output.rows_per_file, s3)
-    results = join(absolute(output), "results")
+    stats, run_id = RunStats(cfg.data.reference_column), new_run()
+    results = results_dir(absolute(output))  # the workers write here: absolute, as their working directory differs
+    clean_temp(results, s3)
     interrupted: Interrupted | None = None
     retry: set[str] = set()
-    batches = None
+    batches, finished = None, False
     last = time.time()
     try:
         with raising_on_signals():
@@ -196,34 +182,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if retry:
                 done = [i for i in done if i not in retry]
             ds = build_dataset(cfg, files, base, spec, done, s3, ids)
+            ds = WriteParts(results, run_id, cfg.output.rows_per_file, s3, cfg.data.reference_column,
+                            injected_faults()).apply(ds)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-            for table in batches:
-                writer.add(table)  # first: a signal between the two leaves a row written but never one only counted
+            for table in batches:  # the stats rows of parts the workers have written
                 stats.add(table)
                 if time.time() - last >= cfg.runtime.progress_every_s:
                     last = time.time()
                     print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
                           f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+            finished = True
     except Interrupted as e:
         interrupted = e
     finally:
         if hasattr(batches, "close"):
             batches.close()  # stops Ray Data's executor (and its actors) now, not at garbage collection
-        writer.flush()  # rows finished before a failure stay written; a rerun resumes after them
-        if retry and writer.files:
-            compact(output, s3)  # the retried rows' older, failed rows go
+        # from the listing: parts of this run (stopped early: once the cancelled writers' last renames are done)
+        written, rows_written = run_parts(results, run_id, s3) if finished else settled_parts(results, run_id, s3)
+        # the retried rows' older, failed rows go; and where the parts hold more rows than the stats rows counted (a
+        # block written twice, e.g. rebuilt with other rows), any id held twice (the ids are read only then)
+        if written and (retry or (rows_written != stats.rows and repeated_ids(output, s3))):
+            compact(output, s3)
     stats.skipped = len(set(done))
     stats.retried = len(retry)
     c = cache_config(cfg)
     result = stats.result({
-        "task": cfg.task, "model": cfg.model.path, "results": results, "files_written": writer.files,
+        "task": cfg.task, "model": cfg.model.path, "results": results,
+        "files_written": [full_url(f, output) for f in written],
         "cache": f"{c.policy}(budget={c.budget})+{c.quant}" if c.policy != "full" else f"full+{c.quant}",
-        "invocation": writer.run, "interrupted": interrupted.args[0] if interrupted else None,
+        "invocation": run_id, "interrupted": interrupted.args[0] if interrupted else None,
     })
     totals = write_stats(output, result, cfg.data.reference_column, s3)
     result.update(output_rows=totals["rows"], output_rows_failed=totals["rows_failed"])
     if interrupted:
-        raise Interrupted(interrupted.signum, writer.rows_written, results)
+        raise Interrupted(interrupted.signum, rows_written, results)
     return result
 
 

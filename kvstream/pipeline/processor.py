@@ -36,6 +36,8 @@ class KVStreamProcessorConfig:
     cache: kvcache.CacheConfig fields (policy, budget, quant, ...), validated by CacheConfig.
     sampling_params: defaults under each row's own `sampling_params` (max_tokens, temperature, top_p, stop, seed).
     batch_size: rows per generation batch (rows with different settings are generated as separate groups).
+    sort_window: None, or sort the rows by prompt length within windows of this many rows before generation, so
+        that a batch holds prompts of similar lengths (less padding; rows then come out in that order).
     concurrency: generation actors, an int or (min, max) for an autoscaling pool.
     accelerator_type: e.g. "H100" (Ray's accelerator_type); None = any. num_gpus: GPUs per actor (None: 1 with an
         accelerator_type, else 0 = CPU mode). num_cpus: CPUs per actor.
@@ -51,6 +53,7 @@ class KVStreamProcessorConfig:
     cache: dict = field(default_factory=lambda: {"policy": "full", "quant": "none"})
     sampling_params: dict = field(default_factory=dict)
     batch_size: int = 32
+    sort_window: Optional[int] = None
     concurrency: Union[int, tuple] = 1
     accelerator_type: Optional[str] = None
     num_gpus: Optional[float] = None
@@ -83,6 +86,7 @@ class KVStreamProcessorConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         need(pos_int(self.batch_size), "batch_size", "must be an int >= 1")
+        need(self.sort_window is None or pos_int(self.sort_window), "sort_window", "must be an int >= 1, or None")
         if isinstance(self.concurrency, list):
             self.concurrency = tuple(self.concurrency)
         need(pos_int(self.concurrency) or (isinstance(self.concurrency, tuple) and len(self.concurrency) == 2 and all(
@@ -121,7 +125,10 @@ class KVStreamProcessor:
     """`processor(ds) -> ds`: preprocess + requests -> generate -> postprocess, added to `ds` lazily."""
 
     def __init__(self, config: KVStreamProcessorConfig, context: int, preprocess: Optional[Callable] = None,
-                 postprocess: Optional[Callable] = None):
+                 postprocess: Optional[Callable] = None, prepare_extras: Optional[dict] = None,
+                 generate_extras: Optional[dict] = None):
+        """`prepare_extras` / `generate_extras`: the jobs' own settings for PrepareRequests (chat, keep_errors,
+        keys) and GenerateRequests (inject, tag_rows); see kvstream/pipeline/job.py."""
         from kvstream.pipeline.generate_requests import GenerateRequests
         from kvstream.pipeline.requests import PrepareRequests
 
@@ -130,9 +137,9 @@ class KVStreamProcessor:
         cache = c.cache_config().to_dict()
         self.prepare = PrepareRequests(c.model_spec(), c.sampling_params, cache["policy"], c.apply_chat_template,
                                        c.max_input_tokens, context, c.truncation, preprocess,
-                                       c.should_continue_on_error)
+                                       c.should_continue_on_error, **(prepare_extras or {}))
         self.generate = GenerateRequests(c.model_spec(), cache, c.concurrency, c.num_gpus, c.num_cpus, c.batch_size,
-                                         c.accelerator_type, c.should_continue_on_error)
+                                         c.accelerator_type, c.should_continue_on_error, **(generate_extras or {}))
 
     def __call__(self, ds):
         if self.preprocess is None:
@@ -141,7 +148,13 @@ class KVStreamProcessor:
                 raise ValueError(f"kvstream processor: required column 'prompt' (str) or 'messages' (list of {{role, "
                                  f"content}}) missing from its input (it has: {', '.join(schema.names)}); map one in "
                                  f"with build_processor(config, preprocess=...)")
-        ds = ds.map_batches(self.prepare, batch_format="pyarrow", batch_size=self.config.batch_size)
+        c = self.config
+        ds = ds.map_batches(self.prepare, batch_format="pyarrow", batch_size=c.sort_window or c.batch_size)
+        if c.sort_window:
+            from kvstream.pipeline.stage import SortByLength
+
+            ds = ds.map_batches(SortByLength(c.sort_window), batch_format="pyarrow", batch_size=c.sort_window)
+            ds = ds.repartition(target_num_rows_per_block=c.batch_size)  # one block per generation batch, spread
         ds = self.generate.apply(ds)
         if self.postprocess is not None:
             ds = ds.map_batches(_Postprocess(self.postprocess), batch_format="pyarrow")
@@ -166,10 +179,11 @@ class _Postprocess:
 
 
 def build_processor(config: KVStreamProcessorConfig, preprocess: Optional[Callable[[dict], dict]] = None,
-                    postprocess: Optional[Callable[[dict], dict]] = None) -> KVStreamProcessor:
+                    postprocess: Optional[Callable[[dict], dict]] = None, **extras) -> KVStreamProcessor:
     """A processor for `config` (ray.data.llm's `build_processor` shape). Checks on the driver, reading the model's
     config without weights: the cache fits the model (family, head_dim vs group size) and max_input_tokens + the
-    default max_tokens fit its context. ConfigError (a ValueError) naming the field otherwise."""
+    default max_tokens fit its context. ConfigError (a ValueError) naming the field otherwise. `extras`: the
+    `prepare_extras` / `generate_extras` of KVStreamProcessor (the jobs: kvstream/pipeline/job_processor.py)."""
     from kvstream.kvcache.cache import check_model_config
     from kvstream.pipeline.models import model_config, model_context
 
@@ -189,4 +203,4 @@ def build_processor(config: KVStreamProcessorConfig, preprocess: Optional[Callab
     if (config.max_input_tokens or 1) + m > context:
         raise ConfigError(f"KVStreamProcessorConfig.max_input_tokens={config.max_input_tokens} + sampling_params."
                           f"max_tokens={m} exceeds the model's {context}-token context; lower one of them")
-    return KVStreamProcessor(dataclasses.replace(config), context, preprocess, postprocess)
+    return KVStreamProcessor(dataclasses.replace(config), context, preprocess, postprocess, **extras)

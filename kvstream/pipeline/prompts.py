@@ -78,3 +78,26 @@ class ChatPrompt(Stage):
         table = replace_column(table, "_prompt", prompts, pa.string())
         table = replace_column(table, "error", errors, pa.string())
         return replace_column(table, "_prompt_ids", ids, pa.list_(pa.int32()))
+
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+class RequestColumn(Stage):
+    """The jobs' rows as processor requests: `_input` -> `prompt` (summarize: `prompt.template` filled) or
+    `messages` (converse: the conversation's [{role, content}, ...]); rows with an `error` get null."""
+
+    name = "request_column"
+    required = ("_input", "error")
+
+    def __init__(self, task: str, template: str):
+        self.task = task
+        self.summarize = SummarizePrompt(template) if task == "summarize" else None  # checks {text}
+
+    def process(self, table: pa.Table) -> pa.Table:
+        errors = table["error"].to_pylist()
+        if self.summarize is not None:
+            t = self.summarize.process(table).drop_columns(["_input"])
+            return t.rename_columns(["prompt" if c == "_prompt" else c for c in t.column_names])
+        messages = [None if e is not None else json.loads(raw) for raw, e in zip(table["_input"].to_pylist(), errors)]
+        return replace_column(table.drop_columns(["_input"]), "messages", messages, MESSAGES)

@@ -103,18 +103,28 @@ class PrepareRequests(Stage):
 
     def __init__(self, model: dict, sampling_defaults: dict, policy: str, apply_chat_template: bool,
                  max_input_tokens: int | None, context: int, truncation: str,
-                 preprocess: Callable[[dict], dict] | None = None, continue_on_error: bool = True):
+                 preprocess: Callable[[dict], dict] | None = None, continue_on_error: bool = True,
+                 chat: ChatPrompt | None = None, keep_errors: bool = False, keys: dict | None = None):
+        """The jobs' extras: `chat`, their conversation template (system, turns); `keep_errors`, an incoming
+        `error` column is kept (rows that already failed, e.g. in the jobs' reader, are not requests);
+        `keys`, how errors name the length settings (e.g. truncation -> generate.truncation)."""
         self.model, self.defaults, self.policy = model, dict(sampling_defaults), policy
-        self.chat = ChatPrompt(model, mode="auto" if apply_chat_template else "plain")
+        self.chat = chat or ChatPrompt(model, mode="auto" if apply_chat_template else "plain")
         self.max_input_tokens, self.context, self.truncation = max_input_tokens, context, truncation
         self.preprocess, self.continue_on_error = preprocess, continue_on_error
+        self.keep_errors = keep_errors
+        self.keys = {k: k for k in ("truncation", "max_input_tokens", "sampling_params.max_tokens")} | (keys or {})
 
     def _preprocessed(self, table: pa.Table) -> tuple[list[dict], list[str | None]]:
         rows = table.to_pylist()
         errors: list[str | None] = [None] * len(rows)
+        if self.keep_errors and "error" in table.column_names:
+            errors = table["error"].to_pylist()
         if self.preprocess is None:
             return rows, errors
         for i, row in enumerate(rows):
+            if errors[i] is not None:
+                continue
             try:
                 out = self.preprocess(dict(row))
                 if not isinstance(out, dict):
@@ -145,16 +155,16 @@ class PrepareRequests(Stage):
         ids = list(ids) if ids is not None else list(tok.encode(text))
         room = self.context - params["max_tokens"]
         if room < 1:
-            raise ValueError(f"sampling_params.max_tokens={params['max_tokens']} leaves no room in the model's "
-                             f"{self.context}-token context")
+            raise ValueError(f"{self.keys['sampling_params.max_tokens']}={params['max_tokens']} leaves no room in "
+                             f"the model's {self.context}-token context")
         limit = min(room, self.max_input_tokens or room)
         n = len(ids)
         ids, err = apply_length_policy(ids, limit, self.truncation, getattr(tok, "bos_token_id", None))
         if err is not None:
-            why = (f"max_input_tokens={limit}" if limit < room else
+            why = (f"{self.keys['max_input_tokens']}={limit}" if limit < room else
                    f"the model's {self.context}-token context - max_tokens {params['max_tokens']}")
-            raise ValueError(f"prompt has {n} tokens > {limit} ({why}); set truncation=head|tail|middle to truncate "
-                             f"instead")
+            raise ValueError(f"prompt has {n} tokens > {limit} ({why}); set {self.keys['truncation']}=head|tail|middle "
+                             f"to truncate instead")
         return ids, len(ids) < n
 
     def process(self, table: pa.Table) -> pa.Table:

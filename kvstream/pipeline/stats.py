@@ -1,8 +1,11 @@
-"""Run statistics: accumulated on the driver from result batches (one invocation's, or every row of an output).
+"""Run statistics: accumulated on the driver from small per-row stats tables (one invocation's, or every row of an
+output), in counters only: nothing per row is kept, so the driver's memory does not grow with the rows.
 
-`RunStats` over one invocation's batches gives that invocation's figures (a resumed run reports the rows it
-skipped separately); over the tables of `results/` it gives the output's totals (kvstream/pipeline/totals.py).
-ROUGE-1/2/L (F-measure, stemmed) of generated text against the reference column, when the data has one;
+`RunStats` over one invocation's stats tables (what the workers' WriteParts stage returns, kvstream/pipeline/parts.py)
+gives that invocation's figures (a resumed run reports the rows it skipped separately); over the tables of
+`results/` it gives the output's totals (kvstream/pipeline/totals.py).
+ROUGE-1/2/L (F-measure, stemmed) of generated text against the reference column, when the data has one: scored per
+row where the row is (`rouge_scores`, on the workers: the `_rouge1/2/L` columns) or here from the text columns;
 a reference that is a JSON list of strings counts as several references (the best score is kept).
 """
 
@@ -30,6 +33,24 @@ def _references(value: str | None) -> list[str]:
     return [value] if value.strip() else []
 
 
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+_scorer = None
+
+
+def rouge_scores(pred: str | None, reference: str | None) -> dict[str, float] | None:
+    """{rouge1, rouge2, rougeL} F-measures of `pred` against the best of the row's references; None without one."""
+    global _scorer
+    refs = _references(reference)
+    if not refs:
+        return None
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    scores = [_scorer.score(ref, pred or "") for ref in refs]
+    return {k: max(s[k].fmeasure for s in scores) for k in ROUGE_KEYS}
+
+
 class RunStats:
     def __init__(self, reference_column: str | None = None):
         self.start = time.time()
@@ -39,12 +60,16 @@ class RunStats:
         self.kv_bytes = self.kv_bytes_full = 0
         self.actors: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.errors: collections.Counter = collections.Counter()
-        self.pairs: list[tuple[str, list[str]]] = []
+        self.rouge_sums = dict.fromkeys(ROUGE_KEYS, 0.0)
+        self.rouge_rows = 0
         self.first: tuple[float, int, int] | None = None  # (time, rows, output tokens) when the first batch came
         self.last = self.start
 
     def add(self, table: pa.Table) -> None:
+        """Count one stats table: rows of results (with `generated_text` and the reference column) or the workers'
+        stats rows (`_rouge1/2/L` instead of the texts)."""
         now = time.time()
+        scored = "_rouge1" in table.column_names
         for r in table.to_pylist():
             actor = r.get("_actor") or "?"
             if r["error"] is not None:
@@ -62,8 +87,14 @@ class RunStats:
             a["rows_ok"] += 1
             a["input_tokens"] += r["num_input_tokens"] or 0
             a["output_tokens"] += r["num_generated_tokens"] or 0
-            if self.ref_col and _references(r.get(self.ref_col)):
-                self.pairs.append((r["generated_text"] or "", _references(r.get(self.ref_col))))
+            if scored:
+                score = {k: r[f"_{k}"] for k in ROUGE_KEYS} if r["_rouge1"] is not None else None
+            else:
+                score = rouge_scores(r.get("generated_text"), r.get(self.ref_col)) if self.ref_col else None
+            if score is not None:
+                self.rouge_rows += 1
+                for k in ROUGE_KEYS:
+                    self.rouge_sums[k] += score[k]
         if self.first is None:
             self.first = (now, self.rows, self.output_tokens)
         self.last = now
@@ -73,18 +104,9 @@ class RunStats:
         return self.ok + self.failed
 
     def rouge(self) -> dict[str, float] | None:
-        if not self.pairs:
+        if not self.rouge_rows:
             return None
-        from rouge_score import rouge_scorer
-
-        keys = ("rouge1", "rouge2", "rougeL")
-        scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
-        sums = dict.fromkeys(keys, 0.0)
-        for pred, refs in self.pairs:
-            scores = [scorer.score(ref, pred) for ref in refs]
-            for k in keys:
-                sums[k] += max(s[k].fmeasure for s in scores)
-        return {k: sums[k] / len(self.pairs) for k in keys} | {"rouge_rows": len(self.pairs)}
+        return {k: self.rouge_sums[k] / self.rouge_rows for k in ROUGE_KEYS} | {"rouge_rows": self.rouge_rows}
 
     def counts(self) -> dict[str, Any]:
         """Row and token counts, KV bytes and the most common errors (no timing)."""

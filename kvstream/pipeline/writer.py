@@ -1,10 +1,10 @@
-"""Results on disk or S3: `<output.path>/results/part-<run>-<n>.parquet`, written whole (never partial).
+"""Results on disk or S3: `<output.path>/results/part-<run>-<digest>.parquet`, written whole (never partial) by the
+Ray Data workers (kvstream/pipeline/parts.py); this module reads them back.
 
-The driver streams result batches from Ray Data into `ResultWriter`, which writes a file every
-`rows_per_file` rows. `done_ids` reads back the ids already written (and which of them failed), for resume and
-`output.retry_failed`. A retried row is written anew first; `compact` then drops the older row of every id that
-the output holds more than once (the newest is kept), so an interruption between the two leaves nothing that the
-next run does not clean up.
+`done_ids` reads the ids already written (and which of them failed), for resume and `output.retry_failed`. A
+retried row is written anew first; `compact` then drops the older row of every id that the output holds more than
+once (the newest is kept: parts sort by their run, a timestamp), so an interruption between the two leaves nothing
+that the next run does not clean up. `repeated_ids` finds such ids from the id columns alone (Arrow, no Python rows).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kvstream.pipeline.fs import filesystem, join, write_bytes_atomic
@@ -102,33 +103,15 @@ def clear_results(output: str, s3: dict | None = None) -> None:
             fs.rm(p)
 
 
-class ResultWriter:
-    """Buffers result tables and writes one Parquet file per `rows_per_file` rows."""
+def new_run() -> str:
+    """This invocation's name in its part files: a timestamp (sorts in run order) + microseconds."""
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{int(time.time() * 1e6) % 1000000:06d}"
 
-    def __init__(self, output: str, rows_per_file: int, s3: dict | None = None, drop: tuple[str, ...] = ("_actor",)):
-        self.dir = results_dir(output)
-        self.rows_per_file, self.s3, self.drop = rows_per_file, s3, drop
-        self.run = time.strftime("%Y%m%dT%H%M%S") + f"-{int(time.time() * 1e6) % 1000000:06d}"
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.files: list[str] = []
-        self.rows_written = 0
 
-    def add(self, table: pa.Table) -> None:
-        table = ordered(table.drop_columns([c for c in self.drop if c in table.column_names]))
-        self.buffer.append(table)
-        self.buffered += table.num_rows
-        if self.buffered >= self.rows_per_file:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffered:
-            return
-        table = pa.concat_tables(self.buffer, promote_options="default")
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        url = join(self.dir, f"part-{self.run}-{len(self.files):05d}.parquet")
-        write_bytes_atomic(url, sink.getvalue(), self.s3)
-        self.files.append(url)
-        self.rows_written += table.num_rows
-        self.buffer, self.buffered = [], 0
+def repeated_ids(output: str, s3: dict | None = None) -> int:
+    """How many ids `<output>/results/` holds more than once (read from the id columns only)."""
+    tables = [t["id"] for _, t in _id_tables(output, s3, ["id"])]
+    if not tables:
+        return 0
+    counts = pc.value_counts(pa.chunked_array(tables, pa.string()))
+    return int(pc.sum(pc.greater(counts.field("counts"), 1)).as_py() or 0)

@@ -268,3 +268,19 @@ def test_the_request_stage_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_sort_window_orders_rows_by_prompt_length(ray_local):
+    ray = ray_local
+    items = [{"id": f"r{n}", "prompt": "word " * n} for n in (9, 3, 7, 1, 8, 2)]  # one block, longest first
+    config = KVStreamProcessorConfig(batch_size=2, sort_window=6, sampling_params={"max_tokens": 1}, **DEMO)
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True  # the order out is the order generated
+    try:
+        out = build_processor(config)(ray.data.from_items(items, override_num_blocks=1)).take_all()
+    finally:
+        options.preserve_order = before
+    assert [r["id"] for r in out] == ["r1", "r2", "r3", "r7", "r8", "r9"]
+    assert [r["num_input_tokens"] for r in out] == sorted(r["num_input_tokens"] for r in out)
+    with pytest.raises(ConfigError, match="sort_window"):
+        KVStreamProcessorConfig(sort_window=0, **DEMO)

@@ -89,3 +89,19 @@ def test_tokenizer_chat_template_used_when_present(monkeypatch):
 def test_sort_by_length():
     t = pa.table({"id": list("abcd"), "num_input_tokens": [30, 5, 20, 10]})
     assert SortByLength(8)(t)["id"].to_pylist() == ["b", "d", "c", "a"]
+
+
+def test_request_column_makes_the_processors_request():
+    from kvstream.pipeline.prompts import RequestColumn
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    t = pa.table({"id": ["a", "b"], "error": pa.array([None, "field 'text' is null"], pa.string()),
+                  "_input": [json.dumps(msgs), None], "ref": ["r", "s"]})
+    conv = RequestColumn("converse", "{text}")(t).to_pylist()
+    assert conv[0]["messages"] == msgs and conv[1]["messages"] is None and "_input" not in conv[0]
+    assert conv[1]["error"] == "field 'text' is null" and conv[0]["ref"] == "r"
+    t = t.set_column(2, "_input", pa.array(["doc", None]))
+    summ = RequestColumn("summarize", "Doc: {text}\nSummary:")(t).to_pylist()
+    assert [r["prompt"] for r in summ] == ["Doc: doc\nSummary:", None] and "_input" not in summ[0]
+    with pytest.raises(ValueError, match="must contain"):
+        RequestColumn("summarize", "no placeholder")

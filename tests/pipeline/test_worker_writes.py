@@ -1,0 +1,81 @@
+"""Results written by the Ray Data workers: every id exactly once across a killed actor, a writer killed after its
+rename, a lost part, a part held twice and a rerun; the driver sees stats rows only, never the generated text."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kvstream.pipeline import job, load_config, run
+from kvstream.pipeline.parts import WriteParts, part_name
+from kvstream.pipeline.writer import repeated_ids
+from tests.pipeline.helpers import job_overrides, write_jsonl
+
+N = 12
+
+
+def part_ids(results):
+    return {f.name: pq.read_table(str(f))["id"].to_pylist() for f in sorted(results.glob("*.parquet"))}
+
+
+def test_killed_actor_and_writer_then_rerun_every_id_once(tmp_path, ray_local, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i:02d}", "text": f"Document {i}. " * 6, "ref": f"doc {i}"}
+                                              for i in range(N)])
+    monkeypatch.setenv("KVSTREAM_INJECT_CRASH_MARKER", str(tmp_path / "actor_crashed"))
+    monkeypatch.setenv("KVSTREAM_INJECT_CRASH_AFTER", "1")
+    monkeypatch.setenv("KVSTREAM_INJECT_WRITE_CRASH_MARKER", str(tmp_path / "writer_crashed"))
+    seen: list[tuple[list[str], int]] = []  # what the driver's job loop counts (the totals re-read results/ after)
+    add = job.RunStats.add
+
+    def spy(self, table):
+        seen.append((table.column_names, table.num_rows))
+        add(self, table)
+
+    monkeypatch.setattr(job.RunStats, "add", spy)
+    over = job_overrides(tmp_path, **{"data.path": str(src), "data.id_column": "id", "runtime.batch_size": 2,
+                                      "data.reference_column": "ref"})
+    first = run(load_config("summarize", None, over))
+    assert (tmp_path / "actor_crashed").exists() and (tmp_path / "writer_crashed").exists()  # both died once
+    results = tmp_path / "out" / "results"
+    parts = part_ids(results)
+    ids = [i for p in parts.values() for i in p]
+    assert sorted(ids) == [f"d{i:02d}" for i in range(N)]  # the retried writer replaced its part, no second file
+    assert first["rows_ok"] == N and len(first["files_written"]) == len(parts)
+    assert first["rouge"]["rouge_rows"] == N  # scored on the workers
+    streamed = [(cols, n) for cols, n in seen if "_file" in cols]  # the workers' stats rows, no generated text
+    assert sum(n for _, n in streamed) == N and not any("generated_text" in cols for cols, _ in streamed)
+    assert all(name == part_name(first["invocation"], p) for name, p in parts.items())
+
+    # a lost part (its rows again) and a part held twice (e.g. a block rebuilt with other rows): the rerun writes
+    # the lost rows and the commit step keeps one row per id
+    names = sorted(parts)
+    (results / names[0]).unlink()
+    shutil.copy(results / names[1], results / names[1].replace("part-", "part-0-", 1))  # an older run's copy
+    (results / ".tmp-left-by-a-killed-writer").write_bytes(b"PAR1 half")
+    assert repeated_ids(str(tmp_path / "out")) == len(parts[names[1]])
+    monkeypatch.delenv("KVSTREAM_INJECT_CRASH_MARKER")
+    monkeypatch.delenv("KVSTREAM_INJECT_WRITE_CRASH_MARKER")
+    again = run(load_config("summarize", None, over))
+    assert again["rows"] == len(parts[names[0]]) and again["rows_skipped_resume"] == N - len(parts[names[0]])
+    rows = pq.read_table(str(results)).to_pylist()
+    assert sorted(r["id"] for r in rows) == [f"d{i:02d}" for i in range(N)]  # every id exactly once
+    assert all(r["error"] is None and r["generated_text"] for r in rows)
+    assert not list(results.glob(".tmp-*"))
+    totals = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert (totals["rows"], totals["rows_ok"], totals["rouge"]["rouge_rows"]) == (N, N, N)
+
+
+def test_write_parts_is_idempotent_and_splits_at_rows_per_file(tmp_path):
+    table = pa.table({"id": [f"r{i}" for i in range(5)], "generated_text": ["a", None, "c", "d", "e"],
+                      "error": pa.array([None, "bad", None, None, None], pa.string()), "_actor": ["x"] * 5,
+                      "num_generated_tokens": [1] * 5})
+    stage = WriteParts(str(tmp_path / "results"), "20260101T000000-000001", rows_per_file=2)
+    stats = stage(table)
+    again = stage(table)  # a retried task: the same names, replaced
+    files = sorted((tmp_path / "results").glob("*.parquet"))
+    assert len(files) == 3 and [pq.read_table(str(f)).num_rows for f in files] == sorted([2, 2, 1])
+    assert stats.equals(again) and stats.num_rows == 5 and "generated_text" not in stats.column_names
+    written = pq.read_table(str(tmp_path / "results"))
+    assert sorted(written["id"].to_pylist()) == [f"r{i}" for i in range(5)] and "_actor" not in written.column_names
+    assert written.column_names[0] == "id" and written.column_names[-1] == "error"  # the users' column order
