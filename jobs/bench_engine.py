@@ -72,10 +72,14 @@ def hf_generate(model, name: str, ids, new: int):
     return None
 
 
+PREFILL_TOKENS: list[int | None] = [None]  # --prefill-tokens: chunked admissions (None: each prompt whole)
+
+
 def kv_engine(model, name: str) -> Engine:
     eng = Engine(model, cache=CacheConfig(**CONFIGS[name], engine="fast"))
     eng.eos_token_ids = []  # every row runs to its max_new_tokens, as min_new_tokens does for the baselines
     eng.record_timing = True
+    eng.prefill_tokens = PREFILL_TOKENS[0]
     return eng
 
 
@@ -163,7 +167,7 @@ def bench_mix(model, name, lens, news, hf_batch, vocab, w_bytes) -> dict:
         eng.generate(prompts[:2], max_new_tokens=4)  # Triton compiles
 
         def run():
-            sched = Scheduler(eng, "auto", max(lens), max(news), timing=True)
+            sched = Scheduler(eng, "auto", max(lens), max(news), timing=True, prefill_tokens=eng.prefill_tokens)
             for i, (p, m) in enumerate(zip(prompts, news)):
                 sched.add(Request(str(i), p, max_new_tokens=m))
             done = 0
@@ -292,6 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     ap.add_argument("--batch", default="16", help="rows, or 'max': as many as each kvstream cache fits")
     ap.add_argument("--hf-batch", type=int, default=None, help="the baselines' batch with --batch max / --mix")
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help="kvstream: chunked prefill, prompt tokens admitted per step (default: each prompt whole)")
     ap.add_argument("--batch-cap", type=int, default=512, help="at most this many rows with --batch max")
     ap.add_argument("--mix", default="", help="workload (c): a .jsonl dataset whose text lengths the prompts follow")
     ap.add_argument("--mix-docs", type=int, default=512)
@@ -304,6 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="", help="kvstream configs whose eager decode step to profile, by kernel")
     ap.add_argument("--profile-prefill", default="", help="kvstream configs whose one-sequence prefill to profile")
     a = ap.parse_args(argv)
+    if a.prefill_tokens is not None and a.prefill_tokens < 1:
+        ap.error(f"--prefill-tokens {a.prefill_tokens}: must be >= 1")
+    PREFILL_TOKENS[0] = a.prefill_tokens
     configs = [c for c in a.configs.split(",") if c]
     profiled = [p for p in (a.profile + "," + a.profile_prefill).split(",") if p]
     bad = [c for c in configs + profiled if c not in CONFIGS]
@@ -368,6 +377,7 @@ def main(argv=None) -> int:
     head = (f"# gpu={torch.cuda.get_device_name()}; torch={torch.__version__}; copy_bw_TBps={bw / 1e12:.3f}; "
             f"shape={a.shape}; layers={mc.num_hidden_layers}; weights_GB={w_bytes / 1e9:.2f}; "
             f"workload={'mix:' + os.path.basename(a.mix) if a.mix else f'{a.prompt}+{a.new}@{a.batch}'}; "
+            f"prefill_tokens={a.prefill_tokens}; "
             f"date={datetime.datetime.now(datetime.timezone.utc).isoformat()}")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
