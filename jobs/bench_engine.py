@@ -91,11 +91,11 @@ def kv_generate(model, name: str, prompts: list[list[int]], new: int):
 
 def max_batch(model, name: str, prompt: int, new: int) -> int:
     """The sequences a kvstream config's slot pool holds beside the weights (what Engine.generate would use)."""
-    from kvstream.kvcache.scheduler import _slots_that_fit
+    from kvstream.kvcache.capacity import slots_that_fit
 
     torch.cuda.empty_cache()
     cfg = CacheConfig(**CONFIGS[name], max_new_tokens=new)
-    return _slots_that_fit(cfg, model, prompt, new, torch.bfloat16, torch.device("cuda"), 0.9)
+    return slots_that_fit(cfg, model, prompt, new, torch.bfloat16, torch.device("cuda"), 0.9)
 
 
 def timed(fn):

@@ -73,3 +73,21 @@ def max_slots(cfg: CacheConfig, model_config, max_prompt_tokens: int, max_new_to
                          f"{a / 2**30:.2f} GiB, in {memory_bytes / 2**30:.2f} GiB; shorten the prompts, compress the "
                          f"cache or free memory")
     return int(n)
+
+
+def slots_that_fit(cfg: CacheConfig, model, max_prompt: int, max_new: int, dtype: torch.dtype, device,
+                   utilization: float, chunked: bool = False) -> int:
+    """The scheduler's num_slots="auto": the slots that fit in `utilization` of `device`'s memory beside what is
+    already allocated (the weights) and the reserve (and a chunked admission's staging of the longest prompt, when
+    chunked). model: the causal LM (its config and where it lives)."""
+    if device.type != "cuda":
+        raise ValueError("Scheduler: num_slots='auto' sizes the pool from GPU memory; on a CPU pass a number")
+    if not 0 < utilization <= 1:
+        raise ValueError(f"Scheduler: gpu_memory_utilization={utilization} must be in (0, 1]")
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated  # freed blocks PyTorch keeps (an earlier pool's): usable
+    budget = min(free + cached, utilization * total - allocated)
+    if chunked:
+        budget -= staging_bytes(cfg, model.config, max_prompt, dtype)
+    return max_slots(cfg, model.config, max_prompt, max_new, dtype, int(budget))

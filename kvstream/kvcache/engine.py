@@ -167,12 +167,12 @@ class Engine:
 
         longest = max(len(x) for x in ids)
         if self.device.type == "cuda":
-            from kvstream.kvcache.scheduler import _slots_that_fit
+            from kvstream.kvcache.capacity import slots_that_fit
 
             cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
             dtype = next(self.model.parameters()).dtype
-            slots = min(len(ids), _slots_that_fit(cfg, self.model, longest, max_new_tokens, dtype, self.device,
-                                                  self.gpu_memory_utilization, self.prefill_tokens is not None))
+            slots = min(len(ids), slots_that_fit(cfg, self.model, longest, max_new_tokens, dtype, self.device,
+                                                 self.gpu_memory_utilization, self.prefill_tokens is not None))
         else:
             slots = len(ids)
         sched = Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,

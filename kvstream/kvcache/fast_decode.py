@@ -49,7 +49,7 @@ class DecodeRunner:
     (created with max_new_tokens, so every buffer is preallocated); max_new_tokens: an int, or (B,) int64 per row
     (at most the cache's); temperature, top_p (B,) float32 and seeds (B,) int64 on the model's device; eos_ids:
     token ids that end a row; pad_id: what a finished row emits; graph: capture the step in a CUDA graph (None: on
-    CUDA when the cache's step is capturable). Every per-row buffer is updated in place (`reset_row`), so a row
+    CUDA when the cache's step is capturable). Every per-row buffer is updated in place (`start_row`), so a row
     can restart with another sequence while the others decode (kvstream.kvcache.scheduler).
     """
 
@@ -186,24 +186,24 @@ class LaggedFlags:
     before the newest (its event already passed, or about to), so the GPU always has a step queued. On CPU the newest
     push is read at once, unless lag=True (what CUDA does, for tests)."""
 
-    def __init__(self, done: torch.Tensor, lag: bool | None = None):
-        self.cuda = done.is_cuda
+    def __init__(self, state: torch.Tensor, lag: bool | None = None):
+        self.cuda = state.is_cuda
         self.lag = self.cuda if lag is None else bool(lag)
         if self.cuda:
-            self.host = [torch.empty(done.shape, dtype=done.dtype, pin_memory=True) for _ in range(2)]
+            self.host = [torch.empty(state.shape, dtype=state.dtype, pin_memory=True) for _ in range(2)]
             self.events = [torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)]  # wait asleep
         else:
             self.host = [None, None]
         self.pushed = 0
-        self.push(done)
+        self.push(state)
 
-    def push(self, done: torch.Tensor) -> None:
+    def push(self, state: torch.Tensor) -> None:
         i = self.pushed % 2
         if self.cuda:
-            self.host[i].copy_(done, non_blocking=True)
+            self.host[i].copy_(state, non_blocking=True)
             self.events[i].record()
         else:
-            self.host[i] = done.clone()
+            self.host[i] = state.clone()
         self.pushed += 1
 
     def read(self) -> tuple[list, int]:

@@ -20,8 +20,8 @@ A request may carry its own cache budget (`Request.budget`, no larger than the p
 compression. The rows' state (finished flag, tokens emitted, the last two tokens) is read one step late on CUDA from
 a pinned snapshot, so the host never waits on the step it just queued and follows every row's output without
 reading the device (`progress()` for streaming costs the loop nothing).
-`Engine.generate` runs on a Scheduler on the fast path. Prefill is not chunked yet: an admission prefills the whole
-prompt between two decode steps.
+`Engine.generate` runs on a Scheduler on the fast path. With `prefill_tokens` the prefill is chunked: at most that
+many prompt tokens are admitted per step between decode steps, with the kept tokens and scores of a one-shot prefill.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstream.kvcache.cache import CompressedCache
-from kvstream.kvcache.capacity import max_slots, staging_bytes
+from kvstream.kvcache.capacity import slots_that_fit
 from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_seed, _stop_list
 from kvstream.kvcache.fast_decode import DecodeRunner, LaggedFlags
 
@@ -103,7 +103,7 @@ class Scheduler:
         self.cfg = dataclasses.replace(engine.cache_config, max_new_tokens=max_new_tokens)
         dtype = next(model.parameters()).dtype
         if num_slots == "auto":
-            num_slots = _slots_that_fit(self.cfg, model, max_prompt_tokens, max_new_tokens, dtype, dev,
+            num_slots = slots_that_fit(self.cfg, model, max_prompt_tokens, max_new_tokens, dtype, dev,
                                         gpu_memory_utilization, chunked=prefill_tokens is not None)
         if prefill_tokens is not None and (not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool)
                                            or prefill_tokens < 1):
@@ -130,13 +130,16 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a request; a bad one is a RequestError (a ValueError) that names the problem and the field
         (nothing is queued then)."""
-        ids = self.check(request)
-        self.waiting.append((dataclasses.replace(request, stop=_stop_list(request.stop)), ids))
+        ids, stops = self._checked(request)
+        self.waiting.append((dataclasses.replace(request, stop=stops), ids))
 
     def check(self, request: Request) -> list[int]:
         """Everything `add` checks, without queueing: the request's prompt token ids, or a RequestError whose
         `field` names what is wrong ("id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop",
         "budget")."""
+        return self._checked(request)[0]
+
+    def _checked(self, request: Request) -> tuple[list[int], list[str]]:
         if not isinstance(request, Request):
             raise RequestError(f"Scheduler.add takes a Request, not {type(request).__name__}", "request")
         if request.id in self._ids():
@@ -166,7 +169,7 @@ class Scheduler:
                                f"max_prompt_tokens={self.max_prompt}", "prompt")
         if request.budget is not None:
             self._check_budget(request, len(ids))
-        return ids
+        return ids, stops
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.prefilling is not None or any(s is not None for s in self.slots)
@@ -207,8 +210,6 @@ class Scheduler:
             raise ValueError("Scheduler.timing: build the Scheduler with timing=True")
         out = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         for phase, a, b in self._events:
-            if a is None:
-                continue
             b.synchronize()
             out[f"{phase}_s"] += a.elapsed_time(b) / 1e3
             out["decode_steps"] += phase == "decode"
@@ -346,19 +347,3 @@ class Scheduler:
         self.pool.release_slot(b)
         self.runner.done[b] = True
 
-
-def _slots_that_fit(cfg, model, max_prompt: int, max_new: int, dtype, device, utilization: float,
-                    chunked: bool = False) -> int:
-    """num_slots="auto": the slots that fit in `utilization` of the GPU beside what is already allocated (and a
-    chunked admission's staging of the longest prompt, when chunked)."""
-    if device.type != "cuda":
-        raise ValueError("Scheduler: num_slots='auto' sizes the pool from GPU memory; on a CPU pass a number")
-    if not 0 < utilization <= 1:
-        raise ValueError(f"Scheduler: gpu_memory_utilization={utilization} must be in (0, 1]")
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    cached = torch.cuda.memory_reserved(device) - allocated  # freed blocks PyTorch keeps (an earlier pool's): usable
-    budget = min(free + cached, utilization * total - allocated)
-    if chunked:
-        budget -= staging_bytes(cfg, model.config, max_prompt, dtype)
-    return max_slots(cfg, model.config, max_prompt, max_new, dtype, int(budget))
