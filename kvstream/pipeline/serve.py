@@ -115,11 +115,11 @@ class KVStreamServer:
                         self.sched.cancel(rid)
                         self._finish(rid, "error", RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
             self.counts["running"] = sum(s is not None for s in self.sched.slots)
-            self.counts["waiting"] = len(self.sched.waiting)
+            self.counts["waiting"] = len(self.sched.waiting) + (self.sched.prefilling is not None)  # admitting too
 
     def _stream_progress(self) -> None:
-        """Push the tokens so far of every streamed running sequence that grew (one host sync, only while
-        streams are open)."""
+        """Push the tokens so far of every streamed running sequence that grew (the scheduler's host lists, one
+        step behind on a GPU: no device read)."""
         streams = [t for t in list(self.pending.values()) if t.stream]
         if not streams:
             return
