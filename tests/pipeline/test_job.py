@@ -106,11 +106,14 @@ def test_unreadable_file_and_absent_column_stop_with_one_message(tmp_path, ray_l
     assert code == 2 and "runtime.num_cpus_per_actor" in capsys.readouterr().err  # 2 x 1 CPU of 2 would hang
 
 
-def test_two_cpu_actors_share_the_rows(tmp_path, ray_local):
+def test_two_cpu_actors_share_the_rows(tmp_path, ray_local, monkeypatch):
     """One actor per device scales out: with 2 CPU actors each takes some of the rows, every id comes out once,
     and the per-actor figures in the stats add up to the run's."""
-    # many small blocks (sort windows of 4 rows) and enough work per block (16 new tokens) that the second actor is
-    # up before the first has taken every block (one CI run had a single actor take all 16 rows of 2 windows)
+    # Ray Data starts the pool's actors asynchronously and feeds whichever is up: on a slow box the first actor took
+    # every block before the second had loaded its model (seen twice in CI). Waiting for the whole pool first makes
+    # the least-busy dispatch alternate, so the test checks the sharing, not the start-up race.
+    import ray
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
     over = job_overrides(tmp_path, **{"data.path": "demo:summarize", "data.demo_rows": 32, "runtime.batch_size": 2,
                                       "runtime.sort_window": 4, "generate.max_new_tokens": 16,
                                       "runtime.num_actors": 2, "runtime.num_cpus_per_actor": 0.5})
