@@ -45,14 +45,14 @@ def write_docs(path: Path, n: int) -> Path:
     return path
 
 
-def one_run(n: int, work: Path, batch_size: int) -> dict:
+def one_run(n: int, work: Path, batch_size: int, id_column: bool = True) -> dict:
     from kvstream.pipeline import load_config, run
 
     src = write_docs(work / f"in_{n}" / "docs.jsonl", n)
-    over = [f"data.path={src}", "data.id_column=id", "model.path=demo:tiny-llama", "generate.max_new_tokens=1",
+    over = [f"data.path={src}", "model.path=demo:tiny-llama", "generate.max_new_tokens=1",
             "prompt.template='{text}'", f"runtime.batch_size={batch_size}", f"runtime.sort_window={batch_size}",
             "runtime.num_actors=1", "runtime.progress_every_s=1000000", f"output.path={work / f'out_{n}'}",
-            "output.overwrite=true"]
+            "output.overwrite=true"] + (["data.id_column=id"] if id_column else [])
     before = rss_mib()
     sampler = Sampler()
     sampler.start()
@@ -61,7 +61,7 @@ def one_run(n: int, work: Path, batch_size: int) -> dict:
     wall = time.time() - start
     sampler.done.set()
     sampler.join()
-    return {"rows": n, "rows_ok": stats["rows_ok"], "files": len(stats["files_written"]), "wall_s": round(wall, 1),
+    return {"rows": n, "id_column": "id" if id_column else "(none)", "rows_ok": stats["rows_ok"], "files": len(stats["files_written"]), "wall_s": round(wall, 1),
             "rss_before_mib": round(before, 1), "rss_peak_mib": round(sampler.peak, 1),
             "rss_after_mib": round(rss_mib(), 1)}
 
@@ -73,15 +73,18 @@ def main() -> None:
     ap.add_argument("--warmup-rows", type=int, default=1000)
     ap.add_argument("--work", default="outputs/driver_memory")
     ap.add_argument("--out", default="bench/driver_memory_cpu")
+    ap.add_argument("--no-id-column", action="store_true",
+                    help="ids <file>:<row> (no data.id_column): the driver reads no input ids before the run")
     a = ap.parse_args()
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     work, out = Path(a.work).resolve(), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [one_run(a.warmup_rows, work, a.batch_size) | {"note": "warm-up (imports, model build)"}]
+    ids = not a.no_id_column
+    rows = [one_run(a.warmup_rows, work, a.batch_size, ids) | {"note": "warm-up (imports, model build)"}]
     for n in a.rows:
-        rows.append(one_run(n, work, a.batch_size) | {"note": ""})
+        rows.append(one_run(n, work, a.batch_size, ids) | {"note": ""})
         print(rows[-1], flush=True)
     keys = list(rows[0])
     with open(out / "driver_memory.csv", "w", newline="") as f:

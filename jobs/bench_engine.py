@@ -225,21 +225,44 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
     from kvstream.kvcache.scheduler import Request, Scheduler
 
     eng = kv_engine(model, name)
-    sched = Scheduler(eng, len(prompts), len(prompts[0]), steps + 8)
-    sched.runner.use_graph = False  # eager steps: the same kernels a replay runs, each seen by the profiler
+    width = 4 * steps + 16
+    sched = Scheduler(eng, len(prompts), len(prompts[0]), width)
+    runner = sched.runner
+    graph_ok = runner.use_graph
+    runner.use_graph = False  # eager steps: the same kernels a replay runs, each seen by the profiler
     for i, p in enumerate(prompts):
-        sched.add(Request(str(i), p, max_new_tokens=steps + 8))
+        sched.add(Request(str(i), p, max_new_tokens=width))
     with torch.inference_mode():
         sched.step()  # admissions (prefills) and a first step
-        sched.runner.step()
+        runner.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                sched.runner.step()
+                runner.step()
             torch.cuda.synchronize()
-    rows, total, launches = _by_kernel(prof, steps)
-    return _append_table(path, f"## {name}: GPU kernel time per eager decode step {total:.2f} ms, {launches} "
-                               "launches", "| kernel | ms / step | launches / step |", rows[:25])
+        rows, total, launches = _by_kernel(prof, steps)
+        graph_note = ""
+        if graph_ok:  # the same step replayed from its CUDA graph: its time against the eager kernels' sum
+            runner.use_graph = True
+            runner.step()  # captures
+            torch.cuda.synchronize()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            for _ in range(steps):
+                runner.step()
+            ev[1].record()
+            torch.cuda.synchronize()
+            replay_ms = ev[0].elapsed_time(ev[1]) / steps
+            with profile(activities=[ProfilerActivity.CUDA]) as gprof:
+                for _ in range(steps):
+                    runner.step()
+                torch.cuda.synchronize()
+            _, gtotal, glaunch = _by_kernel(gprof, steps)
+            graph_note = (f"; graph replay {replay_ms:.2f} ms / step (kernels seen in the replay: {gtotal:.2f} ms, "
+                          f"{glaunch} launches)")
+    return _append_table(path, f"## {name} at batch {len(prompts)}: GPU kernel time per eager decode step "
+                               f"{total:.2f} ms, {launches} launches{graph_note}",
+                         "| kernel | ms / step | launches / step |", rows[:25])
 
 
 def _by_kernel(prof, per: int = 1):

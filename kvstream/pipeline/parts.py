@@ -1,7 +1,7 @@
-"""Results written by the Ray Data workers: one Parquet part per finished block, named by its ids, renamed into place.
+"""Results written by the Ray Data workers: Parquet parts of up to rows_per_file rows, named by their ids.
 
-`WriteParts` is the job's last stage (a Ray task per generation block, after the actor pool). It writes the block's
-result rows to `<output>/results/part-<run>-<digest>.parquet` and hands the driver only a small stats table (no
+`WriteParts` is the job's last stage: after the actor pool, the generation blocks are combined into blocks of up to
+rows_per_file rows, and a Ray task per combined block writes its result rows to `<output>/results/part-<run>-<digest>.parquet` and hands the driver only a small stats table (no
 generated text), so the driver's memory does not grow with the rows.
 
 Exactly once, across retries, actor deaths and reruns:
@@ -21,6 +21,7 @@ part, `os._exit(1)` once (the marker file is created first), so Ray retries a ta
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import os
 import time
@@ -94,8 +95,15 @@ class WriteParts(Stage):
         return stats.append_column("_file", pa.array(files, pa.string()))
 
     def apply(self, ds):
-        # a task per block: each generation batch is written as soon as it is done (nothing waits to fill a file);
-        # a worker that dies is retried by Ray (tasks: 3 retries on a system failure)
+        # Generation blocks (one per generation batch, a few rows each) are combined, as they stream, into blocks of
+        # up to rows_per_file rows (Ray Data's streaming repartition, no shuffle), and a write task per combined
+        # block writes it as one part: millions of rows give parts of rows_per_file rows, not one file per
+        # generation batch (the small-files problem of object stores), and the driver gets a stats table per part.
+        # The price: rows wait in the object store until a part fills (an interrupted run loses at most a part's
+        # rows of work; a rerun generates them again). A worker that dies is retried by Ray (tasks: 3 retries on a
+        # system failure), with the same block, so the same part name.
+        if "strict" in inspect.signature(type(ds).repartition).parameters:  # older Ray: one part per block
+            ds = ds.repartition(target_num_rows_per_block=self.rows_per_file, strict=True)
         return ds.map_batches(self, batch_format="pyarrow", batch_size=None)
 
 

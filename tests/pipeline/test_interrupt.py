@@ -22,7 +22,7 @@ def docs(tmp_path, n):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_keeps_rows_writes_stats_and_a_rerun_resumes(sig, tmp_path, ray_local, monkeypatch, capsys):
     over = job_overrides(tmp_path, **{"data.path": str(docs(tmp_path, 12)), "data.id_column": "id",
-                                      "runtime.batch_size": 2})
+                                      "runtime.batch_size": 2, "output.rows_per_file": 2})
     add, sent = job.RunStats.add, []
 
     def add_then_signal(self, table):  # a real signal to this process after the first result batch

@@ -34,7 +34,7 @@ def test_killed_actor_and_writer_then_rerun_every_id_once(tmp_path, ray_local, m
 
     monkeypatch.setattr(job.RunStats, "add", spy)
     over = job_overrides(tmp_path, **{"data.path": str(src), "data.id_column": "id", "runtime.batch_size": 2,
-                                      "data.reference_column": "ref"})
+                                      "output.rows_per_file": 2, "data.reference_column": "ref"})
     first = run(load_config("summarize", None, over))
     assert (tmp_path / "actor_crashed").exists() and (tmp_path / "writer_crashed").exists()  # both died once
     results = tmp_path / "out" / "results"
@@ -79,3 +79,17 @@ def test_write_parts_is_idempotent_and_splits_at_rows_per_file(tmp_path):
     written = pq.read_table(str(tmp_path / "results"))
     assert sorted(written["id"].to_pylist()) == [f"r{i}" for i in range(5)] and "_actor" not in written.column_names
     assert written.column_names[0] == "id" and written.column_names[-1] == "error"  # the users' column order
+
+
+def test_small_generation_blocks_are_written_as_parts_of_rows_per_file(tmp_path, ray_local):
+    """Twenty 2-row blocks (generation batches) stream into 5 parts of 8 rows, not 20 files of 2: the small-files
+    problem of a million-row job on an object store."""
+    import ray
+
+    items = [{"id": f"r{i:02d}", "generated_text": f"text {i}", "error": None} for i in range(40)]
+    ds = ray.data.from_items(items, override_num_blocks=20)
+    stage = WriteParts(str(tmp_path / "results"), "20260101T000000-000002", rows_per_file=8)
+    stats = stage.apply(ds).take_all()
+    files = sorted((tmp_path / "results").glob("*.parquet"))
+    assert [pq.read_table(str(f)).num_rows for f in files] == [8] * 5 and len(stats) == 40
+    assert sorted(pq.read_table(str(tmp_path / "results"))["id"].to_pylist()) == [f"r{i:02d}" for i in range(40)]
