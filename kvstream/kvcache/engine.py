@@ -26,15 +26,49 @@ from kvstream.kvcache.models import cache_kwarg, decode_continuation, load_model
 log = logging.getLogger(__name__)
 
 
+ENGINE_SETTINGS = {"gpu_memory_utilization": 0.9, "max_num_seqs": None, "prefill_tokens": None}  # and defaults
+
+
+def engine_settings(settings: dict | None, where: str = "Engine") -> dict:
+    """The fast path's settings (ENGINE_SETTINGS' keys, defaults filled in), checked; a ValueError names the key.
+
+    gpu_memory_utilization: the share of the GPU's memory the slot pool may fill beside the weights, in (0, 1];
+    max_num_seqs: at most this many sequences decoded together (None: as many as fit; on CPU, every prompt);
+    prefill_tokens: chunked prefill, at most this many prompt tokens admitted per step (None: each prompt whole)."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(ENGINE_SETTINGS))
+    if unknown:
+        raise ValueError(f"{where}: unknown engine setting(s) {unknown}; known: {', '.join(ENGINE_SETTINGS)}")
+    out = ENGINE_SETTINGS | settings
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    u = out["gpu_memory_utilization"]
+    if not (isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1):
+        raise ValueError(f"{where}: gpu_memory_utilization={u!r} must be a number in (0, 1]")
+    for key in ("max_num_seqs", "prefill_tokens"):
+        v = out[key]
+        if v is not None and not (is_int(v) and v >= 1):
+            raise ValueError(f"{where}: {key}={v!r} must be an int >= 1, or None")
+    return out
+
+
 class Engine:
     """Batched generation with a compressed KV cache.
 
-    Build with `Engine.from_pretrained(model, tokenizer=None, cache=cfg, dtype=None, device=None)`.
+    Build with `Engine.from_pretrained(model, tokenizer=None, cache=cfg, dtype=None, device=None, **settings)`.
     Attributes: `model` (transformers PreTrainedModel, eval mode), `tokenizer` (the protocol of kvcache.models,
-    or None when built from a model object alone), `cache_config` (CacheConfig), `device`, `max_context`.
+    or None when built from a model object alone), `cache_config` (CacheConfig), `device`, `max_context`, and the
+    fast path's settings (`engine_settings`: `gpu_memory_utilization`, `max_num_seqs`, `prefill_tokens`;
+    `settings()` returns them).
     """
 
-    def __init__(self, model, tokenizer=None, cache: CacheConfig | dict | None = None):
+    def __init__(self, model, tokenizer=None, cache: CacheConfig | dict | None = None, *,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: int | None = None,
+                 prefill_tokens: int | None = None):
+        settings = engine_settings(dict(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                                        prefill_tokens=prefill_tokens))
         if not (hasattr(model, "can_generate") and model.can_generate()):
             raise ValueError(f"model {type(model).__name__} cannot generate text: pass a causal LM (e.g. a "
                              f"*ForCausalLM), its path or hub id, or a llama2.c checkpoint")
@@ -56,10 +90,15 @@ class Engine:
         self.decode_path = self._decode_path()
         self.last_graph: bool | None = None  # whether the last fast decode ran as CUDA-graph replays
         self.last_num_slots: int | None = None  # sequences the last fast generate decoded together
-        self.gpu_memory_utilization = 0.9  # the share of GPU memory the fast path's slot pool may fill
+        self.gpu_memory_utilization: float = settings["gpu_memory_utilization"]  # what the slot pool may fill
+        self.max_num_seqs: int | None = settings["max_num_seqs"]  # at most this many sequences decoded together
+        self.prefill_tokens: int | None = settings["prefill_tokens"]  # chunked prefill: prompt tokens per step
         self.record_timing = False  # benchmarks: GPU prefill / decode seconds of the last fast generate
-        self.prefill_tokens: int | None = None  # fast path: chunked prefill, prompt tokens per step (Scheduler)
         self.last_timing: dict | None = None
+
+    def settings(self) -> dict:
+        """The fast path's settings (ENGINE_SETTINGS' keys), e.g. for another Engine over the same model."""
+        return {k: getattr(self, k) for k in ENGINE_SETTINGS}
 
     def _decode_path(self) -> str:
         """"fast" or "hf", from CacheConfig.engine and what the model allows (a log line says why not fast)."""
@@ -76,14 +115,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model, tokenizer=None, cache: CacheConfig | dict | None = None, dtype=None,
-                        device=None) -> "Engine":
+                        device=None, **settings) -> "Engine":
         """model: hub id, local transformers directory, llama2.c `.bin` (tokenizer= its tokenizer `.bin`), or a
         PreTrainedModel (tokenizer optional; without one, prompts must be token ids). cache: CacheConfig or dict
         (None: policy full). dtype: None/"auto" (the checkpoint's; fp32 for llama2.c), "float32", "bfloat16",
-        "float16". device: None = cuda if available, else cpu."""
-        cfg = _cache_config(cache)  # fail on a bad cache config before loading weights
+        "float16". device: None = cuda if available, else cpu. settings: the fast path's (`engine_settings`:
+        gpu_memory_utilization, max_num_seqs, prefill_tokens)."""
+        cfg = _cache_config(cache)  # fail on a bad cache config or setting before loading weights
+        engine_settings(settings, "Engine.from_pretrained")
         model, tok = load_model(model, tokenizer, dtype=dtype, device=device)
-        return cls(model, tok, cfg)
+        return cls(model, tok, cfg, **settings)
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt, max_new_tokens: int = 128) -> list[int]:
@@ -161,8 +202,8 @@ class Engine:
 
     def _generate_scheduled(self, ids, max_new_tokens, temperature, top_p, stops, seed) -> list[dict]:
         """The fast path: every prompt a request of one continuous-batching Scheduler whose pool holds as many
-        sequences as fit (on CUDA: `num_slots="auto"` from the memory left beside the weights; on CPU: all),
-        so a batch larger than memory streams through the slots instead of failing."""
+        sequences as fit (on CUDA: `num_slots="auto"` from the memory left beside the weights; on CPU: all), and
+        at most max_num_seqs, so a batch larger than memory streams through the slots instead of failing."""
         from kvstream.kvcache.scheduler import Request, Scheduler
 
         longest = max(len(x) for x in ids)
@@ -175,6 +216,7 @@ class Engine:
                                                  self.gpu_memory_utilization, self.prefill_tokens is not None))
         else:
             slots = len(ids)
+        slots = min(slots, self.max_num_seqs or slots)
         sched = Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,
                           timing=self.record_timing, prefill_tokens=self.prefill_tokens)
         for i, x in enumerate(ids):

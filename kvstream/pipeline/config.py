@@ -80,6 +80,13 @@ class RuntimeConf:
 
 
 @dataclass
+class EngineConf:  # the fast path's settings (kvstream.kvcache.engine.engine_settings); rows do not depend on them
+    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory the slot pool may fill beside the weights
+    max_num_seqs: Optional[int] = None  # at most this many sequences decoded together (null: as many as fit)
+    prefill_tokens: Optional[int] = None  # chunked prefill: prompt tokens admitted per decode step (null: whole)
+
+
+@dataclass
 class S3Conf:
     endpoint_url: Optional[str] = None  # default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
     region: Optional[str] = None  # default: AWS_REGION / AWS_DEFAULT_REGION
@@ -106,6 +113,7 @@ class JobConf:
     prompt: PromptConf = field(default_factory=PromptConf)
     generate: GenerateConf = field(default_factory=GenerateConf)
     runtime: RuntimeConf = field(default_factory=RuntimeConf)
+    engine: EngineConf = field(default_factory=EngineConf)
     s3: S3Conf = field(default_factory=S3Conf)
     output: OutputConf = field(default_factory=OutputConf)
 
@@ -217,6 +225,13 @@ def validate(cfg: DictConfig) -> None:
     need(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
     need(r.sort_window >= 0, "runtime.sort_window", "must be >= 0")
     need(r.log_level in LOG_LEVELS, "runtime.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    from kvstream.kvcache.engine import engine_settings
+
+    for key, value in cfg.engine.items():
+        try:
+            engine_settings({key: value})
+        except ValueError as e:
+            need(False, f"engine.{key}", str(e).split(f"{key}={value!r} ", 1)[-1])
     need(bool(cfg.output.path), "output.path", "set a local directory or s3:// prefix")
     need(cfg.output.rows_per_file >= 1, "output.rows_per_file", "must be >= 1")
 

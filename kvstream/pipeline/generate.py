@@ -42,7 +42,7 @@ class GenerateUDF:
     """Ray Data class UDF: `__init__` builds the Engine, `__call__` maps an Arrow batch to result rows."""
 
     def __init__(self, model: dict, cache: dict, generate: dict, num_gpus: float, num_cpus: float,
-                 inject: dict | None = None):
+                 inject: dict | None = None, engine: dict | None = None):
         import torch
 
         from kvstream.kvcache import CacheConfig
@@ -51,7 +51,7 @@ class GenerateUDF:
         if num_gpus == 0:
             torch.set_num_threads(max(1, int(num_cpus)))
         self.cache_cfg = CacheConfig.from_dict(cache)
-        self.engine = build_engine(model, self.cache_cfg, device_for(num_gpus))
+        self.engine = build_engine(model, self.cache_cfg, device_for(num_gpus), engine)
         self.gen = dict(generate)
         self.inject = dict(inject or {})
         self.actor = f"{socket.gethostname()}:{os.getpid()}"

@@ -32,8 +32,8 @@ class GenerateRequestsUDF(GenerateUDF):
     """Ray Data class UDF: `__init__` builds the Engine (GenerateUDF's), `__call__` generates each group of a batch."""
 
     def __init__(self, model: dict, cache: dict, num_gpus: float, num_cpus: float, continue_on_error: bool = True,
-                 inject: dict | None = None, tag_rows: bool = False):
-        super().__init__(model, cache, {}, num_gpus, num_cpus, inject)
+                 inject: dict | None = None, tag_rows: bool = False, engine: dict | None = None):
+        super().__init__(model, cache, {}, num_gpus, num_cpus, inject, engine)
         self.continue_on_error, self.tag_rows = continue_on_error, tag_rows
         self.engines = {None: self.engine}
         self.params: dict = {}
@@ -44,7 +44,7 @@ class GenerateRequestsUDF(GenerateUDF):
 
             base = self.engine
             cfg = dataclasses.replace(base.cache_config, budget=budget)
-            self.engines[budget] = Engine(base.model, base.tokenizer, cfg)
+            self.engines[budget] = Engine(base.model, base.tokenizer, cfg, **base.settings())
         return self.engines[budget]
 
     def _engine_generate(self, ids: list[list[int]]) -> list[dict]:
@@ -97,9 +97,11 @@ class GenerateRequests(Stage):
 
     def __init__(self, model: dict, cache: dict, concurrency: int | tuple[int, int], num_gpus: float,
                  num_cpus: float, batch_size: int, accelerator_type: str | None = None,
-                 continue_on_error: bool = True, inject: dict | None = None, tag_rows: bool = False):
+                 continue_on_error: bool = True, inject: dict | None = None, tag_rows: bool = False,
+                 engine: dict | None = None):
         self.ctor = dict(model=model, cache=cache, num_gpus=num_gpus, num_cpus=num_cpus,
-                         continue_on_error=continue_on_error, inject=inject or {}, tag_rows=tag_rows)
+                         continue_on_error=continue_on_error, inject=inject or {}, tag_rows=tag_rows,
+                         engine=dict(engine or {}))
         self.concurrency, self.num_gpus, self.num_cpus = concurrency, num_gpus, num_cpus
         self.batch_size, self.accelerator_type = batch_size, accelerator_type
 

@@ -48,7 +48,8 @@ def job_processor(cfg: DictConfig, window: int) -> KVStreamProcessor:
         sampling_params=dict(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                              stop=list(g.stop or []), seed=g.seed),
         concurrency=r.num_actors, num_gpus=r.num_gpus_per_actor, num_cpus=r.num_cpus_per_actor,
-        max_input_tokens=max_input_tokens(cfg), truncation=g.truncation)
+        max_input_tokens=max_input_tokens(cfg), truncation=g.truncation,
+        engine_kwargs=OmegaConf.to_container(cfg.engine, resolve=True))
     chat = ChatPrompt(model, p.chat_template, p.system, p.turn_template, p.generation_prefix)
     return build_processor(config, postprocess=None,
                            prepare_extras=dict(chat=chat, keep_errors=True, keys=KEYS),

@@ -136,17 +136,19 @@ def model_context(path: str) -> int:
         raise ValueError(f"model.path={path}: {e}") from None
 
 
-def build_engine(model_cfg: dict, cache_cfg: Any, device: str | None):
-    """One `kvcache.Engine` for a model spec (called once per generation actor)."""
+def build_engine(model_cfg: dict, cache_cfg: Any, device: str | None, settings: dict | None = None):
+    """One `kvcache.Engine` for a model spec (called once per generation actor); settings: the fast path's
+    (kvstream.kvcache.engine.engine_settings: gpu_memory_utilization, max_num_seqs, prefill_tokens)."""
     from kvstream.kvcache import Engine
 
+    settings = dict(settings or {})
     dtype = None if model_cfg.get("dtype", "auto") == "auto" else model_cfg["dtype"]
     path = model_cfg["path"]
     if is_demo(path):
         model, tok = build_demo_model(path[len(DEMO_PREFIX):], model_cfg.get("dtype", "auto"), device)
-        return Engine.from_pretrained(model, tokenizer=tok, cache=cache_cfg, dtype=dtype, device=device)
+        return Engine.from_pretrained(model, tokenizer=tok, cache=cache_cfg, dtype=dtype, device=device, **settings)
     return Engine.from_pretrained(path, tokenizer=model_cfg.get("tokenizer"), cache=cache_cfg, dtype=dtype,
-                                  device=device)
+                                  device=device, **settings)
 
 
 def device_for(num_gpus: float) -> str:

@@ -45,6 +45,11 @@ class KVStreamProcessorConfig:
         | middle | reject, as the jobs' generate.truncation).
     apply_chat_template: render `messages` rows with the tokenizer's chat template (where it has one); False: the
         plain `role: content` turns. should_continue_on_error: a failing row carries its `error`; False: it raises.
+    engine_kwargs: the engine's settings (ray.data.llm's name for them), each optional: gpu_memory_utilization
+        (the share of GPU memory the slot pool may fill, default 0.9), max_num_seqs (at most this many sequences
+        decoded together; default as many as fit), prefill_tokens (chunked prefill: prompt tokens admitted per
+        decode step; default each prompt whole). A generation batch is one call of the engine: on a GPU, a large
+        batch_size (hundreds of rows) keeps its slots full.
     """
 
     model_source: str
@@ -62,6 +67,7 @@ class KVStreamProcessorConfig:
     truncation: str = "middle"
     apply_chat_template: bool = True
     should_continue_on_error: bool = True
+    engine_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, msg: str) -> None:
@@ -108,6 +114,14 @@ class KVStreamProcessorConfig:
         need(self.truncation in TRUNCATIONS, "truncation", f"must be one of {', '.join(TRUNCATIONS)}")
         need(isinstance(self.apply_chat_template, bool), "apply_chat_template", "must be True or False")
         need(isinstance(self.should_continue_on_error, bool), "should_continue_on_error", "must be True or False")
+        need(isinstance(self.engine_kwargs, dict), "engine_kwargs",
+             "must be a dict of engine settings (gpu_memory_utilization, max_num_seqs, prefill_tokens)")
+        from kvstream.kvcache.engine import engine_settings
+
+        try:
+            self.engine_kwargs = engine_settings(self.engine_kwargs, "KVStreamProcessorConfig.engine_kwargs")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def cache_config(self):
         from kvstream.kvcache import CacheConfig
@@ -139,7 +153,8 @@ class KVStreamProcessor:
                                        c.max_input_tokens, context, c.truncation, preprocess,
                                        c.should_continue_on_error, **(prepare_extras or {}))
         self.generate = GenerateRequests(c.model_spec(), cache, c.concurrency, c.num_gpus, c.num_cpus, c.batch_size,
-                                         c.accelerator_type, c.should_continue_on_error, **(generate_extras or {}))
+                                         c.accelerator_type, c.should_continue_on_error,
+                                         engine=c.engine_kwargs, **(generate_extras or {}))
 
     def __call__(self, ds):
         if self.preprocess is None:

@@ -77,7 +77,7 @@ class KVStreamServer:
         self.policy = config["cache"]["policy"]
         self.engine = build_engine(config["model"], config["cache"], device_for(s["num_gpus"]))
         self.sched = Scheduler(self.engine, s["num_slots"], self.max_prompt, self.max_new,
-                               prefill_tokens=s["prefill_tokens"])
+                               gpu_memory_utilization=s["gpu_memory_utilization"], prefill_tokens=s["prefill_tokens"])
         self.inbox: queue.Queue = queue.Queue()
         self.pending: dict[str, Ticket] = {}
         self.counts = {"running": 0, "waiting": 0, "cancelled": 0, "finished": 0}

@@ -25,6 +25,7 @@ class ServeConf:
     max_prompt_tokens: int = 2048  # the longest prompt (after the chat template) a slot holds
     num_slots: Any = 8  # sequences decoded together per replica, or auto (from GPU memory; GPU only)
     prefill_tokens: Optional[int] = 512  # chunked prefill: prompt tokens admitted per step between decode steps
+    gpu_memory_utilization: float = 0.9  # num_slots auto: the share of the GPU's memory the slot pool may fill
     max_queue: int = 64  # requests in flight per replica (running + waiting); over it: 429 + Retry-After
     timeout_s: float = 300.0  # per request; over it: 504 (or an error event in a stream) and the sequence cancelled
     num_gpus: float = 0.0  # per replica (1 on a GPU machine); 0: CPU mode
@@ -108,6 +109,7 @@ def validate_serve(cfg: DictConfig) -> None:
     need(s.prefill_tokens is None or (isinstance(s.prefill_tokens, int) and not isinstance(s.prefill_tokens, bool)
                                       and s.prefill_tokens >= 1), "serve.prefill_tokens",
          "must be an int >= 1 (prompt tokens per step) or null (each prompt prefilled whole)")
+    need(0 < s.gpu_memory_utilization <= 1, "serve.gpu_memory_utilization", "must be in (0, 1]")
     need(s.max_queue >= 1, "serve.max_queue", "must be >= 1")
     need(s.timeout_s > 0, "serve.timeout_s", "must be > 0 seconds")
     need(s.num_gpus >= 0, "serve.num_gpus", "must be >= 0 (0 = CPU mode)")

@@ -327,3 +327,28 @@ def test_a_chunked_admission_can_be_cancelled():
     assert list(got) == ["next"] and got["next"]["token_ids"] == eng.generate([ps[1]], max_new_tokens=6)[0]["token_ids"]
     with pytest.raises(ValueError, match="prefill_tokens=0"):
         Scheduler(eng, num_slots=1, max_prompt_tokens=8, max_new_tokens=4, prefill_tokens=0)
+
+
+def test_engine_settings_cap_the_pool_and_chunk_the_prefill_without_changing_rows():
+    """max_num_seqs=2 streams five prompts through two slots, prefill_tokens=7 chunks each admission; every row is
+    the row of an Engine without either setting (rows do not depend on them)."""
+    model = build_model("llama", hidden=128, heads=4, kv_heads=2)
+    cfg = CacheConfig(**QUANT, policy="keyformer", budget=0.5, quant="kivi2")
+    ps = prompts([40, 23, 57, 31, 48], seed=5)
+    plain = Engine.from_pretrained(model, cache=cfg, device="cpu")
+    capped = Engine.from_pretrained(model, cache=cfg, device="cpu", max_num_seqs=2, prefill_tokens=7)
+    assert capped.settings() == {"gpu_memory_utilization": 0.9, "max_num_seqs": 2, "prefill_tokens": 7}
+    a, b = plain.generate(ps, max_new_tokens=6), capped.generate(ps, max_new_tokens=6)
+    assert (plain.last_num_slots, capped.last_num_slots) == (5, 2)
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    assert [r["kv_bytes"] for r in a] == [r["kv_bytes"] for r in b]
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(max_num_seqs=0), "max_num_seqs=0"), (dict(max_num_seqs=2.5), "max_num_seqs=2.5"),
+    (dict(prefill_tokens=-1), "prefill_tokens=-1"), (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization=1.5"),
+    (dict(gpu_memory_utilization=True), "gpu_memory_utilization=True"), (dict(max_batch=4), "max_batch"),
+])
+def test_bad_engine_settings_are_refused_before_the_weights_load(settings, named):
+    with pytest.raises(ValueError, match=named):
+        Engine.from_pretrained("/nonexistent/model/dir", cache=CacheConfig(), **settings)

@@ -36,6 +36,9 @@ def test_converse_defaults_differ():
     (["prompt.template=no placeholder"], "prompt.template"),
     (["cache.policy=lru"], "policy"),
     (["cache.colour=red"], "colour"),
+    (["engine.max_num_seqs=0"], "engine.max_num_seqs"),
+    (["engine.gpu_memory_utilization=1.5"], "engine.gpu_memory_utilization"),
+    (["engine.prefill_tokens=-3"], "engine.prefill_tokens"),
     (["nonsense"], "nonsense"),
 ])
 def test_errors_name_the_key(override, key):

@@ -143,6 +143,8 @@ def test_missing_prompt_column_is_a_value_error_naming_it(ray_local, tmp_path):
     ("max_input_tokens", 0, "must be an int >= 1"),
     ("num_gpus", -1, "must be a number >= 0"),
     ("model_source", "", "set a hub id"),
+    ("engine_kwargs", {"max_num_seq": 4}, "unknown engine setting(s) ['max_num_seq']"),
+    ("engine_kwargs", {"prefill_tokens": 0}, "prefill_tokens=0 must be an int >= 1"),
 ])
 def test_config_errors_name_the_field(field, value, says):
     kwargs = {**DEMO, field: value}
@@ -284,3 +286,17 @@ def test_sort_window_orders_rows_by_prompt_length(ray_local):
     assert [r["num_input_tokens"] for r in out] == sorted(r["num_input_tokens"] for r in out)
     with pytest.raises(ConfigError, match="sort_window"):
         KVStreamProcessorConfig(sort_window=0, **DEMO)
+
+
+def test_engine_settings_reach_every_engine_of_the_actor():
+    """The jobs' engine.* keys become the processor's engine_kwargs, and the actor's engines (the one per extra
+    kv_cache budget too) are built with them."""
+    from kvstream.pipeline import load_config
+    from kvstream.pipeline.generate_requests import GenerateRequestsUDF
+    from kvstream.pipeline.job_processor import job_processor
+
+    cfg = load_config("summarize", None, ["engine.max_num_seqs=3", "engine.prefill_tokens=64", "runtime.num_actors=1"])
+    settings = job_processor(cfg, 16).config.engine_kwargs
+    assert settings == {"gpu_memory_utilization": 0.9, "max_num_seqs": 3, "prefill_tokens": 64}
+    udf = GenerateRequestsUDF({"path": "demo:tiny-llama"}, {"policy": "h2o", "budget": 0.5}, 0, 1, engine=settings)
+    assert udf.engine.settings() == settings and udf.engine_for(0.25).settings() == settings

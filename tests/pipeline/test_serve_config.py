@@ -34,6 +34,8 @@ def test_yaml_dotted_strings_and_nested_sections_merge_into_deployment_options()
     ({"serve.num_slots": "0"}, "serve.num_slots"),
     ({"serve.num_slots": "auto"}, "serve.num_slots"),  # CPU mode: auto needs a GPU
     ({"serve.max_queue": "0"}, "serve.max_queue"),
+    ({"serve.prefill_tokens": "0"}, "serve.prefill_tokens"),
+    ({"serve.gpu_memory_utilization": "0"}, "serve.gpu_memory_utilization"),
     ({"serve.timeout_s": "-1"}, "serve.timeout_s"),
     ({"serve.port": "70000"}, "serve.port"),
     ({"serve.num_replicas": "2", "serve.autoscaling_config.max_replicas": "3"}, "serve.num_replicas"),
