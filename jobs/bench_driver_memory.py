@@ -26,15 +26,20 @@ def rss_mib() -> float:
 
 
 class Sampler(threading.Thread):
-    """The peak VmRSS of this process while it runs."""
+    """The peak VmRSS of this process while it runs, and every sample (to read it at a fraction of the run)."""
 
     def __init__(self, every_s: float = 0.1):
         super().__init__(daemon=True)
         self.every_s, self.peak, self.done = every_s, rss_mib(), threading.Event()
+        self.samples: list[float] = []
 
     def run(self) -> None:
         while not self.done.wait(self.every_s):
-            self.peak = max(self.peak, rss_mib())
+            self.samples.append(rss_mib())
+            self.peak = max(self.peak, self.samples[-1])
+
+    def at(self, fraction: float) -> float:
+        return self.samples[min(len(self.samples) - 1, int(fraction * len(self.samples)))] if self.samples else 0.0
 
 
 def write_docs(path: Path, n: int) -> Path:
@@ -62,7 +67,8 @@ def one_run(n: int, work: Path, batch_size: int, id_column: bool = True) -> dict
     sampler.done.set()
     sampler.join()
     return {"rows": n, "id_column": "id" if id_column else "(none)", "rows_ok": stats["rows_ok"], "files": len(stats["files_written"]), "wall_s": round(wall, 1),
-            "rss_before_mib": round(before, 1), "rss_peak_mib": round(sampler.peak, 1),
+            "rss_before_mib": round(before, 1), "rss_half_mib": round(sampler.at(0.5), 1),
+            "rss_peak_mib": round(sampler.peak, 1),
             "rss_after_mib": round(rss_mib(), 1)}
 
 

@@ -182,8 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if retry:
                 done = [i for i in done if i not in retry]
             ds = build_dataset(cfg, files, base, spec, done, s3, ids)
-            ds = WriteParts(results, run_id, cfg.output.rows_per_file, s3, cfg.data.reference_column,
-                            injected_faults()).apply(ds)
+            per, batch = cfg.output.rows_per_file, cfg.runtime.batch_size  # parts of whole generation batches
+            ds = WriteParts(results, run_id, per, s3, cfg.data.reference_column, injected_faults(),
+                            bundle_rows=max(1, per // batch) * batch).apply(ds)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
             for table in batches:  # the stats rows of parts the workers have written
                 stats.add(table)

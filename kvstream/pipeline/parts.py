@@ -1,8 +1,8 @@
 """Results written by the Ray Data workers: Parquet parts of up to rows_per_file rows, named by their ids.
 
-`WriteParts` is the job's last stage: after the actor pool, the generation blocks are combined into blocks of up to
-rows_per_file rows, and a Ray task per combined block writes its result rows to `<output>/results/part-<run>-<digest>.parquet` and hands the driver only a small stats table (no
-generated text), so the driver's memory does not grow with the rows.
+`WriteParts` is the job's last stage: after the actor pool, a Ray task per bundle of generation blocks (about
+rows_per_file rows) writes its result rows to `<output>/results/part-<run>-<digest>.parquet` and hands the driver
+only a small stats table (no generated text), so the driver's memory does not grow with the rows.
 
 Exactly once, across retries, actor deaths and reruns:
   - a part is written whole (local: temp file + rename; S3: one PUT): a reader never sees half a file, and the
@@ -21,7 +21,6 @@ part, `os._exit(1)` once (the marker file is created first), so Ray retries a ta
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import os
 import time
@@ -54,8 +53,10 @@ class WriteParts(Stage):
     required = ("id", "error")
 
     def __init__(self, results: str, run: str, rows_per_file: int, s3: dict | None = None,
-                 reference_column: str | None = None, inject: dict | None = None):
+                 reference_column: str | None = None, inject: dict | None = None, bundle_rows: int | None = None):
+        """bundle_rows: rows a write task gathers (default rows_per_file); parts split at rows_per_file."""
         self.results, self.run, self.rows_per_file, self.s3 = results, run, rows_per_file, s3
+        self.bundle_rows = bundle_rows or rows_per_file
         self.ref_col, self.inject = reference_column, dict(inject or {})
 
     def _write(self, table: pa.Table) -> list[str]:
@@ -95,16 +96,15 @@ class WriteParts(Stage):
         return stats.append_column("_file", pa.array(files, pa.string()))
 
     def apply(self, ds):
-        # Generation blocks (one per generation batch, a few rows each) are combined, as they stream, into blocks of
-        # up to rows_per_file rows (Ray Data's streaming repartition, no shuffle), and a write task per combined
-        # block writes it as one part: millions of rows give parts of rows_per_file rows, not one file per
-        # generation batch (the small-files problem of object stores), and the driver gets a stats table per part.
-        # The price: rows wait in the object store until a part fills (an interrupted run loses at most a part's
-        # rows of work; a rerun generates them again). A worker that dies is retried by Ray (tasks: 3 retries on a
-        # system failure), with the same block, so the same part name.
-        if "strict" in inspect.signature(type(ds).repartition).parameters:  # older Ray: one part per block
-            ds = ds.repartition(target_num_rows_per_block=self.rows_per_file, strict=True)
-        return ds.map_batches(self, batch_format="pyarrow", batch_size=None)
+        # Generation blocks (one per generation batch) are bundled by Ray Data's operator (block references only,
+        # no extra tasks or blocks) until a write task has `bundle_rows` rows, and each batch of bundle_rows is
+        # one part: millions of rows give parts of about rows_per_file rows, not a file per generation batch (the
+        # small-files problem of object stores), and the driver gets one stats table per part. bundle_rows is a
+        # multiple of the generation batch (job.py) so that the bundles are whole batches. The price: rows wait in
+        # the object store until a part fills (an interrupted run loses at most a part's rows of work; a rerun
+        # generates them again). A worker that dies is retried by Ray (tasks: 3 retries on a system failure), with
+        # the same blocks, so the same part names.
+        return ds.map_batches(self, batch_format="pyarrow", batch_size=self.bundle_rows)
 
 
 def run_files(results: str, run: str, s3: dict | None = None) -> list[str]:
