@@ -375,7 +375,7 @@ class CompressedCache(Cache):
             "kv_bytes_full": sum(full),
             "tokens_kept": sum(stores[0].tokens_kept()),
             "tokens_seen": sum(seen),
-            "kv_bytes_per_seq": [sum(s.row_bytes()[b] for s in stores) for b in range(B)],
+            "kv_bytes_per_seq": [sum(col) for col in zip(*(s.row_bytes() for s in stores))],
             "kv_bytes_full_per_seq": full,
         }
 

@@ -123,7 +123,7 @@ class Scheduler:
         self.started = [0.0] * num_slots  # when each slot's sequence was admitted (time_taken_llm)
         self.admitted_at = [0] * num_slots  # the index of the first snapshot pushed after each admission
         self.out: list[list[int]] = [[] for _ in range(num_slots)]  # each slot's tokens so far, on the host
-        self.flags = LaggedFlags(self.runner.snapshot(), lag=lagged)
+        self.flags = LaggedFlags(self._snapshot(), lag=lagged)
         self._events: list | None = [] if timing else None
 
     # ---- the API ---------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class Scheduler:
             self._timed("prefill", self._admit)
             if any(s is not None for s in self.slots):
                 self._timed("decode", self.runner.step)
-            self.flags.push(self.runner.snapshot())
+            self.flags.push(self._snapshot())
             return self._collect()
 
     def timing(self) -> dict[str, float]:
@@ -232,6 +232,15 @@ class Scheduler:
                 for b, held in enumerate(self.slots) if held is not None}
 
     # ---- internals -------------------------------------------------------------------------------------------
+    def _snapshot(self) -> torch.Tensor:
+        """(B, 6) int64 on the device: the runner's (B, 4) snapshot, then each slot's tokens in its kept store (S)
+        and tokens generated into its cache: what a finished row's kv_bytes needs (the count in S is the same in
+        every layer: it follows the prompt length, the tokens so far and the budget), read one step late with the
+        rest, so a finishing row costs no device read."""
+        B, plan = self.num_slots, self.pool.plan
+        s_len = self.pool.layers[0].store.s_len.view(B, 1).long()
+        return torch.cat((self.runner.snapshot(), s_len, plan.t_dev.view(B, 1).long()), 1)
+
     def _ids(self) -> set[str]:
         ids = {r.id for r, _ in self.waiting} | {s[0].id for s in self.slots if s is not None}
         return ids | ({self.prefilling.req.id} if self.prefilling is not None else set())
@@ -294,7 +303,7 @@ class Scheduler:
         for b, held in enumerate(self.slots):
             if held is None or index < self.admitted_at[b]:
                 continue
-            done, n_gen, last, before = snap[b]
+            done, n_gen, last, before, s_count, t_cache = snap[b]
             new = n_gen - len(self.out[b])
             if not 0 <= new <= 2:
                 raise RuntimeError(f"Scheduler: slot {b} moved {new} tokens between two snapshots (at most 2)")
@@ -305,7 +314,7 @@ class Scheduler:
             gen = _cut_at_eos(list(self.out[b]), self.engine.eos_token_ids)
             text, gen = self.engine._text(ids, gen, req.stop)
             ended = bool(gen) and (gen[-1] in self.engine.eos_token_ids or len(gen) < n_gen)
-            kv, kv_full = self._row_bytes(b)
+            kv, kv_full = self._row_bytes(b, s_count, t_cache)
             out.append({"id": req.id, "generated_text": text, "token_ids": gen, "num_input_tokens": len(ids),
                         "num_generated_tokens": len(gen), "finish_reason": "stop" if ended else "length",
                         "time_taken_llm": time.perf_counter() - self.started[b], "kv_bytes": kv,
@@ -334,13 +343,14 @@ class Scheduler:
                                f"{need.cw} for a {n_prompt}-token prompt; this scheduler's slots hold {have.cs} + "
                                f"{have.cw} (its budget is {self.cfg.budget!r}); ask for a budget no larger", "budget")
 
-    def _row_bytes(self, b: int) -> tuple[int, int]:
-        """Bytes slot b's sequence holds, and what a full-precision cache of its tokens would hold."""
+    def _row_bytes(self, b: int, s_count: int, t: int) -> tuple[int, int]:
+        """Bytes slot b's sequence holds (s_count tokens in S, t generated into the cache: from the snapshot), and
+        what a full-precision cache of its tokens would hold. Host arithmetic only."""
         stores = [layer.store for layer in self.pool.layers]
-        held = sum(s.row_bytes()[b] for s in stores)
-        seen = self.pool.plan.n[b] + int(self.pool.plan.t_dev[b])
+        plan = self.pool.plan
+        held = sum(s.bytes_held(s_count, plan.n[b], t, plan.w[b]) for s in stores)
         per_tok = 2 * self.pool.n_kv * self.pool.head_dim * stores[0].win_k.element_size()
-        return int(held), int(len(stores) * per_tok * seen)
+        return int(held), int(len(stores) * per_tok * (plan.n[b] + t))
 
     def _free(self, b: int) -> None:
         self.slots[b] = None

@@ -380,19 +380,27 @@ class LayerStore:
         return out
 
     def row_bytes(self) -> list[int]:
-        """Bytes of the slots each sequence uses: S slots in use and ring slots holding tokens."""
-        per_ring = sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.win_pos)) / (self.B * self.cw)
-        per_s = sum(t.numel() * t.element_size() for t in self.kept.tensors()) / max(1, self.B * self.cs)
+        """Bytes of the slots each sequence uses: S slots in use and ring slots holding tokens (reads the device)."""
+        return [self.bytes_held(c, n, t, w)
+                for c, n, t, w in zip(self.s_len.tolist(), self.plan.n, self.plan.t_dev.tolist(), self.plan.w)]
+
+    def bytes_held(self, s_count: int, n: int, t: int, w: int) -> int:
+        """Bytes of one sequence's slots from host numbers: s_count tokens in S, n prompt tokens, t generated (in the
+        cache), window w. The scheduler gets s_count and t from its lagged snapshot, so it reads nothing here."""
+        per_ring = sum(x.numel() * x.element_size() for x in (self.win_k, self.win_v, self.win_pos)) / (self.B * self.cw)
+        per_s = sum(x.numel() * x.element_size() for x in self.kept.tensors()) / max(1, self.B * self.cs)
         if self.scores is not None:
             per_ring += self.H * 4
             per_s += self.H * 4
-        in_ring = self._in_ring()
-        return [int(c * per_s + r * per_ring) for c, r in zip(self.s_len.tolist(), in_ring)]
+        return int(s_count * per_s + self._ring_fill(n, t, w) * per_ring)
+
+    def _ring_fill(self, n: int, t: int, w: int) -> int:
+        """Ring slots holding a token (the last R positions in kivi mode, else the window)."""
+        return min(n + t, self.cw if self.kivi else w)
 
     def _in_ring(self) -> list[int]:
-        """Ring slots holding a token, per sequence (the last R positions in kivi mode, else the window)."""
-        last = [n + t - 1 for n, t in zip(self.plan.n, self.plan.t_dev.tolist())]  # last appended position
-        return [min(q + 1, self.cw if self.kivi else w) for q, w in zip(last, self.plan.w)]
+        """Ring slots holding a token, per sequence."""
+        return [self._ring_fill(n, t, w) for n, t, w in zip(self.plan.n, self.plan.t_dev.tolist(), self.plan.w)]
 
     def tokens_kept(self) -> list[int]:
         """Tokens held per sequence (S plus the valid part of the ring)."""
