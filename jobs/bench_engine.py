@@ -370,6 +370,7 @@ def main(argv=None) -> int:
                                       mc.num_hidden_layers, mc.num_key_value_heads,
                                       mc.hidden_size // mc.num_attention_heads))
             print(rows[-1], flush=True)
+            write_tables(rows, a, bw, mc, w_bytes)  # after every config: a run cut short keeps what it measured
         except torch.cuda.OutOfMemoryError as e:
             print(f"{name}: out of memory ({str(e).splitlines()[0]})", flush=True)
         torch.cuda.empty_cache()
@@ -389,6 +390,13 @@ def main(argv=None) -> int:
         print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch / --hf-batch",
               file=sys.stderr)
         return 1
+    print(write_tables(rows, a, bw, mc, w_bytes))
+    return 0
+
+
+def write_tables(rows: list[dict], a, bw: float, mc, w_bytes: int) -> str:
+    """The CSV (`--out`) and Markdown tables of the configs measured so far, with the ratios to the baselines
+    measured in this run; returns the Markdown."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -409,8 +417,7 @@ def main(argv=None) -> int:
     table = head + "\n\n" + _markdown(df)
     with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
         f.write(table + "\n")
-    print(table)
-    return 0
+    return table
 
 
 def _markdown(df) -> str:
