@@ -67,13 +67,16 @@ class GenerateConf:
     truncation: str = "middle"  # head (keep the start) | tail (keep the end) | middle (drop the middle) | reject
 
 
+CPU_BATCH, GPU_BATCH = 8, 256  # runtime.batch_size=auto: a GPU engine's slot pool holds ~30-500 long sequences
+
+
 @dataclass
 class RuntimeConf:
     address: Optional[str] = None  # Ray address; default: RAY_ADDRESS, else a new local Ray
     num_actors: Any = "auto"  # an int >= 1, or auto: one actor per GPU the cluster has (1 in CPU mode)
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
-    batch_size: int = 8
+    batch_size: Any = "auto"  # rows per generation batch (one engine call): auto = 8 in CPU mode, 256 with GPUs
     sort_window: int = 0  # rows sorted by length together before batching; 0 = 16 x batch_size
     progress_every_s: float = 10.0
     log_level: str = "warning"  # error | warning | info | debug: Ray's, Ray Data's and ROUGE's log lines (logs.py)
@@ -133,6 +136,8 @@ def load_config(task: str, config_path: str | None = None, overrides: list[str] 
     if cfg.task != task:
         raise ConfigError(f"task={cfg.task!r} (from --config/overrides) but this is the {task} job: "
                           f"run jobs/{cfg.task}.py, or set task: {task}")
+    if cfg.runtime.batch_size == "auto":  # resolved here, so config.yaml records the number the run used
+        cfg.runtime.batch_size = GPU_BATCH if cfg.runtime.num_gpus_per_actor > 0 else CPU_BATCH
     validate(cfg)
     return cfg
 
@@ -222,7 +227,8 @@ def validate(cfg: DictConfig) -> None:
                                     and r.num_actors >= 1), "runtime.num_actors", "must be an int >= 1 or auto")
     need(r.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", "must be >= 0 (0 = CPU mode)")
     need(r.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", "must be > 0")
-    need(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
+    need(isinstance(r.batch_size, int) and not isinstance(r.batch_size, bool) and r.batch_size >= 1,
+         "runtime.batch_size", "must be an int >= 1 or auto (8 in CPU mode, 256 with GPUs)")
     need(r.sort_window >= 0, "runtime.sort_window", "must be >= 0")
     need(r.log_level in LOG_LEVELS, "runtime.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     from kvstream.kvcache.engine import engine_settings
@@ -251,6 +257,7 @@ def keys_help(task: str) -> str:
 
     tree = OmegaConf.to_container(load_config(task))
     tree["cache"] = CacheConfig().to_dict() | tree["cache"]
+    tree["runtime"]["batch_size"] = RuntimeConf.batch_size  # the default as a user writes it (load_config resolves it)
     lines = [f"  {k} = {v!r}" for k, v in flat_keys(tree)]
     return "config keys (key=value overrides; defaults shown; reference: kvstream/pipeline/config.py):\n" + \
         "\n".join(lines)

@@ -109,3 +109,10 @@ def test_help_lists_every_key_and_the_exit_codes(capsys):
     assert "eval.policies = " in capsys.readouterr().out
     # the README's evaluate command writes into the ignored outputs/, not over the tracked results/fidelity/
     assert OmegaConf.load(ROOT / "conf/evaluate.yaml").output.path == "outputs/fidelity"
+
+
+def test_batch_size_auto_follows_the_mode():
+    """One engine call per generation batch: auto gives a GPU actor a batch that can fill its slot pool."""
+    assert load_config("summarize").runtime.batch_size == 8
+    assert load_config("summarize", None, ["runtime.num_gpus_per_actor=1"]).runtime.batch_size == 256
+    assert load_config("summarize", None, ["runtime.num_gpus_per_actor=1", "runtime.batch_size=64"]).runtime.batch_size == 64
