@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--stream", action="store_true", help="streamed requests (adds time to first token; the server "
                     "then reads every step's tokens, a host sync per step)")
     ap.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help="serve.prefill_tokens (default: Serve's own default); 0: each prompt prefilled whole")
     ap.add_argument("--out", default="bench/serve.csv")
     a = ap.parse_args(argv)
     caches = a.caches.split(",")
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "serve": {"max_new_tokens": a.new, "max_prompt_tokens": a.prompt + 16, "num_slots": slots,
                          "max_queue": 2 * max(levels), "timeout_s": a.timeout, "num_gpus": a.num_gpus,
                          "num_cpus": a.num_cpus, "model_name": "bench"}}
+        if a.prefill_tokens is not None:
+            cfg["serve"]["prefill_tokens"] = a.prefill_tokens or None
         serve.run(build_app(cfg), name=name, route_prefix=prefix)
         load(a.port, prefix, prompts[:2], 2, min(a.new, 4), 2, a.max_seconds, a.timeout, a.stream)  # warm-up
         for c in levels:
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["tok_s_vs_full"] = r["gen_tok_per_s"] / base[r["clients"]] if base.get(r["clients"]) else float("nan")
     device = torch.cuda.get_device_name() if a.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     head = (f"# device={device}; model={a.model}; prompt={a.prompt}; new={a.new}; num_slots={a.num_slots}; "
-            f"stream={a.stream}; "
+            f"stream={a.stream}; prefill_tokens={a.prefill_tokens if a.prefill_tokens is not None else 'default'}; "
             f"torch={torch.__version__}; ray={ray.__version__}; "
             f"date={datetime.datetime.now(datetime.timezone.utc).isoformat()}")
     import pandas as pd

@@ -24,7 +24,10 @@ class ServeConf:
     max_new_tokens: int = 256  # the largest max_tokens a request may ask
     max_prompt_tokens: int = 2048  # the longest prompt (after the chat template) a slot holds
     num_slots: Any = 8  # sequences decoded together per replica, or auto (from GPU memory; GPU only)
-    prefill_tokens: Optional[int] = 512  # chunked prefill: prompt tokens admitted per step between decode steps
+    # chunked prefill: prompt tokens admitted per step between decode steps. Admissions are capped at this many
+    # prompt tokens a step: at 512, a 4096-token prompt took 8 steps, so a replica could start one long request every
+    # 8 decode steps whatever its free slots (vLLM's online default budget is 2048 tokens a step)
+    prefill_tokens: Optional[int] = 2048
     gpu_memory_utilization: float = 0.9  # num_slots auto: the share of the GPU's memory the slot pool may fill
     max_queue: int = 64  # requests in flight per replica (running + waiting); over it: 429 + Retry-After
     timeout_s: float = 300.0  # per request; over it: 504 (or an error event in a stream) and the sequence cancelled
