@@ -26,7 +26,7 @@ class ServeConf:
     num_slots: Any = 8  # sequences decoded together per replica, or auto (from GPU memory; GPU only)
     # chunked prefill: prompt tokens admitted per step between decode steps. Admissions are capped at this many
     # prompt tokens a step: at 512, a 4096-token prompt took 8 steps, so a replica could start one long request every
-    # 8 decode steps whatever its free slots (vLLM's online default budget is 2048 tokens a step)
+    # 8 decode steps whatever its free slots
     prefill_tokens: Optional[int] = 2048
     gpu_memory_utilization: float = 0.9  # num_slots auto: the share of the GPU's memory the slot pool may fill
     max_queue: int = 64  # requests in flight per replica (running + waiting); over it: 429 + Retry-After
