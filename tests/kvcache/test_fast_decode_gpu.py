@@ -95,3 +95,32 @@ def test_scheduler_mid_flight_on_cuda():
     for i, row in enumerate(alone):
         assert got[f"r{i}"]["token_ids"] == row["token_ids"], i
         assert (got[f"r{i}"]["kv_bytes"], got[f"r{i}"]["kv_bytes_full"]) == (row["kv_bytes"], row["kv_bytes_full"])
+
+
+def test_decode_steps_and_finishing_rows_do_not_sync_the_host():
+    """The hot loop has no host syncs: once admitted and captured, scheduler steps (graph replay, the lagged
+    snapshot, rows ending at different steps and returned with their kv_bytes, their slots freed) run under
+    torch.cuda.set_sync_debug_mode("error"), which raises on any synchronizing torch call."""
+    from kvstream.kvcache.scheduler import Request, Scheduler
+
+    model = build_model("llama", hidden=256, heads=4, kv_heads=2).cuda()
+    eng = Engine(model, cache=CacheConfig(policy="keyformer", budget=0.5, quant="kivi2", group_size=32, residual=32))
+    eng.eos_token_ids = []  # every row runs to its own max_new_tokens: they end at four different steps
+    ids, mask = padded_batch([70, 100, 85, 110], seed=6)
+    sched = Scheduler(eng, num_slots=4, max_prompt_tokens=110, max_new_tokens=24)
+    for i, (row, m) in enumerate(zip(ids, mask)):
+        sched.add(Request(f"r{i}", row[m.bool()].tolist(), max_new_tokens=10 + 4 * i))
+    got = []
+    for _ in range(5):  # admissions (each prefill reads its lengths once), two eager steps, the capture, a replay
+        got += sched.step()
+    assert sched.runner.graph is not None and not got
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(40):
+            if not sched.has_work():
+                break
+            got += sched.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sorted(r["id"] for r in got) == ["r0", "r1", "r2", "r3"]
+    assert [len(r["token_ids"]) for r in sorted(got, key=lambda r: r["id"])] == [10, 14, 18, 22]
