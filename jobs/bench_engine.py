@@ -36,6 +36,7 @@ import time
 import torch
 
 from kvstream import CacheConfig, Engine
+from kvstream.bench_tables import write_tables
 from kvstream.kernels.bandwidth import copy_bandwidth
 from kvstream.kvcache.models import REFERENCE_SHAPES
 
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
                                       mc.num_hidden_layers, mc.num_key_value_heads,
                                       mc.hidden_size // mc.num_attention_heads))
             print(rows[-1], flush=True)
-            write_tables(rows, a, bw, mc, w_bytes)  # after every config: a run cut short keeps what it measured
+            tables(rows, a, bw, mc, w_bytes)  # after every config: a run cut short keeps what it measured
         except torch.cuda.OutOfMemoryError as e:
             print(f"{name}: out of memory ({str(e).splitlines()[0]})", flush=True)
         torch.cuda.empty_cache()
@@ -390,11 +391,11 @@ def main(argv=None) -> int:
         print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch / --hf-batch",
               file=sys.stderr)
         return 1
-    print(write_tables(rows, a, bw, mc, w_bytes))
+    print(tables(rows, a, bw, mc, w_bytes))
     return 0
 
 
-def write_tables(rows: list[dict], a, bw: float, mc, w_bytes: int) -> str:
+def tables(rows: list[dict], a, bw: float, mc, w_bytes: int) -> str:
     """The CSV (`--out`) and Markdown tables of the configs measured so far, with the ratios to the baselines
     measured in this run; returns the Markdown."""
     import pandas as pd
@@ -410,22 +411,7 @@ def write_tables(rows: list[dict], a, bw: float, mc, w_bytes: int) -> str:
             f"workload={'mix:' + os.path.basename(a.mix) if a.mix else f'{a.prompt}+{a.new}@{a.batch}'}; "
             f"prefill_tokens={a.prefill_tokens}; "
             f"date={datetime.datetime.now(datetime.timezone.utc).isoformat()}")
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(head + "\n")
-        df.to_csv(f, index=False)
-    table = head + "\n\n" + _markdown(df)
-    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
-        f.write(table + "\n")
-    return table
-
-
-def _markdown(df) -> str:
-    cols = list(df.columns)
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
+    return write_tables(a.out, head, df.to_dict("records"))
 
 
 if __name__ == "__main__":

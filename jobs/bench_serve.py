@@ -127,13 +127,6 @@ def summarize(cache: str, c: int, results: list[dict], wall: float) -> dict:
             "kv_ratio": statistics.mean(ratio) if ratio else float("nan"), "wall_s": wall}
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    fmt = (lambda v: f"{v:.3g}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in cols) + " |" for r in rows])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo:tiny-llama", help="model.path (demo:llama2-7b on a GPU)")
@@ -197,17 +190,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"stream={a.stream}; prefill_tokens={a.prefill_tokens if a.prefill_tokens is not None else 'default'}; "
             f"torch={torch.__version__}; ray={ray.__version__}; "
             f"date={datetime.datetime.now(datetime.timezone.utc).isoformat()}")
-    import pandas as pd
+    from kvstream.bench_tables import write_tables
 
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(head + "\n")
-        pd.DataFrame(rows).to_csv(f, index=False)
-    table = markdown(rows)
-    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
-        f.write(head[2:] + "\n\n" + table + "\n")
-    print(head)
-    print(table)
+    print(write_tables(a.out, head, rows))
     return rows
 
 
