@@ -190,3 +190,34 @@ class CacheConfig:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.field_names()}
+
+
+ENGINE_SETTINGS = {"gpu_memory_utilization": 0.9, "max_num_seqs": None, "prefill_tokens": None}  # and defaults
+
+
+def engine_settings(settings: dict | None, where: str = "Engine") -> dict:
+    """The fast path's settings (ENGINE_SETTINGS' keys, defaults filled in), checked; a ValueError names the key.
+
+    gpu_memory_utilization: the share of the GPU's memory the slot pool may fill beside the weights, in (0, 1];
+    max_num_seqs: at most this many sequences decoded together (None: as many as fit; on CPU, every prompt);
+    prefill_tokens: chunked prefill, at most this many prompt tokens admitted per step (None: each prompt whole)."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(ENGINE_SETTINGS))
+    if unknown:
+        raise ValueError(f"{where}: unknown engine setting(s) {unknown}; known: {', '.join(ENGINE_SETTINGS)}")
+    out = ENGINE_SETTINGS | settings
+    for key, value in out.items():
+        problem = setting_problem(key, value)
+        if problem:
+            raise ValueError(f"{where}: {key}={value!r} {problem}")
+    return out
+
+
+def setting_problem(key: str, value) -> str | None:
+    """What is wrong with the value of an engine setting (ENGINE_SETTINGS' keys), or None; the jobs' and Serve's
+    config checks use it too."""
+    if key == "gpu_memory_utilization":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+        return None if ok else "must be a number in (0, 1]"
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    return None if ok else "must be an int >= 1, or None (null in a config file)"

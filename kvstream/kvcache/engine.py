@@ -19,39 +19,11 @@ import torch
 from transformers import StoppingCriteria
 
 from kvstream.kvcache.cache import CompressedCache, check_model_config
-from kvstream.kvcache.config import CacheConfig
+from kvstream.kvcache.config import ENGINE_SETTINGS, CacheConfig, engine_settings
 from kvstream.kvcache.fast_decode import unsupported_reason
 from kvstream.kvcache.models import cache_kwarg, decode_continuation, load_model, max_context
 
 log = logging.getLogger(__name__)
-
-
-ENGINE_SETTINGS = {"gpu_memory_utilization": 0.9, "max_num_seqs": None, "prefill_tokens": None}  # and defaults
-
-
-def engine_settings(settings: dict | None, where: str = "Engine") -> dict:
-    """The fast path's settings (ENGINE_SETTINGS' keys, defaults filled in), checked; a ValueError names the key.
-
-    gpu_memory_utilization: the share of the GPU's memory the slot pool may fill beside the weights, in (0, 1];
-    max_num_seqs: at most this many sequences decoded together (None: as many as fit; on CPU, every prompt);
-    prefill_tokens: chunked prefill, at most this many prompt tokens admitted per step (None: each prompt whole)."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(ENGINE_SETTINGS))
-    if unknown:
-        raise ValueError(f"{where}: unknown engine setting(s) {unknown}; known: {', '.join(ENGINE_SETTINGS)}")
-    out = ENGINE_SETTINGS | settings
-
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    u = out["gpu_memory_utilization"]
-    if not (isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1):
-        raise ValueError(f"{where}: gpu_memory_utilization={u!r} must be a number in (0, 1]")
-    for key in ("max_num_seqs", "prefill_tokens"):
-        v = out[key]
-        if v is not None and not (is_int(v) and v >= 1):
-            raise ValueError(f"{where}: {key}={v!r} must be an int >= 1, or None")
-    return out
 
 
 class Engine:

@@ -135,13 +135,14 @@ class DecodeRunner:
         x = self.inner.norm(x)
         return self.model.lm_head(x[:, -1]).float()  # (B, V)
 
-    def snapshot(self) -> torch.Tensor:
-        """(B, 4) int64 on the device: finished flag, tokens emitted, the last and the one-before-last token of
-        each row (what a host that reads it one step late needs to follow every row's output without a sync: a
-        row gains at most two tokens between two snapshots, its first one and the step's)."""
+    def snapshot(self, *extra: torch.Tensor) -> torch.Tensor:
+        """(B, 4 + len(extra)) int64 on the device: finished flag, tokens emitted, the last and the one-before-last
+        token of each row (what a host that reads it one step late needs to follow every row's output without a
+        sync: a row gains at most two tokens between two snapshots, its first one and the step's), then the caller's
+        `extra` (B, 1) int64 columns, in the same concatenation."""
         g = self.gen_t.view(self.B, 1)
         last = self.tokens.gather(1, torch.cat((g - 1, g - 2), 1).clamp(min=0))  # (B, 2)
-        return torch.cat((self.done.view(self.B, 1).long(), g, last), 1)
+        return torch.cat((self.done.view(self.B, 1).long(), g, last, *extra), 1)
 
     def _step(self) -> None:
         logits = self._forward()

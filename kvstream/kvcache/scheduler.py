@@ -35,6 +35,7 @@ import torch
 
 from kvstream.kvcache.cache import CompressedCache
 from kvstream.kvcache.capacity import slots_that_fit
+from kvstream.kvcache.config import engine_settings
 from kvstream.kvcache.engine import Engine, _check_sampling, _cut_at_eos, _row_seed, _stop_list
 from kvstream.kvcache.fast_decode import DecodeRunner, LaggedFlags
 
@@ -98,6 +99,8 @@ class Scheduler:
         if max_prompt_tokens + max_new_tokens > engine.max_context:
             raise ValueError(f"Scheduler: max_prompt_tokens={max_prompt_tokens} + max_new_tokens={max_new_tokens} "
                              f"exceeds the model's {engine.max_context}-token context")
+        engine_settings(dict(gpu_memory_utilization=gpu_memory_utilization, prefill_tokens=prefill_tokens),
+                        "Scheduler")
         self.engine = engine
         model, dev = engine.model, engine.device
         self.cfg = dataclasses.replace(engine.cache_config, max_new_tokens=max_new_tokens)
@@ -105,9 +108,6 @@ class Scheduler:
         if num_slots == "auto":
             num_slots = slots_that_fit(self.cfg, model, max_prompt_tokens, max_new_tokens, dtype, dev,
                                         gpu_memory_utilization, chunked=prefill_tokens is not None)
-        if prefill_tokens is not None and (not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool)
-                                           or prefill_tokens < 1):
-            raise ValueError(f"Scheduler: prefill_tokens={prefill_tokens!r} must be an int >= 1 or None")
         self.prefill_tokens = prefill_tokens
         self.prefilling: _Admission | None = None  # the chunked admission in progress
         if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
@@ -239,7 +239,7 @@ class Scheduler:
         rest, so a finishing row costs no device read."""
         B, plan = self.num_slots, self.pool.plan
         s_len = self.pool.layers[0].store.s_len.view(B, 1).long()
-        return torch.cat((self.runner.snapshot(), s_len, plan.t_dev.view(B, 1).long()), 1)
+        return self.runner.snapshot(s_len, plan.t_dev.view(B, 1).long())
 
     def _ids(self) -> set[str]:
         ids = {r.id for r, _ in self.waiting} | {s[0].id for s in self.slots if s is not None}

@@ -83,7 +83,7 @@ class RuntimeConf:
 
 
 @dataclass
-class EngineConf:  # the fast path's settings (kvstream.kvcache.engine.engine_settings); rows do not depend on them
+class EngineConf:  # the fast path's settings (kvstream.kvcache.config.engine_settings); rows do not depend on them
     gpu_memory_utilization: float = 0.9  # the share of the GPU's memory the slot pool may fill beside the weights
     max_num_seqs: Optional[int] = None  # at most this many sequences decoded together (null: as many as fit)
     prefill_tokens: Optional[int] = None  # chunked prefill: prompt tokens admitted per decode step (null: whole)
@@ -231,13 +231,11 @@ def validate(cfg: DictConfig) -> None:
          "runtime.batch_size", "must be an int >= 1 or auto (8 in CPU mode, 256 with GPUs)")
     need(r.sort_window >= 0, "runtime.sort_window", "must be >= 0")
     need(r.log_level in LOG_LEVELS, "runtime.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
-    from kvstream.kvcache.engine import engine_settings
+    from kvstream.kvcache.config import setting_problem
 
     for key, value in cfg.engine.items():
-        try:
-            engine_settings({key: value})
-        except ValueError as e:
-            need(False, f"engine.{key}", str(e).split(f"{key}={value!r} ", 1)[-1])
+        problem = setting_problem(key, value)
+        need(problem is None, f"engine.{key}", problem or "")
     need(bool(cfg.output.path), "output.path", "set a local directory or s3:// prefix")
     need(cfg.output.rows_per_file >= 1, "output.rows_per_file", "must be >= 1")
 

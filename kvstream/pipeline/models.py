@@ -138,7 +138,7 @@ def model_context(path: str) -> int:
 
 def build_engine(model_cfg: dict, cache_cfg: Any, device: str | None, settings: dict | None = None):
     """One `kvcache.Engine` for a model spec (called once per generation actor); settings: the fast path's
-    (kvstream.kvcache.engine.engine_settings: gpu_memory_utilization, max_num_seqs, prefill_tokens)."""
+    (kvstream.kvcache.config.engine_settings: gpu_memory_utilization, max_num_seqs, prefill_tokens)."""
     from kvstream.kvcache import Engine
 
     settings = dict(settings or {})

@@ -116,7 +116,7 @@ class KVStreamProcessorConfig:
         need(isinstance(self.should_continue_on_error, bool), "should_continue_on_error", "must be True or False")
         need(isinstance(self.engine_kwargs, dict), "engine_kwargs",
              "must be a dict of engine settings (gpu_memory_utilization, max_num_seqs, prefill_tokens)")
-        from kvstream.kvcache.engine import engine_settings
+        from kvstream.kvcache.config import engine_settings
 
         try:
             self.engine_kwargs = engine_settings(self.engine_kwargs, "KVStreamProcessorConfig.engine_kwargs")

@@ -109,10 +109,11 @@ def validate_serve(cfg: DictConfig) -> None:
                                    and s.num_slots >= 1), "serve.num_slots", "must be an int >= 1 or auto")
     need(s.num_slots != "auto" or s.num_gpus > 0, "serve.num_slots",
          "auto sizes the pool from GPU memory: set serve.num_gpus > 0, or a number of slots in CPU mode")
-    need(s.prefill_tokens is None or (isinstance(s.prefill_tokens, int) and not isinstance(s.prefill_tokens, bool)
-                                      and s.prefill_tokens >= 1), "serve.prefill_tokens",
-         "must be an int >= 1 (prompt tokens per step) or null (each prompt prefilled whole)")
-    need(0 < s.gpu_memory_utilization <= 1, "serve.gpu_memory_utilization", "must be in (0, 1]")
+    from kvstream.kvcache.config import setting_problem
+
+    for key in ("prefill_tokens", "gpu_memory_utilization"):  # checked as the Engine checks them
+        problem = setting_problem(key, s[key])
+        need(problem is None, f"serve.{key}", problem or "")
     need(s.max_queue >= 1, "serve.max_queue", "must be >= 1")
     need(s.timeout_s > 0, "serve.timeout_s", "must be > 0 seconds")
     need(s.num_gpus >= 0, "serve.num_gpus", "must be >= 0 (0 = CPU mode)")
