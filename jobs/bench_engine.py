@@ -28,6 +28,7 @@ line) and a Markdown table beside it, and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -71,6 +72,24 @@ def hf_generate(model, name: str, ids, new: int):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
     return None
+
+
+VARIANT = "@modules"  # a kvstream config + "@modules": the engine drives the transformers modules instead of
+# its compact forward (kvstream.kvcache.forward), for the before / after in one run
+
+
+@contextlib.contextmanager
+def forward_of(name: str):
+    """KVSTREAM_FORWARD for the config `name` while it runs."""
+    old = os.environ.get("KVSTREAM_FORWARD")
+    os.environ["KVSTREAM_FORWARD"] = "modules" if name.endswith(VARIANT) else "compact"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KVSTREAM_FORWARD"]
+        else:
+            os.environ["KVSTREAM_FORWARD"] = old
 
 
 PREFILL_TOKENS: list[int | None] = [None]  # --prefill-tokens: chunked admissions (None: each prompt whole)
@@ -295,7 +314,7 @@ def profile_prefill(model, name: str, prompt: int, path: str, reps: int = 3) -> 
 
     def kv():
         cache = CompressedCache(CacheConfig(**CONFIGS[name], max_new_tokens=256), model.config, seeds=[1])
-        return kv_engine(model, name).prefill(cache, ids, mask)
+        return kv_engine(model, name).prefill(cache, ids)  # unpadded, as the scheduler admits a prompt
 
     def plain():
         return model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
@@ -339,6 +358,10 @@ def main(argv=None) -> int:
     PREFILL_TOKENS[0] = a.prefill_tokens
     configs = [c for c in a.configs.split(",") if c]
     profiled = [p for p in (a.profile + "," + a.profile_prefill).split(",") if p]
+    for c in configs + profiled:  # the @modules variants of kvstream configs
+        base = c[:-len(VARIANT)] if c.endswith(VARIANT) else None
+        if base and CONFIGS.get(base) is not None:
+            CONFIGS[c] = CONFIGS[base]
     bad = [c for c in configs + profiled if c not in CONFIGS]
     if bad:
         ap.error(f"unknown --configs {bad}; valid: {', '.join(CONFIGS)}")
@@ -361,17 +384,18 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cpu").manual_seed(0)
     for name in configs:
         try:
-            if a.mix:
-                rows.append(bench_mix(model, name, lens, news, a.hf_batch, mc.vocab_size, w_bytes))
-            else:
-                B = int(a.batch) if a.batch != "max" else (
-                    a.hf_batch if CONFIGS[name] is None else min(a.batch_cap, max_batch(model, name, a.prompt, a.new)))
-                ids = torch.randint(3, mc.vocab_size, (B, a.prompt), generator=g)
-                rows.append(bench_one(model, name, ids.to(dev), ids.tolist(), a.new, w_bytes, bw,
-                                      mc.num_hidden_layers, mc.num_key_value_heads,
-                                      mc.hidden_size // mc.num_attention_heads))
-            print(rows[-1], flush=True)
-            tables(rows, a, bw, mc, w_bytes)  # after every config: a run cut short keeps what it measured
+            with forward_of(name):
+                if a.mix:
+                    rows.append(bench_mix(model, name, lens, news, a.hf_batch, mc.vocab_size, w_bytes))
+                else:
+                    B = int(a.batch) if a.batch != "max" else a.hf_batch if CONFIGS[name] is None else (
+                        min(a.batch_cap, max_batch(model, name, a.prompt, a.new)))
+                    ids = torch.randint(3, mc.vocab_size, (B, a.prompt), generator=g)
+                    rows.append(bench_one(model, name, ids.to(dev), ids.tolist(), a.new, w_bytes, bw,
+                                          mc.num_hidden_layers, mc.num_key_value_heads,
+                                          mc.hidden_size // mc.num_attention_heads))
+                print(rows[-1], flush=True)
+                tables(rows, a, bw, mc, w_bytes)  # after every config: a run cut short keeps what it measured
         except torch.cuda.OutOfMemoryError as e:
             print(f"{name}: out of memory ({str(e).splitlines()[0]})", flush=True)
         torch.cuda.empty_cache()
@@ -380,12 +404,14 @@ def main(argv=None) -> int:
             ap.error(f"--profile {name}: only kvstream configs are profiled")
         prompts = torch.randint(3, mc.vocab_size, (int(a.batch) if a.batch.isdigit() else 16, a.prompt),
                                 generator=g).tolist()
-        print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
+        with forward_of(name):
+            print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
         torch.cuda.empty_cache()
     for name in [p for p in a.profile_prefill.split(",") if p]:
         if CONFIGS[name] is None:
             ap.error(f"--profile-prefill {name}: only kvstream configs are profiled")
-        print(profile_prefill(model, name, a.prompt, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
+        with forward_of(name):
+            print(profile_prefill(model, name, a.prompt, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
         torch.cuda.empty_cache()
     if not rows:
         print("bench_engine: no config ran (each ran out of memory at this shape); lower --batch / --hf-batch",

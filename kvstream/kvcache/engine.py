@@ -21,6 +21,7 @@ from transformers import StoppingCriteria
 from kvstream.kvcache.cache import CompressedCache, check_model_config
 from kvstream.kvcache.config import ENGINE_SETTINGS, CacheConfig, engine_settings
 from kvstream.kvcache.fast_decode import unsupported_reason
+from kvstream.kvcache.forward import compact_forward
 from kvstream.kvcache.models import cache_kwarg, decode_continuation, load_model, max_context
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,17 @@ class Engine:
             out.append(row)
         return out
 
-    def prefill(self, cache: CompressedCache, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The model's forward over a left-padded batch (B, T) into `cache` -> last-position logits (B, V)."""
+    def prefill(self, cache: CompressedCache, input_ids: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The model's forward over a left-padded batch (B, T) into `cache` -> last-position logits (B, V). mask None:
+        the rows are unpadded, and on the fast path the compact forward (`kvstream.kvcache.forward`) runs it."""
+        fwd = compact_forward(self.model) if self.decode_path == "fast" else None
+        T = input_ids.shape[1]
+        if mask is None and fwd is not None and (fwd.sliding_window() or T) >= T:
+            ids = input_ids.to(self.device)
+            return fwd(ids, torch.arange(T, device=self.device).expand(ids.shape[0], T), cache)
+        if mask is None:
+            mask = torch.ones_like(input_ids)
         ids, m = input_ids.to(self.device), mask.to(self.device)
         pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # what generate passes for a left-padded batch
         out = self.model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -222,6 +232,9 @@ class Engine:
         prefill (`CompressedCache.begin_chunked_prefill`) -> the chunk's last-position logits (B, V)."""
         ids = input_ids.to(self.device)
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        fwd = compact_forward(self.model) if self.decode_path == "fast" else None
+        if fwd is not None:
+            return fwd(ids, pos, cache)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{cache_kwarg(self.model): cache})
         return out.logits[:, -1]

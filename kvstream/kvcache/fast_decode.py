@@ -22,6 +22,7 @@ import logging
 import torch
 
 from kvstream.kvcache.cache import CompressedCache
+from kvstream.kvcache.forward import compact_forward
 from kvstream.kvcache.models import cache_kwarg
 from kvstream.kvcache.sampling import sample
 
@@ -76,6 +77,7 @@ class DecodeRunner:
         self.eos = torch.tensor(eos_ids or [-1], dtype=torch.int64, device=self.device)
         self.pad_id = int(pad_id)
         self.kw = cache_kwarg(self.inner.layers[0])
+        self.fwd = compact_forward(model)  # None: the step drives the transformers modules
         # static buffers: the step reads tok_in and writes tokens / done / gen_t in place
         self.tok_in = torch.zeros(B, dtype=torch.int64, device=self.device)
         self.tokens = torch.full((B, width), self.pad_id, dtype=torch.int64, device=self.device)
@@ -125,8 +127,10 @@ class DecodeRunner:
 
     def _forward(self) -> torch.Tensor:
         B, plan = self.B, self.cache.plan
-        x = self.inner.embed_tokens(self.tok_in.view(B, 1))  # (B, 1, hidden)
         pos = (plan.n_dev + plan.t_dev).view(B, 1)  # (B, 1) the unpadded position of this token
+        if self.fwd is not None:
+            return self.fwd(self.tok_in.view(B, 1), pos, self.cache).float()
+        x = self.inner.embed_tokens(self.tok_in.view(B, 1))  # (B, 1, hidden)
         pe = self.inner.rotary_emb(x, pos)
         for layer in self.inner.layers:
             out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True,

@@ -258,7 +258,7 @@ class Scheduler:
             t0 = time.perf_counter()
             one = self._cache_for(req, ids)
             row = torch.tensor([ids], dtype=torch.long)
-            self._start(b, req, ids, one, self.engine.prefill(one, row, torch.ones_like(row)), t0)
+            self._start(b, req, ids, one, self.engine.prefill(one, row), t0)
 
     def _admit_chunked(self) -> None:
         """At most `prefill_tokens` prompt tokens this step: the admission in progress goes on, and when it ends

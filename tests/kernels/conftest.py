@@ -21,7 +21,7 @@ if not ON_GPU:
                   "kvstream.kernels.evict_write", "kvstream.kernels.kivi_residual", "kvstream.kernels.decode_kivi",
                   "kvstream.kernels.decode_kivi_cc", "kvstream.kernels.decode_kivi_gqa",
                   "kvstream.kernels.decode_attention",
-                  "kvstream.kernels.prefill_scores"):  # dependency order
+                  "kvstream.kernels.prefill_scores", "kvstream.kernels.fused_layer"):  # dependency order
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
