@@ -16,16 +16,27 @@ from kvstream.kernels import fused_layer_ref as ref
 from kvstream.kernels.fused_layer import add_rms_norm, rope, silu_mul
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, exact_share: float = 0.98) -> None:
-    """fp32: within 1e-5 relative; bf16 / fp16: within one unit in the last place, and nearly all bit-identical."""
+def _close(got: torch.Tensor, want: torch.Tensor, exact_share: float = 0.98, scale: torch.Tensor | None = None
+           ) -> None:
+    """fp32: within 1e-5 relative; bf16 / fp16: within one unit in the last place of the result (or of `scale`, the
+    size of the terms a result is the difference of), and nearly all bit-identical."""
     assert got.shape == want.shape and got.dtype == want.dtype
     g, w = got.float(), want.float()
     if got.dtype == torch.float32:
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         return
-    ulp = torch.finfo(got.dtype).eps * w.abs().clamp(min=torch.finfo(got.dtype).tiny)
+    size = w.abs() if scale is None else torch.maximum(w.abs(), scale.float())
+    ulp = torch.finfo(got.dtype).eps * size.clamp(min=torch.finfo(got.dtype).tiny)
     assert ((g - w).abs() <= ulp * 1.01 + 1e-30).all(), (g - w).abs().max()
-    assert (g == w).float().mean() >= exact_share
+    assert (g == w).float().mean() >= exact_share, (g == w).float().mean()
+
+
+def _rope_terms(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """|x * cos| + |rotate_half(x) * sin| per element: RoPE's result is their sum, rounded twice on the way (a GPU
+    compile may keep the products unrounded: one rounding of a cancelling sum is then the difference)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((x[..., half:], x[..., :half]), -1).float()
+    return (x.float() * cos.unsqueeze(2).float()).abs() + (rot * sin.unsqueeze(2).float()).abs()
 
 
 @pytest.mark.parametrize("rows,N,dtype", [(1, 48, torch.float32), (5, 200, torch.bfloat16), (3, 64, torch.float16),
@@ -62,8 +73,8 @@ def test_rope_matches_reference_on_a_fused_projection(B, T, HQ, HK, D, dtype, de
     before = qkv.clone()
     gq, gk, gv = rope(q, k, cos, sin, v)
     wq, wk, wv = ref.rope(q, k, cos, sin, v)
-    _close(gq, wq)
-    _close(gk, wk)
+    _close(gq, wq, exact_share=0.75, scale=_rope_terms(q, cos, sin))
+    _close(gk, wk, exact_share=0.75, scale=_rope_terms(k, cos, sin))
     assert torch.equal(gv, wv) and gv.is_contiguous() and gq.is_contiguous() and gk.is_contiguous()
     assert torch.equal(qkv, before)  # the inputs are read, not written
     assert rope(q, k, cos, sin)[2] is None
