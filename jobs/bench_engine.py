@@ -235,7 +235,7 @@ def bench_mix(model, name, lens, news, hf_batch, vocab, w_bytes) -> dict:
                 peak_gib_above_weights=(torch.cuda.max_memory_allocated() - w_bytes) / 2**30)
 
 
-def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: int = 3) -> str:
+def profile_step(model, name: str, prompts: list[list[int]], path: str, new: int, steps: int = 3) -> str:
     """GPU kernel time of `steps` eager decode steps of a kvstream config (torch.profiler), by kernel, to `path`.
 
     Eager and graph-replayed steps run the same kernels; the sum here against the graph step's measured time
@@ -245,7 +245,7 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, steps: i
     from kvstream.kvcache.scheduler import Request, Scheduler
 
     eng = kv_engine(model, name)
-    width = 4 * steps + 16
+    width = max(new, 4 * steps + 16)  # the pool of the measured runs (its slot capacities follow max_new_tokens)
     sched = Scheduler(eng, len(prompts), len(prompts[0]), width)
     runner = sched.runner
     graph_ok = runner.use_graph
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
         prompts = torch.randint(3, mc.vocab_size, (int(a.batch) if a.batch.isdigit() else 16, a.prompt),
                                 generator=g).tolist()
         with forward_of(name):
-            print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md"), flush=True)
+            print(profile_step(model, name, prompts, os.path.splitext(a.out)[0] + "_profile.md", a.new), flush=True)
         torch.cuda.empty_cache()
     for name in [p for p in a.profile_prefill.split(",") if p]:
         if CONFIGS[name] is None:
