@@ -319,7 +319,7 @@ class CompressedCache(Cache):
 
     def release_slot(self, b: int) -> None:
         """Slot b holds no sequence: its writes stop (the step still runs over it, its output unused)."""
-        self.plan.active[b] = False
+        self.plan.active[b:b + 1].fill_(False)  # a slice fill_: no sync (t[b] = False does one)
 
     # ---- the fast decode path (kvstream.kvcache.fast_decode) -------------------------------------------------
     def capture_blocker(self) -> str | None:

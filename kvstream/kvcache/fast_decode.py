@@ -115,12 +115,17 @@ class DecodeRunner:
         if not 1 <= max_new_tokens <= self.width:
             raise ValueError(f"start_row: max_new_tokens={max_new_tokens} must be in [1, {self.width}]")
         r = slice(b, b + 1)
-        self.max_new[b], self.temperature[b], self.top_p[b] = max_new_tokens, temperature, top_p
+        # slice fills with Python values: assigning one to an element of a CUDA tensor (t[b] = v) synchronizes the
+        # host with the GPU (torch through 2.11 at least), and a slot is refilled while the others decode
+        self.max_new[r].fill_(max_new_tokens)
+        self.temperature[r].fill_(temperature)
+        self.top_p[r].fill_(top_p)
         self.tokens[b].fill_(self.pad_id)
-        self.gen_t[b], self.done[b] = 0, False
+        self.gen_t[r].fill_(0)
+        self.done[r].fill_(False)
         tok = sample(logits.float(), self.temperature[r], self.top_p[r], self.seeds[r], self.gen_t[r])
         self.tokens[b, 0] = tok[0]
-        self.gen_t[b] = 1
+        self.gen_t[r].fill_(1)
         self.done[r] = torch.isin(tok, self.eos) | (max_new_tokens <= 1)
         self.cache.plan.active[r] &= ~self.done[r]
         self.tok_in[r] = torch.where(self.done[r], self.pad_id, tok)

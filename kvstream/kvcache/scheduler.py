@@ -355,5 +355,5 @@ class Scheduler:
     def _free(self, b: int) -> None:
         self.slots[b] = None
         self.pool.release_slot(b)
-        self.runner.done[b] = True
+        self.runner.done[b:b + 1].fill_(True)  # a slice fill_: no sync (t[b] = True does one)
 

@@ -109,8 +109,8 @@ class SeqPlan:
             getattr(self, name)[b] = getattr(src, name)[sb]
         self.tau_table[b] = src.tau_table[sb, -1]  # steps past the schedule's end keep its last tau
         self.tau_table[b, : src.tau_table.shape[1]] = src.tau_table[sb]
-        self.t_dev[b] = 0
-        self.active[b] = True
+        self.t_dev[b:b + 1].fill_(0)  # slice fills: item assignment would sync
+        self.active[b:b + 1].fill_(True)
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-sequence device tensors every layer shares (counted once by the cache's stats)."""
