@@ -278,8 +278,19 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, new: int
                     runner.step()
                 torch.cuda.synchronize()
             _, gtotal, glaunch = _by_kernel(gprof, steps)
+            # the same replay inside the scheduler's loop (snapshot, lagged flags, collection), as Engine.generate
+            # runs it: GPU time between events around the loop's steps, and the host's CPU time per step
+            torch.cuda.synchronize()
+            cpu0 = time.process_time()
+            ev[0].record()
+            for _ in range(steps):
+                sched.step()
+            ev[1].record()
+            torch.cuda.synchronize()
+            loop_ms, loop_cpu = ev[0].elapsed_time(ev[1]) / steps, 1e3 * (time.process_time() - cpu0) / steps
             graph_note = (f"; graph replay {replay_ms:.2f} ms / step (kernels seen in the replay: {gtotal:.2f} ms, "
-                          f"{glaunch} launches)")
+                          f"{glaunch} launches); a scheduler step around it {loop_ms:.2f} ms, host CPU "
+                          f"{loop_cpu:.2f} ms")
     return _append_table(path, f"## {name} at batch {len(prompts)}: GPU kernel time per eager decode step "
                                f"{total:.2f} ms, {launches} launches{graph_note}",
                          "| kernel | ms / step | launches / step |", rows[:25])

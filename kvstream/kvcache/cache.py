@@ -253,7 +253,7 @@ class CompressedCache(Cache):
         """Whether this prefill can take H2O's row normalizer from the attention (see `attention_with_lse`)."""
         return (self.backend == "triton" and self.policy.scored and not self.policy.noisy and self.cfg.tau_init == 1.0
                 and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and min(self.plan.n) == T
-                and getattr(module, "sliding_window", None) is None and query.shape[-1] % 8 == 0
+                and (attention_window(module) or T) >= T and query.shape[-1] % 8 == 0
                 and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
                 and (torch.backends.cuda.flash_sdp_enabled() or _use_cudnn(query.device)))
 
@@ -424,6 +424,14 @@ def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor,
         return None
     res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
     return res[0].transpose(1, 2).contiguous(), res[1]
+
+
+def attention_window(module) -> int | None:
+    """The sliding window a transformers attention module attends within (None: the whole prefix). Qwen2 / Qwen3
+    set it per layer on the module; Mistral's modules read it from their config."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window or None
+    return getattr(getattr(module, "config", None), "sliding_window", None) or None
 
 
 def padding_valid(attention_mask, B: int, T: int, device) -> torch.Tensor:

@@ -154,8 +154,9 @@ class CompactForward:
 
     def sliding_window(self) -> int | None:
         """The smallest attention window of any layer (None: every layer attends to the whole prompt)."""
-        wins = [getattr(layer.attn, "sliding_window", None) for layer in self.layers]
-        wins = [w for w in wins if w]
+        from kvstream.kvcache.cache import attention_window
+
+        wins = [w for w in (attention_window(layer.attn) for layer in self.layers) if w]
         return min(wins) if wins else None
 
     # ---- ops: fused on CUDA, the references elsewhere ---------------------------------------------------------

@@ -107,3 +107,41 @@ def test_engine_rows_are_the_same_through_the_compact_forward_and_the_modules(mo
             out[mode, pt] = [r["token_ids"] for r in eng.generate(prompts, max_new_tokens=9)]
     assert out["compact", None] == out["modules", None]
     assert out["compact", 16] == out["modules", 16]
+
+
+def test_llama_biases_and_a_sliding_window_prefill():
+    """Llama's attention_bias / mlp_bias go into the concatenated projections; a Mistral prompt longer than its
+    sliding window is prefilled through the modules (their mask has the window), shorter ones compactly, and the
+    engine's rows are the same either way."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa")
+    model = LlamaForCausalLM(LlamaConfig(attention_bias=True, mlp_bias=True, **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p.abs().sum() == 0:  # the zero-initialized biases
+                p.normal_(0, 0.3)
+    ids = torch.randint(3, 128, (1, 19))
+    cfg = CacheConfig(max_new_tokens=4, policy="full")
+    with torch.inference_mode():
+        want = _module_prefill(model, ids, CompressedCache(cfg, model.config))
+        fwd = compact_forward(model)
+        assert fwd.layers[0].bgu is not None and fwd.layers[0].bd is not None and fwd.layers[0].bo is not None
+        got = fwd(ids, torch.arange(19).expand_as(ids), CompressedCache(cfg, model.config))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model.config._attn_implementation = "sdpa"
+
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=16, **kw)).eval()
+    assert compact_forward(mistral).sliding_window() == 16
+    eng = Engine(mistral, cache=dict(policy="full"))
+    calls = []
+    real = CompactForward.__call__
+    CompactForward.__call__ = lambda self, *a: calls.append(a[0].shape[1]) or real(self, *a)
+    try:
+        long_rows = eng.generate([[5 + i % 100 for i in range(30)], [7, 8, 9]], max_new_tokens=3)
+    finally:
+        CompactForward.__call__ = real
+    assert 30 not in calls and 3 in calls  # the 30-token prompt went through the modules, the 3-token one did not
+    assert [r["num_generated_tokens"] for r in long_rows] == [3, 3]
