@@ -136,6 +136,7 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
         _, total_s, cpu_s = timed(lambda: gen(new))
         rows, eng, steps = None, None, new - 1
         step_ms = 1e3 * (total_s - prefill_s) / steps
+        median_ms = max_ms = float("nan")  # one generate call: no per-step times
     else:
         timed(lambda: kv_generate(model, name, prompts[:2], 4))  # Triton compiles
         torch.cuda.reset_peak_memory_stats()
@@ -143,6 +144,7 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
         t = eng.last_timing
         warm_s, prefill_s, steps = total_s, t["prefill_s"], t["decode_steps"]
         step_ms = 1e3 * t["decode_s"] / steps
+        median_ms, max_ms = t["decode_ms_median"], t["decode_ms_max"]  # the typical step; the slowest (the capture)
     peak = torch.cuda.max_memory_allocated() - w_bytes
     full_bytes = 2 * layers * kv_heads * head_dim * 2 * B * (T + new - 1)
     kv = full_bytes if rows is None else sum(r["kv_bytes"] for r in rows)
@@ -151,6 +153,7 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
     return dict(config=name, batch=B, concurrent=B if eng is None else eng.last_num_slots, prompt=T, new=new,
                 tokens_per_s=B * new / total_s, docs_per_s=B / total_s, total_s=total_s, prefill_s=prefill_s,
                 decode_step_ms=step_ms, roofline_step_ms=roof_ms, step_vs_roofline=step_ms / roof_ms,
+                step_ms_median=median_ms, step_ms_max=max_ms,
                 cpu_ms_per_step=1e3 * cpu_s / steps, gpu_ms_per_step=step_ms,
                 graph="-" if eng is None else "yes" if eng.last_graph else "no",
                 compile_s=max(0.0, warm_s - total_s), kv_bytes_ratio=kv / kv_full,

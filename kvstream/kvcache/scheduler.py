@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -209,10 +210,17 @@ class Scheduler:
         if self._events is None:
             raise ValueError("Scheduler.timing: build the Scheduler with timing=True")
         out = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+        steps = []
         for phase, a, b in self._events:
             b.synchronize()
-            out[f"{phase}_s"] += a.elapsed_time(b) / 1e3
-            out["decode_steps"] += phase == "decode"
+            ms = a.elapsed_time(b)
+            out[f"{phase}_s"] += ms / 1e3
+            if phase == "decode":
+                steps.append(ms)
+        out["decode_steps"] = len(steps)
+        # the typical step apart from the eager warm-up steps and the capture (and any stall): median and slowest
+        out["decode_ms_median"] = statistics.median(steps) if steps else 0.0
+        out["decode_ms_max"] = max(steps, default=0.0)
         return out
 
     def _timed(self, phase: str, fn) -> None:
