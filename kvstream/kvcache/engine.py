@@ -61,6 +61,8 @@ class Engine:
             pad = model.generation_config.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
         self.decode_path = self._decode_path()
+        if self.decode_path == "fast":  # the weights concatenated now, before the slot pool is sized from free memory
+            compact_forward(model)
         self.last_graph: bool | None = None  # whether the last fast decode ran as CUDA-graph replays
         self.last_num_slots: int | None = None  # sequences the last fast generate decoded together
         self.gpu_memory_utilization: float = settings["gpu_memory_utilization"]  # what the slot pool may fill

@@ -74,6 +74,8 @@ def compact_forward(model) -> "CompactForward | None":
     if os.environ.get("KVSTREAM_FORWARD", "compact") == "modules":
         return None
     fwd = getattr(model, _ATTR, None)
+    if isinstance(fwd, CompactForward) and not fwd.current():  # the model moved or changed dtype since: again
+        fwd = None
     if fwd is None:
         reason = compact_reason(model)
         if reason is None:
@@ -151,6 +153,13 @@ class CompactForward:
                 d=d, inter=m.gate_proj.out_features))
         self.device = self.norm_w.device
         self.fused = self.device.type == "cuda" and _triton_available()
+
+    def current(self) -> bool:
+        """Whether the model's weights are still the ones this forward holds (`model.to(...)` replaces them)."""
+        first = self.layers[0]
+        return (self.norm_w is self.model.model.norm.weight
+                and first.attn.q_proj.weight.data_ptr() == first.wqkv.data_ptr()
+                and self.layers[-1].attn.o_proj.weight is self.layers[-1].wo)
 
     def sliding_window(self) -> int | None:
         """The smallest attention window of any layer (None: every layer attends to the whole prompt)."""

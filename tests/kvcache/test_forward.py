@@ -71,6 +71,15 @@ def test_concatenated_weights_leave_the_model_as_it_was():
     a = model.model.layers[0].self_attn
     assert a.k_proj.weight.data_ptr() == fwd.layers[0].wqkv[a.q_proj.out_features:].data_ptr()  # a view, not a copy
     assert compact_forward(model) is fwd  # built once per model
+    model.to(torch.float64)  # new weight tensors: the forward is built again over them
+    again = compact_forward(model)
+    assert again is not fwd and again.layers[0].wqkv.dtype == torch.float64
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        cache = CompressedCache(CacheConfig(max_new_tokens=2), model.config)
+        got = again(ids, torch.arange(11).view(1, 11), cache)
+    torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-9)
+    model.config._attn_implementation = "sdpa"
 
 
 def test_models_the_compact_forward_does_not_take_say_why_and_still_generate(monkeypatch):
