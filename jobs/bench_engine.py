@@ -11,7 +11,8 @@ the values) generates greedily from random prompts, every row to `--new` tokens 
 - hf-static: transformers `generate` with `cache_implementation="static"` (its forward compiled by transformers;
   the first call's extra time is reported apart as compile_s);
 - kvstream configs through `Engine.generate` (the fast decode path: CUDA-graph captured where the cache's step
-  is capturable, else eager; the `graph` column says which).
+  is capturable, else eager; the `graph` column says which), with the engine's compact forward; a config +
+  `@modules` (e.g. `full@modules`) runs the same engine through the transformers modules (before / after in one run).
 `--batch max`: each kvstream config decodes as many sequences as its slot pool fits in 90% of the GPU memory beside
 the weights (kvstream.kvcache.capacity: a smaller cache is a bigger batch); the baselines run at `--hf-batch`.
 kvstream's prefill and decode times are GPU time from CUDA events around each scheduler phase of the measured call;
