@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvstream.kvcache.backend import ops, resolve_backend
 from kvstream.kvcache.config import CacheConfig
 from kvstream.kvcache.policies import get_policy
-from kvstream.kvcache.storage import LayerStore, SeqPlan
+from kvstream.kvcache.storage import LayerStore, SeqPlan, to_device
 
 log = logging.getLogger(__name__)
 ATTN_NAME = "kvstream"
@@ -159,7 +159,8 @@ class CompressedCache(Cache):
         valid = padding_valid(attention_mask, B, T, key.device)
         if self.plan is None:
             self.backend = self._resolve_backend(key.device)
-            self.plan = self._make_plan(valid)
+            # no mask: unpadded rows (the engine's admissions), whose lengths the host knows without a device read
+            self.plan = self._plan_for([T] * B, key.device, None) if attention_mask is None else self._make_plan(valid)
         # H2O on an unpadded batch: the fused attention SDPA would run anyway, asked for its row log-sum-exp, which
         # is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
         res = attention_with_lse(query, key, value, scaling) if self._lse_prefill(module, query, T) else None
@@ -284,7 +285,7 @@ class CompressedCache(Cache):
             seeds = [(self.cfg.seed * 1_000_003 + b) & 0x7FFFFFFF for b in range(B)]
         taus = [self.cfg.tau(s) for s in range((self.cfg.max_new_tokens or 128) + 1)] if self.policy.noisy else None
         return SeqPlan(n=n, k=k, w=w, cap=cap, order=order, max_new=self.cfg.max_new_tokens,
-                       seeds=torch.tensor(seeds, dtype=torch.int64, device=device), taus=taus)
+                       seeds=to_device(seeds, torch.int64, torch.device(device)), taus=taus)
 
     @classmethod
     def pool(cls, cfg: CacheConfig, model_config, num_slots: int, max_prompt_tokens: int, dtype: torch.dtype,
