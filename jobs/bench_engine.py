@@ -9,7 +9,8 @@ A Llama-2-7B-shaped model (or `--shape llama3-8b`: 8 KV heads) with random bf16 
 the values) generates greedily from random prompts, every row to `--new` tokens (no EOS). Rows:
 - hf-dynamic: transformers `generate` with its DynamicCache and SDPA;
 - hf-static: transformers `generate` with `cache_implementation="static"` (its forward compiled by transformers;
-  the first call's extra time is reported apart as compile_s);
+  the first call's extra time is reported apart as compile_s; for kvstream configs compile_s is the warm-up call:
+  two of the prompts through a scheduler of the measured call's shapes, which compiles its Triton kernels);
 - kvstream configs through `Engine.generate` (the fast decode path: CUDA-graph captured where the cache's step
   is capturable, else eager; the `graph` column says which), with the engine's compact forward; a config +
   `@modules` (e.g. `full@modules`) runs the same engine through the transformers modules (before / after in one run).
@@ -110,6 +111,23 @@ def kv_generate(model, name: str, prompts: list[list[int]], new: int):
     return rows, eng
 
 
+def warm_up(model, name: str, prompts: list[list[int]], new: int) -> None:
+    """Every kernel of the measured call compiled (Triton specializes on sizes and strides) before it is timed: a
+    scheduler of the call's own shapes (its slot count, longest prompt and max_new_tokens: `Engine.scheduler`)
+    through two of its prompts for a few steps (eager steps, the capture, replays)."""
+    from kvstream.kvcache.scheduler import Request
+
+    eng = kv_engine(model, name)
+    sched = eng.scheduler(len(prompts), max(len(p) for p in prompts), new)
+    for i, p in enumerate(prompts[:2]):
+        sched.add(Request(str(i), p, max_new_tokens=min(new, 8)))
+    with torch.inference_mode():
+        while sched.has_work():
+            sched.step()
+    del sched
+    torch.cuda.empty_cache()
+
+
 def max_batch(model, name: str, prompt: int, new: int) -> int:
     """The sequences a kvstream config's slot pool holds beside the weights (what Engine.generate would use)."""
     from kvstream.kvcache.capacity import slots_that_fit
@@ -139,11 +157,11 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
         step_ms = 1e3 * (total_s - prefill_s) / steps
         median_ms = max_ms = float("nan")  # one generate call: no per-step times
     else:
-        timed(lambda: kv_generate(model, name, prompts[:2], 4))  # Triton compiles
+        warm_s = timed(lambda: warm_up(model, name, prompts, new))[1]  # Triton compiles at the call's shapes
         torch.cuda.reset_peak_memory_stats()
         (rows, eng), total_s, cpu_s = timed(lambda: kv_generate(model, name, prompts, new))
         t = eng.last_timing
-        warm_s, prefill_s, steps = total_s, t["prefill_s"], t["decode_steps"]
+        prefill_s, steps = t["prefill_s"], t["decode_steps"]
         step_ms = 1e3 * t["decode_s"] / steps
         median_ms, max_ms = t["decode_ms_median"], t["decode_ms_max"]  # the typical step; the slowest (the capture)
     peak = torch.cuda.max_memory_allocated() - w_bytes
@@ -157,7 +175,7 @@ def bench_one(model, name, ids, prompts, new, w_bytes, bw, layers, kv_heads, hea
                 step_ms_median=median_ms, step_ms_max=max_ms,
                 cpu_ms_per_step=1e3 * cpu_s / steps, gpu_ms_per_step=step_ms,
                 graph="-" if eng is None else "yes" if eng.last_graph else "no",
-                compile_s=max(0.0, warm_s - total_s), kv_bytes_ratio=kv / kv_full,
+                compile_s=max(0.0, warm_s - total_s) if eng is None else warm_s, kv_bytes_ratio=kv / kv_full,
                 peak_gib_above_weights=peak / 2**30)
 
 
@@ -188,7 +206,7 @@ def bench_mix(model, name, lens, news, hf_batch, vocab, w_bytes) -> dict:
         from kvstream.kvcache.scheduler import Request, Scheduler
 
         eng = kv_engine(model, name)
-        eng.generate(prompts[:2], max_new_tokens=4)  # Triton compiles
+        compile_s = timed(lambda: warm_up(model, name, prompts, max(news)))[1]  # Triton compiles at the run's shapes
 
         def run():
             sched = Scheduler(eng, "auto", max(lens), max(news), timing=True, prefill_tokens=eng.prefill_tokens)
@@ -204,7 +222,6 @@ def bench_mix(model, name, lens, news, hf_batch, vocab, w_bytes) -> dict:
         sched, total_s, cpu_s = timed(run)
         t = sched.timing()
         conc, prefill_s, steps, decode_s = sched.num_slots, t["prefill_s"], t["decode_steps"], t["decode_s"]
-        compile_s = 0.0
     else:
         from transformers import StaticCache
 

@@ -175,25 +175,32 @@ class Engine:
             })
         return rows
 
-    def _generate_scheduled(self, ids, max_new_tokens, temperature, top_p, stops, seed) -> list[dict]:
-        """The fast path: every prompt a request of one continuous-batching Scheduler whose pool holds as many
-        sequences as fit (on CUDA: `num_slots="auto"` from the memory left beside the weights; on CPU: all), and
-        at most max_num_seqs, so a batch larger than memory streams through the slots instead of failing."""
-        from kvstream.kvcache.scheduler import Request, Scheduler
+    def scheduler(self, num_prompts: int, longest: int, max_new_tokens: int):
+        """The Scheduler `generate` runs for a call of `num_prompts` prompts of at most `longest` tokens: as many
+        slots as fit (on CUDA: from the memory left beside the weights; on CPU: one a prompt), at most
+        max_num_seqs and num_prompts. (Benchmarks warm a call's kernels up on the same shapes through it.)"""
+        from kvstream.kvcache.scheduler import Scheduler
 
-        longest = max(len(x) for x in ids)
         if self.device.type == "cuda":
             from kvstream.kvcache.capacity import slots_that_fit
 
             cfg = dataclasses.replace(self.cache_config, max_new_tokens=max_new_tokens)
             dtype = next(self.model.parameters()).dtype
-            slots = min(len(ids), slots_that_fit(cfg, self.model, longest, max_new_tokens, dtype, self.device,
-                                                 self.gpu_memory_utilization, self.prefill_tokens is not None))
+            slots = min(num_prompts, slots_that_fit(cfg, self.model, longest, max_new_tokens, dtype, self.device,
+                                                    self.gpu_memory_utilization, self.prefill_tokens is not None))
         else:
-            slots = len(ids)
+            slots = num_prompts
         slots = min(slots, self.max_num_seqs or slots)
-        sched = Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,
-                          timing=self.record_timing, prefill_tokens=self.prefill_tokens)
+        return Scheduler(self, slots, longest, max_new_tokens, gpu_memory_utilization=self.gpu_memory_utilization,
+                         timing=self.record_timing, prefill_tokens=self.prefill_tokens)
+
+    def _generate_scheduled(self, ids, max_new_tokens, temperature, top_p, stops, seed) -> list[dict]:
+        """The fast path: every prompt a request of one continuous-batching Scheduler whose pool holds as many
+        sequences as fit (on CUDA: `num_slots="auto"` from the memory left beside the weights; on CPU: all), and
+        at most max_num_seqs, so a batch larger than memory streams through the slots instead of failing."""
+        from kvstream.kvcache.scheduler import Request
+
+        sched = self.scheduler(len(ids), max(len(x) for x in ids), max_new_tokens)
         for i, x in enumerate(ids):
             sched.add(Request(str(i), x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               stop=stops, seed=seed))
@@ -203,7 +210,7 @@ class Engine:
                 rows[row.pop("id")] = row
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.last_graph, self.last_num_slots = sched.runner.use_graph, slots
+        self.last_graph, self.last_num_slots = sched.runner.use_graph, sched.num_slots
         self.last_timing = sched.timing() if self.record_timing else None
         out = []
         for i in range(len(ids)):

@@ -352,3 +352,15 @@ def test_engine_settings_cap_the_pool_and_chunk_the_prefill_without_changing_row
 def test_bad_engine_settings_are_refused_before_the_weights_load(settings, named):
     with pytest.raises(ValueError, match=named):
         Engine.from_pretrained("/nonexistent/model/dir", cache=CacheConfig(), **settings)
+
+
+def test_engine_scheduler_is_the_one_generate_runs():
+    """Engine.scheduler(num_prompts, longest, max_new_tokens): on the CPU one slot a prompt, at most max_num_seqs, and
+    a pool sized for the longest prompt and max_new_tokens (what generate, and the benchmarks' warm-up, build)."""
+    eng = engine(dict(policy="full"))
+    s = eng.scheduler(5, 40, 12)
+    assert s.num_slots == 5 and s.max_prompt == 40 and s.max_new == 12
+    eng.max_num_seqs = 2
+    assert eng.scheduler(5, 40, 12).num_slots == 2
+    eng.generate([[5, 6, 7]] * 3, max_new_tokens=4)
+    assert eng.last_num_slots == 2
