@@ -229,7 +229,7 @@ class LayerStore:
             ring = pos % (w + 1)
             self.win_k[b, :, ring], self.win_v[b, :, ring] = kc[b, :, m:n], vc[b, :, m:n]
             self.win_pos[b, ring] = pos.to(torch.int32)
-            self.win_lo[b] = m
+            self.win_lo[b:b + 1].fill_(m)  # a slice fill: t[b] = m would sync
             if sc is not None:
                 self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
         if self.quant == "fp8":  # the scales come from the whole prompt (the window's tokens enter S later)
@@ -253,7 +253,7 @@ class LayerStore:
             pos = torch.arange(max(0, n - R), n, device=dev)
             self.win_k[b, :, pos % R], self.win_v[b, :, pos % R] = kc[b, :, pos], vc[b, :, pos]
             self.win_pos[b, pos % R] = pos.to(torch.int32)
-            self.win_lo[b] = nq_k
+            self.win_lo[b:b + 1].fill_(nq_k)
         self.kept.encode_all(ks, vs, k_valid)
         self._set_lengths(s_cnt, sv_cnt)
 

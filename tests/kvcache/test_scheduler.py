@@ -364,3 +364,32 @@ def test_engine_scheduler_is_the_one_generate_runs():
     assert eng.scheduler(5, 40, 12).num_slots == 2
     eng.generate([[5, 6, 7]] * 3, max_new_tokens=4)
     assert eng.last_num_slots == 2
+
+
+@pytest.mark.parametrize("cache", [dict(policy="keyformer", budget=0.5, quant="kivi2"), dict(policy="full", quant="kivi2"),
+                                   dict(policy="h2o", budget=0.5)])
+def test_no_python_value_is_assigned_to_a_tensor_element_in_the_loop(cache, monkeypatch):
+    """`t[b] = value` with a Python value copies it to the device and synchronizes on CUDA (pytorch/pytorch#188267),
+    which the hot loop must not do (tests/kvcache/test_fast_decode_gpu.py checks the whole loop under
+    torch.cuda.set_sync_debug_mode on a GPU; this catches that kind on the CPU): admissions mid-flight, decode
+    steps, rows ending and their slots refilled, with every Tensor.__setitem__ of a Python number onto one element
+    recorded."""
+    eng = engine(cache)
+    eng.eos_token_ids = []
+    sched = Scheduler(eng, num_slots=2, max_prompt_tokens=40, max_new_tokens=12)
+    for i, n in enumerate([30, 17, 40, 9]):
+        sched.add(Request(f"r{i}", [3 + (i * 5 + j) % 120 for j in range(n)], max_new_tokens=4 + 2 * i))
+    seen = []
+    real = torch.Tensor.__setitem__
+
+    def spy(self, index, value):
+        idx = index if isinstance(index, tuple) else (index,)
+        if isinstance(value, (bool, int, float)) and all(isinstance(i, int) for i in idx) and len(idx) == self.dim():
+            seen.append((tuple(self.shape), index, value))
+        return real(self, index, value)
+
+    monkeypatch.setattr(torch.Tensor, "__setitem__", spy)
+    rows = drain(sched)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", real)
+    assert sorted(rows) == ["r0", "r1", "r2", "r3"]
+    assert seen == []
