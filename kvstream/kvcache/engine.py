@@ -226,7 +226,7 @@ class Engine:
         fwd = compact_forward(self.model) if self.decode_path == "fast" else None
         T = input_ids.shape[1]
         if mask is None and fwd is not None and (fwd.sliding_window() or T) >= T:
-            ids = input_ids.to(self.device)
+            ids = self._ids_to_device(input_ids)
             return fwd(ids, torch.arange(T, device=self.device).expand(ids.shape[0], T), cache)
         if mask is None:
             mask = torch.ones_like(input_ids)
@@ -239,7 +239,7 @@ class Engine:
     def prefill_chunk(self, cache: CompressedCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         """One chunk of an unpadded prompt (B, c) at positions start .. start + c - 1 into a cache in chunked
         prefill (`CompressedCache.begin_chunked_prefill`) -> the chunk's last-position logits (B, V)."""
-        ids = input_ids.to(self.device)
+        ids = self._ids_to_device(input_ids)
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
         fwd = compact_forward(self.model) if self.decode_path == "fast" else None
         if fwd is not None:
@@ -247,6 +247,13 @@ class Engine:
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{cache_kwarg(self.model): cache})
         return out.logits[:, -1]
+
+    def _ids_to_device(self, ids: torch.Tensor) -> torch.Tensor:
+        """Prompt ids onto the engine's device without a host sync on CUDA (pinned staging, non-blocking copy: a
+        copy from pageable memory waits for the GPU, and an admission happens while other sequences decode)."""
+        if self.device.type == "cuda" and ids.device.type == "cpu":
+            return ids.pin_memory().to(self.device, non_blocking=True)
+        return ids.to(self.device)
 
     def _decode_hf(self, cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
         """transformers' generate over the CompressedCache (the reference path)."""
