@@ -30,11 +30,11 @@ line) and a Markdown table beside it, and prints the table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -80,18 +80,9 @@ VARIANT = "@modules"  # a kvstream config + "@modules": the engine drives the tr
 # its compact forward (kvstream.kvcache.forward), for the before / after in one run
 
 
-@contextlib.contextmanager
 def forward_of(name: str):
-    """KVSTREAM_FORWARD for the config `name` while it runs."""
-    old = os.environ.get("KVSTREAM_FORWARD")
-    os.environ["KVSTREAM_FORWARD"] = "modules" if name.endswith(VARIANT) else "compact"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["KVSTREAM_FORWARD"]
-        else:
-            os.environ["KVSTREAM_FORWARD"] = old
+    """KVSTREAM_FORWARD for the config `name` while it runs (a context manager; the environment restored after)."""
+    return mock.patch.dict(os.environ, {"KVSTREAM_FORWARD": "modules" if name.endswith(VARIANT) else "compact"})
 
 
 PREFILL_TOKENS: list[int | None] = [None]  # --prefill-tokens: chunked admissions (None: each prompt whole)

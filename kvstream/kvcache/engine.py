@@ -223,9 +223,9 @@ class Engine:
                 ) -> torch.Tensor:
         """The model's forward over a left-padded batch (B, T) into `cache` -> last-position logits (B, V). mask None:
         the rows are unpadded, and on the fast path the compact forward (`kvstream.kvcache.forward`) runs it."""
-        fwd = compact_forward(self.model) if self.decode_path == "fast" else None
+        fwd = self._compact()
         T = input_ids.shape[1]
-        if mask is None and fwd is not None and (fwd.sliding_window() or T) >= T:
+        if mask is None and fwd is not None and (fwd.window or T) >= T:
             ids = self._ids_to_device(input_ids)
             return fwd(ids, torch.arange(T, device=self.device).expand(ids.shape[0], T), cache)
         if mask is None:
@@ -241,12 +241,16 @@ class Engine:
         prefill (`CompressedCache.begin_chunked_prefill`) -> the chunk's last-position logits (B, V)."""
         ids = self._ids_to_device(input_ids)
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
-        fwd = compact_forward(self.model) if self.decode_path == "fast" else None
+        fwd = self._compact()
         if fwd is not None:
             return fwd(ids, pos, cache)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{cache_kwarg(self.model): cache})
         return out.logits[:, -1]
+
+    def _compact(self):
+        """The model's compact forward on the fast path (`kvstream.kvcache.forward`), else None."""
+        return compact_forward(self.model) if self.decode_path == "fast" else None
 
     def _ids_to_device(self, ids: torch.Tensor) -> torch.Tensor:
         """Prompt ids onto the engine's device without a host sync on CUDA (pinned staging, non-blocking copy: a

@@ -51,8 +51,8 @@ def compact_reason(model) -> str | None:
         norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
         if not all(_is_rms_norm(n) for n in norms):
             return "a layer's norms are not the Llama-family RMSNorm"
-        if any(_is_rms_norm(getattr(attn, n, None)) is False and getattr(attn, n, None) is not None
-               for n in ("q_norm", "k_norm")):
+        if any(norm is not None and not _is_rms_norm(norm) for norm in (getattr(attn, "q_norm", None),
+                                                                         getattr(attn, "k_norm", None))):
             return "the attention's q_norm / k_norm are not the Llama-family RMSNorm"
         if getattr(attn, "scaling", None) is None or getattr(attn, "head_dim", None) is None:
             return f"{type(attn).__name__} has no head_dim / scaling"
@@ -151,8 +151,11 @@ class CompactForward:
                 wd=m.down_proj.weight, bd=m.down_proj.bias, q_norm=getattr(a, "q_norm", None),
                 k_norm=getattr(a, "k_norm", None), hq=a.q_proj.out_features // d, hk=a.k_proj.out_features // d,
                 d=d, inter=m.gate_proj.out_features))
-        self.device = self.norm_w.device
-        self.fused = self.device.type == "cuda" and _triton_available()
+        self.fused = self.norm_w.device.type == "cuda" and _triton_available()
+        from kvstream.kvcache.cache import attention_window
+
+        wins = [w for w in (attention_window(layer.attn) for layer in self.layers) if w]
+        self.window = min(wins) if wins else None  # the smallest attention window of any layer (None: none)
 
     def current(self) -> bool:
         """Whether the model's weights are still the ones this forward holds (`model.to(...)` replaces them)."""
@@ -160,13 +163,6 @@ class CompactForward:
         return (self.norm_w is self.model.model.norm.weight
                 and first.attn.q_proj.weight.data_ptr() == first.wqkv.data_ptr()
                 and self.layers[-1].attn.o_proj.weight is self.layers[-1].wo)
-
-    def sliding_window(self) -> int | None:
-        """The smallest attention window of any layer (None: every layer attends to the whole prompt)."""
-        from kvstream.kvcache.cache import attention_window
-
-        wins = [w for w in (attention_window(layer.attn) for layer in self.layers) if w]
-        return min(wins) if wins else None
 
     # ---- ops: fused on CUDA, the references elsewhere ---------------------------------------------------------
     def _norm(self, x, residual, w, eps):

@@ -143,7 +143,7 @@ def test_llama_biases_and_a_sliding_window_prefill():
     model.config._attn_implementation = "sdpa"
 
     mistral = MistralForCausalLM(MistralConfig(sliding_window=16, **kw)).eval()
-    assert compact_forward(mistral).sliding_window() == 16
+    assert compact_forward(mistral).window == 16
     eng = Engine(mistral, cache=dict(policy="full"))
     calls = []
     real = CompactForward.__call__
