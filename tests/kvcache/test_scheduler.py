@@ -393,3 +393,28 @@ def test_no_python_value_is_assigned_to_a_tensor_element_in_the_loop(cache, monk
     monkeypatch.setattr(torch.Tensor, "__setitem__", real)
     assert sorted(rows) == ["r0", "r1", "r2", "r3"]
     assert seen == []
+
+
+def test_timing_gives_the_mean_median_and_slowest_decode_step():
+    """Scheduler.timing() from its phases' event pairs (stand-ins here: CUDA events exist only on a GPU): prefill and
+    decode totals, the decode steps, and the median and slowest step (a slow capture step moves the mean, not the
+    median)."""
+    eng = engine(dict(policy="full"))
+    sched = Scheduler(eng, num_slots=1, max_prompt_tokens=8, max_new_tokens=4, timing=True)
+
+    class Ev:
+        def __init__(self, t):
+            self.t = t
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    steps = [("prefill", 0, 500), ("decode", 500, 510), ("decode", 510, 910), ("decode", 910, 922),
+             ("decode", 922, 933)]
+    sched._events = [(phase, Ev(a), Ev(b)) for phase, a, b in steps]
+    t = sched.timing()
+    assert t["prefill_s"] == 0.5 and abs(t["decode_s"] - 0.433) < 1e-12 and t["decode_steps"] == 4
+    assert t["decode_ms_median"] == 11.5 and t["decode_ms_max"] == 400
