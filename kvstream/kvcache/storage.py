@@ -209,9 +209,13 @@ class LayerStore:
         plan, B, H, D, dev = self.plan, self.B, self.H, self.D, self.device
         older = [max(0, n - w) for n, w in zip(plan.n, plan.w)]
         self._init_buffers(*self.capacity())
-        ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
-        vs = torch.zeros_like(ks)
-        k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
+        direct = self.quant == "none"  # S holds the model dtype: the kept tokens go straight into it
+        if direct:
+            ks, vs, k_valid = self.kept.S["s_k"], self.kept.S["s_v"], None
+        else:  # staged in full precision, then encoded as a whole
+            ks = torch.zeros(B, H, self.cs, D, dtype=self.dtype, device=dev)
+            vs = torch.zeros_like(ks)
+            k_valid = torch.zeros(B, H, self.cs, dtype=torch.bool, device=dev)
         s_cnt = [0] * B  # S slots in use per sequence (keys and values)
         for b in range(B):
             n, w, m = plan.n[b], plan.w[b], older[b]
@@ -219,9 +223,13 @@ class LayerStore:
             c = sel.shape[1]
             s_cnt[b] = c
             if c:
-                gi = sel.unsqueeze(-1).expand(H, c, D)
-                ks[b, :, :c], vs[b, :, :c] = kc[b].gather(1, gi), vc[b].gather(1, gi)
-                k_valid[b, :, :c] = True
+                if self.policy.keeps_prefix:  # positions 0 .. c-1: a slice, not a gather
+                    ks[b, :, :c], vs[b, :, :c] = kc[b, :, :c], vc[b, :, :c]
+                else:
+                    gi = sel.unsqueeze(-1).expand(H, c, D)
+                    ks[b, :, :c], vs[b, :, :c] = kc[b].gather(1, gi), vc[b].gather(1, gi)
+                if k_valid is not None:
+                    k_valid[b, :, :c] = True
                 self.s_pos[b, :, :c] = sel.to(torch.int32)
                 if sc is not None:
                     self.scores[b, :, :c] = sc[b].gather(1, sel)
@@ -234,7 +242,8 @@ class LayerStore:
                 self.scores[b, :, self.cs + ring] = sc[b, :, m:n]
         if self.quant == "fp8":  # the scales come from the whole prompt (the window's tokens enter S later)
             self.kept.set_scales(masked_amax(kc, plan.n_dev), masked_amax(vc, plan.n_dev))
-        self.kept.encode_all(ks, vs, k_valid)
+        if not direct:
+            self.kept.encode_all(ks, vs, k_valid)
         self._set_lengths(s_cnt, s_cnt)
 
     def _prefill_kivi(self, kc, vc) -> None:

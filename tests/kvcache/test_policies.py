@@ -120,3 +120,28 @@ def test_quantized_eviction_keeps_the_same_positions(quant):
     quantized = make_store(CacheConfig(policy="h2o", budget=0.5, quant=quant, group_size=16), [40], scores)
     assert plain.kept_positions() == quantized.kept_positions()
     assert quantized.nbytes() < plain.nbytes()
+
+
+@pytest.mark.parametrize("policy", ["full", "window", "sink", "h2o", "keyformer"])
+def test_the_kept_store_holds_each_kept_tokens_own_key_and_value(policy):
+    """Left-padded rows, an unquantized store: every slot in use holds the key / value of the position s_pos
+    names (the store's prefix slice for the policies that keep positions 0 .. c-1, a gather for the others)."""
+    lengths = [20, 13, 17]
+    B, T = len(lengths), max(lengths)
+    scores = torch.rand(B, H, T, generator=torch.Generator().manual_seed(1))
+    cfg = CacheConfig(policy=policy, budget=0.6, sink=3)
+    store = make_store(cfg, lengths, scores, seed=2)
+    g = torch.Generator().manual_seed(2)  # the k / v make_store drew
+    kk, vv = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    pol = get_policy(cfg)
+    for b, n in enumerate(lengths):
+        m = max(0, n - store.plan.w[b])
+        sel = pol.select(scores[b, :, :m], m, store.plan.cap[b], H, "cpu")
+        if pol.keeps_prefix:  # what the flag promises the store
+            assert torch.equal(sel, torch.arange(sel.shape[1]).expand(H, -1))
+        c = int(store.s_len[b])
+        assert c == sel.shape[1] and (c > 0 or policy == "window")
+        for h in range(H):
+            pos = store.s_pos[b, h, :c].long()
+            assert torch.equal(store.kept.S["s_k"][b, h, :c], kk[b, h, T - n + pos])
+            assert torch.equal(store.kept.S["s_v"][b, h, :c], vv[b, h, T - n + pos])

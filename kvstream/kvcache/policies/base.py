@@ -39,6 +39,7 @@ class Policy:
     name = "base"
     scored = False
     noisy = False
+    keeps_prefix = False  # select() always returns positions 0 .. c-1 (the store copies a slice, no gather)
 
     def __init__(self, cfg: CacheConfig):
         self.cfg = cfg

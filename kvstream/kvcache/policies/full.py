@@ -5,5 +5,7 @@ from kvstream.kvcache.policies.base import Policy, register
 
 @register("full")
 class FullPolicy(Policy):
+    keeps_prefix = True
+
     def select(self, scores, m, cap, h, device):
         return self._first(m, m, h, device)

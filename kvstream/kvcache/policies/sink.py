@@ -5,5 +5,7 @@ from kvstream.kvcache.policies.base import Policy, register
 
 @register("sink")
 class SinkPolicy(Policy):
+    keeps_prefix = True
+
     def select(self, scores, m, cap, h, device):
         return self._first(m, min(m, cap, self.cfg.sink), h, device)
