@@ -257,15 +257,32 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, new: int
     from kvstream.kvcache.scheduler import Request, Scheduler
 
     eng = kv_engine(model, name)
-    width = max(new, 4 * steps + 16)  # the pool of the measured runs (its slot capacities follow max_new_tokens)
+    width = max(new, 5 * steps + 16)  # the pool of the measured runs (its slot capacities follow max_new_tokens)
     sched = Scheduler(eng, len(prompts), len(prompts[0]), width)
     runner = sched.runner
     graph_ok = runner.use_graph
-    runner.use_graph = False  # eager steps: the same kernels a replay runs, each seen by the profiler
     for i, p in enumerate(prompts):
         sched.add(Request(str(i), p, max_new_tokens=width))
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    loop_note = ""
     with torch.inference_mode():
         sched.step()  # admissions (prefills) and a first step
+        if graph_ok:
+            # first the scheduler's own loop (snapshot, lagged flags, collection) around the replay, as
+            # Engine.generate runs it: GPU time between events around its steps, the host's CPU time per step.
+            # Before any direct runner.step below: the scheduler follows every row's tokens from its snapshots
+            for _ in range(3):  # the eager warm-up steps and the capture
+                sched.step()
+            torch.cuda.synchronize()
+            cpu0 = time.process_time()
+            ev[0].record()
+            for _ in range(steps):
+                sched.step()
+            ev[1].record()
+            torch.cuda.synchronize()
+            loop_ms, loop_cpu = ev[0].elapsed_time(ev[1]) / steps, 1e3 * (time.process_time() - cpu0) / steps
+            loop_note = f"; a scheduler step around the replay {loop_ms:.2f} ms, host CPU {loop_cpu:.2f} ms"
+        runner.use_graph = False  # eager steps: the same kernels a replay runs, each seen by the profiler
         runner.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -276,9 +293,8 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, new: int
         graph_note = ""
         if graph_ok:  # the same step replayed from its CUDA graph: its time against the eager kernels' sum
             runner.use_graph = True
-            runner.step()  # captures
+            runner.step()  # captured above: a replay
             torch.cuda.synchronize()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             ev[0].record()
             for _ in range(steps):
                 runner.step()
@@ -290,19 +306,8 @@ def profile_step(model, name: str, prompts: list[list[int]], path: str, new: int
                     runner.step()
                 torch.cuda.synchronize()
             _, gtotal, glaunch = _by_kernel(gprof, steps)
-            # the same replay inside the scheduler's loop (snapshot, lagged flags, collection), as Engine.generate
-            # runs it: GPU time between events around the loop's steps, and the host's CPU time per step
-            torch.cuda.synchronize()
-            cpu0 = time.process_time()
-            ev[0].record()
-            for _ in range(steps):
-                sched.step()
-            ev[1].record()
-            torch.cuda.synchronize()
-            loop_ms, loop_cpu = ev[0].elapsed_time(ev[1]) / steps, 1e3 * (time.process_time() - cpu0) / steps
             graph_note = (f"; graph replay {replay_ms:.2f} ms / step (kernels seen in the replay: {gtotal:.2f} ms, "
-                          f"{glaunch} launches); a scheduler step around it {loop_ms:.2f} ms, host CPU "
-                          f"{loop_cpu:.2f} ms")
+                          f"{glaunch} launches){loop_note}")
     return _append_table(path, f"## {name} at batch {len(prompts)}: GPU kernel time per eager decode step "
                                f"{total:.2f} ms, {launches} launches{graph_note}",
                          "| kernel | ms / step | launches / step |", rows[:25])
