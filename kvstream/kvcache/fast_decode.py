@@ -25,6 +25,7 @@ from kvstream.kvcache.cache import CompressedCache
 from kvstream.kvcache.forward import compact_forward
 from kvstream.kvcache.models import cache_kwarg
 from kvstream.kvcache.sampling import sample
+from kvstream.kvcache.storage import to_device
 
 log = logging.getLogger(__name__)
 FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -72,9 +73,12 @@ class DecodeRunner:
         B = len(cache.plan.n)
         self.B = B
         self.max_new = torch.empty(B, dtype=torch.int64, device=self.device)  # (B,) per row
-        self.max_new.copy_(torch.as_tensor(max_new_tokens, dtype=torch.int64).expand(B))
+        if isinstance(max_new_tokens, torch.Tensor):
+            self.max_new.copy_(max_new_tokens.to(torch.int64).expand(B))
+        else:  # a fill, not a copy from pageable host memory (that one syncs)
+            self.max_new.fill_(int(max_new_tokens))
         self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
-        self.eos = torch.tensor(eos_ids or [-1], dtype=torch.int64, device=self.device)
+        self.eos = to_device(eos_ids or [-1], torch.int64, self.device)
         self.pad_id = int(pad_id)
         self.kw = cache_kwarg(self.inner.layers[0])
         self.fwd = compact_forward(model)  # None: the step drives the transformers modules
