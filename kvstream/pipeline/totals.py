@@ -22,8 +22,7 @@ from kvstream.pipeline.stats import RunStats
 from kvstream.pipeline.writer import result_files
 
 log = logging.getLogger("kvstream")
-STATS_COLUMNS = ("id", "error", "generated_text", "num_input_tokens", "num_generated_tokens", "truncated",
-                 "kv_bytes", "kv_bytes_full")
+STATS_COLUMNS = ("error", "num_input_tokens", "num_generated_tokens", "truncated", "kv_bytes", "kv_bytes_full")
 
 
 def read_invocations(output: str, s3: dict | None = None) -> list[dict[str, Any]]:
@@ -56,7 +55,9 @@ def output_totals(output: str, reference_column: str | None, s3: dict | None = N
             with fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 names = pf.schema_arrow.names
-                table = pf.read(columns=[c for c in (*STATS_COLUMNS, reference_column) if c and c in names])
+                # the texts only where ROUGE needs them: a run without references reads no generated text
+                texts = ("generated_text", reference_column) if reference_column else ()
+                table = pf.read(columns=[c for c in (*STATS_COLUMNS, *texts) if c in names])
         except Exception as e:
             log.warning("stats: skipping unreadable results file %s (%s)", f, e)
             continue
