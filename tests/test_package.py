@@ -78,7 +78,8 @@ def test_hf_kernels_and_kvstream_kernels_in_one_process(tmp_path):
                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
         model = LlamaForCausalLM(cfg).eval()
         cache = CompressedCache(CacheConfig(policy="h2o", budget=4), model.config)
-        out = model.generate(torch.tensor([[1, 5, 9, 3, 7, 2, 8]]), past_key_values=cache, max_new_tokens=3,
+        from kvstream.kvcache.models import cache_kwarg
+        out = model.generate(torch.tensor([[1, 5, 9, 3, 7, 2, 8]]), **{{cache_kwarg(model): cache}}, max_new_tokens=3,
                              do_sample=False)
         print("ok", has_hf, tuple(out.shape))
     """, tmp_path)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvstream.kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache.models import cache_kwarg
 from tests.kvcache.tiny import build_model, padded_batch
 
 
@@ -72,7 +73,7 @@ def test_empty_prompt_is_an_error():
     mask[1] = 0
     with pytest.raises(ValueError, match="empty prompt"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0,
-                       past_key_values=CompressedCache(CacheConfig(), model.config))
+                       **{cache_kwarg(model): CompressedCache(CacheConfig(), model.config)})
 
 
 def test_beam_search_is_refused():
@@ -80,7 +81,7 @@ def test_beam_search_is_refused():
     ids, mask = padded_batch([5])
     with pytest.raises(NotImplementedError, match="beam search"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, pad_token_id=0,
-                       past_key_values=CompressedCache(CacheConfig(), model.config))
+                       **{cache_kwarg(model): CompressedCache(CacheConfig(), model.config)})
 
 
 def test_other_caches_still_use_sdpa_after_a_compressed_run():
@@ -88,7 +89,7 @@ def test_other_caches_still_use_sdpa_after_a_compressed_run():
     ids, mask = padded_batch([7, 4])
     ref = model(input_ids=ids, attention_mask=mask).logits
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0,
-                   past_key_values=CompressedCache(CacheConfig(policy="h2o", budget=0.5), model.config))
+                   **{cache_kwarg(model): CompressedCache(CacheConfig(policy="h2o", budget=0.5), model.config)})
     assert model.config._attn_implementation == "kvstream"
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, ref)
 

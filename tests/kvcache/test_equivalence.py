@@ -5,6 +5,7 @@ import torch
 from tests.kvcache.tiny import build_model, greedy, padded_batch
 
 from kvstream.kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache.models import cache_kwarg
 
 LENGTHS = [23, 40, 31]  # left padded to 40
 NEW = 12
@@ -72,5 +73,5 @@ def test_sampling_with_compressed_cache_is_seeded():
         torch.manual_seed(7)
         cache = CompressedCache(CacheConfig(policy="keyformer", budget=0.5, max_new_tokens=10, seed=3), model.config)
         outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True,
-                                   top_p=0.9, temperature=1.0, past_key_values=cache, pad_token_id=0))
+                                   top_p=0.9, temperature=1.0, **{cache_kwarg(model): cache}, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])

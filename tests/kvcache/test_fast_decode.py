@@ -12,6 +12,7 @@ from tests.kvcache.tiny import build_model, greedy, padded_batch
 
 from kvstream.kvcache import CacheConfig, CompressedCache, Engine
 from kvstream.kvcache.fast_decode import DecodeRunner, unsupported_reason
+from kvstream.kvcache.models import cache_kwarg
 from kvstream.kvcache.sampling import sample
 
 LENGTHS = [23, 40, 31]  # left-ragged
@@ -90,7 +91,7 @@ def test_fast_logits_equal_generate_step_by_step(name):
     cache = CompressedCache(cfg, model.config)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True,
                     logits_to_keep=1)
         B = ids.shape[0]
         runner = DecodeRunner(model, cache, NEW, torch.zeros(B), torch.ones(B), cache.plan.seeds, [], 0)
@@ -155,7 +156,7 @@ def test_rows_stop_at_eos_and_the_loop_ends_early():
     ids, mask = padded_batch(LENGTHS)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True,
                     logits_to_keep=1)
         first = out.logits[:, -1].argmax(-1).tolist()
         runner = DecodeRunner(model, cache, NEW, torch.zeros(3), torch.ones(3), cache.plan.seeds, first, 0)

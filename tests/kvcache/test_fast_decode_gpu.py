@@ -10,6 +10,7 @@ from tests.kvcache.tiny import build_model, padded_batch
 from kvstream.kvcache import CacheConfig, CompressedCache, Engine
 from kvstream.kvcache.engine import _row_seed
 from kvstream.kvcache.fast_decode import DecodeRunner
+from kvstream.kvcache.models import cache_kwarg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NEW = 20
@@ -22,7 +23,7 @@ def _decode(model, cfg: CacheConfig, ids, mask, graph: bool | None):
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     B = ids.shape[0]
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True,
                     logits_to_keep=1)
         z = torch.zeros(B, device=ids.device)
         runner = DecodeRunner(model, cache, NEW, z, z + 1, cache.plan.seeds, [], 0, graph=graph)
@@ -139,7 +140,8 @@ def test_compact_forward_on_cuda_matches_the_modules(family):
     pos = torch.arange(300, device="cuda").expand_as(ids)
     with torch.inference_mode():
         ref = CompressedCache(cfg, model.config, seeds=[1, 2])
-        want = model(input_ids=ids, position_ids=pos, past_key_values=ref, use_cache=True, logits_to_keep=1).logits
+        want = model(input_ids=ids, position_ids=pos, **{cache_kwarg(model): ref}, use_cache=True,
+                     logits_to_keep=1).logits
         fwd = compact_forward(model)
         assert fwd is not None and fwd.fused
         cache = CompressedCache(cfg, model.config, seeds=[1, 2])

@@ -13,6 +13,7 @@ from kvstream.kvcache.cache import CompressedCache
 from kvstream.kvcache.config import CacheConfig
 from kvstream.kvcache.engine import Engine
 from kvstream.kvcache.forward import CompactForward, compact_forward, compact_reason
+from kvstream.kvcache.models import cache_kwarg
 from tests.kvcache.tiny import build_model
 
 CACHES = {"full": dict(policy="full"), "keyformer+kivi2": dict(policy="keyformer", budget=0.5, quant="kivi2",
@@ -21,7 +22,8 @@ CACHES = {"full": dict(policy="full"), "keyformer+kivi2": dict(policy="keyformer
 
 def _module_prefill(model, ids, cache):
     pos = torch.arange(ids.shape[1]).expand_as(ids)
-    return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return model(input_ids=ids, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True,
+                 logits_to_keep=1).logits[:, -1]
 
 
 @pytest.mark.parametrize("family,heads,kv_heads", [("llama", 4, 2), ("mistral", 4, 4), ("qwen2", 6, 2),
@@ -52,7 +54,8 @@ def test_compact_prefill_and_decode_equal_the_modules(family, heads, kv_heads, n
         tok = got.argmax(-1, keepdim=True)
         for t in range(3):
             pos = torch.full((2, 1), 37 + t)
-            want = model(input_ids=tok, position_ids=pos, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+            want = model(input_ids=tok, position_ids=pos, **{cache_kwarg(model): ref_cache},
+                         use_cache=True).logits[:, -1]
             got = fwd(tok, pos, cache)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             tok = got.argmax(-1, keepdim=True)

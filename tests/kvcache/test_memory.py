@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvstream.kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache.models import cache_kwarg
 from tests.kvcache.tiny import build_model, padded_batch
 
 
@@ -38,8 +39,8 @@ def model():
 def _run(model, cfg, n=2048, new=2):
     ids, mask = padded_batch([n], vocab=128, seed=0)
     cache = CompressedCache(cfg, model.config)
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, past_key_values=cache,
-                   pad_token_id=0)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                   **{cache_kwarg(model): cache}, pad_token_id=0)
     model.config._attn_implementation = "sdpa"
     return cache
 
@@ -83,7 +84,7 @@ def test_fp8_holds_half_the_bytes_plus_scales(model):
 def test_per_sequence_bytes_follow_each_rows_tokens(model):
     ids, mask = padded_batch([40, 400], vocab=128, seed=0)
     cache = CompressedCache(CacheConfig(policy="h2o", budget=0.5, max_new_tokens=2), model.config)
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, past_key_values=cache,
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, **{cache_kwarg(model): cache},
                    pad_token_id=0)
     model.config._attn_implementation = "sdpa"
     st = cache.stats()

@@ -4,6 +4,8 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from kvstream.kvcache.models import cache_kwarg
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -38,7 +40,8 @@ def padded_batch(lengths, vocab=128, seed=0):
 def greedy(model, ids, mask, n_new, cache=None):
     """Greedy generation -> (sequences, list of per-step logits)."""
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                         past_key_values=cache, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+                         **{cache_kwarg(model): cache}, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=0)
     model.config._attn_implementation = "sdpa"  # the next reference run uses transformers' own path
     return out.sequences, out.scores
 
