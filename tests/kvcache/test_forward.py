@@ -121,7 +121,7 @@ def test_engine_rows_are_the_same_through_the_compact_forward_and_the_modules(mo
     assert out["compact", 16] == out["modules", 16]
 
 
-def test_llama_biases_and_a_sliding_window_prefill():
+def test_llama_biases_and_a_sliding_window_prefill(monkeypatch):
     """Llama's attention_bias / mlp_bias go into the concatenated projections; a Mistral prompt longer than its
     sliding window is prefilled through the modules (their mask has the window), shorter ones compactly, and the
     engine's rows are the same either way."""
@@ -150,10 +150,8 @@ def test_llama_biases_and_a_sliding_window_prefill():
     eng = Engine(mistral, cache=dict(policy="full"))
     calls = []
     real = CompactForward.__call__
-    CompactForward.__call__ = lambda self, *a: calls.append(a[0].shape[1]) or real(self, *a)
-    try:
-        long_rows = eng.generate([[5 + i % 100 for i in range(30)], [7, 8, 9]], max_new_tokens=3)
-    finally:
-        CompactForward.__call__ = real
+    monkeypatch.setattr(CompactForward, "__call__", lambda self, *a: calls.append(a[0].shape[1]) or real(self, *a))
+    long_rows = eng.generate([[5 + i % 100 for i in range(30)], [7, 8, 9]], max_new_tokens=3)
+    monkeypatch.undo()
     assert 30 not in calls and 3 in calls  # the 30-token prompt went through the modules, the 3-token one did not
     assert [r["num_generated_tokens"] for r in long_rows] == [3, 3]

@@ -366,8 +366,8 @@ def test_engine_scheduler_is_the_one_generate_runs():
     assert eng.last_num_slots == 2
 
 
-@pytest.mark.parametrize("cache", [dict(policy="keyformer", budget=0.5, quant="kivi2"), dict(policy="full", quant="kivi2"),
-                                   dict(policy="h2o", budget=0.5)])
+@pytest.mark.parametrize("cache", [dict(policy="keyformer", budget=0.5, quant="kivi2"),
+                                   dict(policy="full", quant="kivi2"), dict(policy="h2o", budget=0.5)])
 def test_no_python_value_is_assigned_to_a_tensor_element_in_the_loop(cache, monkeypatch):
     """`t[b] = value` with a Python value copies it to the device and synchronizes on CUDA (pytorch/pytorch#188267),
     which the hot loop must not do (tests/kvcache/test_fast_decode_gpu.py checks the whole loop under
