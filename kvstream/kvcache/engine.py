@@ -23,6 +23,7 @@ from kvstream.kvcache.config import ENGINE_SETTINGS, CacheConfig, engine_setting
 from kvstream.kvcache.fast_decode import unsupported_reason
 from kvstream.kvcache.forward import compact_forward
 from kvstream.kvcache.models import cache_kwarg, decode_continuation, load_model, max_context
+from kvstream.kvcache.storage import to_device
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class Engine:
         fwd = self._compact()
         T = input_ids.shape[1]
         if mask is None and fwd is not None and (fwd.window or T) >= T:
-            ids = self._ids_to_device(input_ids)
+            ids = to_device(input_ids, input_ids.dtype, self.device)  # no sync: admissions run beside decoding
             return fwd(ids, torch.arange(T, device=self.device).expand(ids.shape[0], T), cache)
         if mask is None:
             mask = torch.ones_like(input_ids)
@@ -239,7 +240,7 @@ class Engine:
     def prefill_chunk(self, cache: CompressedCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         """One chunk of an unpadded prompt (B, c) at positions start .. start + c - 1 into a cache in chunked
         prefill (`CompressedCache.begin_chunked_prefill`) -> the chunk's last-position logits (B, V)."""
-        ids = self._ids_to_device(input_ids)
+        ids = to_device(input_ids, input_ids.dtype, self.device)
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
         fwd = self._compact()
         if fwd is not None:
@@ -251,13 +252,6 @@ class Engine:
     def _compact(self):
         """The model's compact forward on the fast path (`kvstream.kvcache.forward`), else None."""
         return compact_forward(self.model) if self.decode_path == "fast" else None
-
-    def _ids_to_device(self, ids: torch.Tensor) -> torch.Tensor:
-        """Prompt ids onto the engine's device without a host sync on CUDA (pinned staging, non-blocking copy: a
-        copy from pageable memory waits for the GPU, and an admission happens while other sequences decode)."""
-        if self.device.type == "cuda" and ids.device.type == "cpu":
-            return ids.pin_memory().to(self.device, non_blocking=True)
-        return ids.to(self.device)
 
     def _decode_hf(self, cache, input_ids, mask, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
         """transformers' generate over the CompressedCache (the reference path)."""

@@ -118,8 +118,13 @@ class SeqPlan:
                 self.step_dev, self.tau_table, self.tau_dev]
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device without a host sync (pinned staging, non-blocking copy on CUDA)."""
+def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values (a small list, or a CPU tensor such as a prompt's ids) on the device without a host sync: on CUDA
+    through pinned staging and a non-blocking copy (a copy from pageable memory waits for the GPU)."""
+    if isinstance(values, torch.Tensor):
+        if device.type != "cuda" or values.device.type != "cpu":
+            return values.to(device=device, dtype=dtype)
+        return values.to(dtype).pin_memory().to(device, non_blocking=True)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
