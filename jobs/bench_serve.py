@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if a.prefill_tokens is not None:
             cfg["serve"]["prefill_tokens"] = a.prefill_tokens or None
         serve.run(build_app(cfg), name=name, route_prefix=prefix)
-        load(a.port, prefix, prompts[:2], 2, min(a.new, 4), 2, a.max_seconds, a.timeout, a.stream)  # warm-up
+        # warm-up at the largest level: the batch buckets (CUDA graphs, Triton's size specializations) the measured
+        # levels reach are built here, not inside a timed level
+        wc = min(max(levels), len(prompts))
+        load(a.port, prefix, prompts[:wc], wc, min(a.new, 4), wc, a.max_seconds, a.timeout, a.stream)
         for c in levels:
             results, wall = load(a.port, prefix, prompts, c, a.new, a.requests, a.max_seconds, a.timeout, a.stream)
             rows.append(summarize(cache, c, results, wall))

@@ -2,10 +2,12 @@
 
 `gumbel_noise(seed, layer, step, head, row, col)` is a `@triton.jit` helper that other kernels call on
 register tensors: it draws exactly the hash `kernels.gumbel_ref.hash_coords` defines (same 32-bit finalizer
-rounds, same mixing order seed, layer, step, head, row, col), so the noise is never stored and the torch and
-Triton backends agree to the two logs' rounding (~1e-6 absolute): the outer log is the hardware lg2, the inner
-one `neg_log_u` (hardware lg2 or a short atanh series near 1, both ~4e-7 relative; libdevice's accurate logf
-cost twice the instructions, and the noise is most of a Keyformer scoring kernel's work).
+rounds, same mixing order seed, layer, step, head, row, col) and the same uniform, so the noise is never stored and
+the torch and Triton backends agree to the logs' rounding (~1e-6 absolute): the outer log is the hardware lg2, the
+inner one `neg_log2_u` (hardware lg2, or a degree-4 polynomial near 1, both < 7e-7 relative; libdevice's
+accurate logf cost twice the instructions, and the noise is most of a Keyformer scoring kernel's work). A draw costs
+one quarter-rate instruction (lg2) before the caller's own: `gumbel_lg2` adds the outer lg2 (any tau),
+`weight_from_keys` a reciprocal instead (exp(g) as a weight, for tau = 1: exp((x + g) / 1) = exp(x) * exp(g)).
 
 `gumbel_triton(seed, layer, step, head, row, col)` is a small public launcher over integer coordinate tensors
 (for tests and for callers that want a noise tensor outright).
@@ -41,16 +43,40 @@ def _as_u32(c):
 
 
 @triton.jit
-def gumbel_hash(seed, layer, step, head, row, col):
-    """uint32 hash of broadcastable integer coordinates; equals `gumbel_ref.hash_coords`."""
+def row_key(seed, layer, step, head, row):
+    """The hash's rounds over (seed, layer, step, head, row), and the first xor-shift of the last round's share of
+    it: with `col_key`, `finish_hash(row_key ^ col_key)` is `gumbel_hash`. A kernel whose tile shares rows and
+    columns computes the keys once per row and per column, and an element costs the last round's other six ops."""
     # seed first, col last: the rounds over per-call scalars stay scalar, only the last ones are tile-sized
     h = _mix32(_as_u32(seed))
     h = _mix32(_as_u32(layer) ^ h)
     h = _mix32(_as_u32(step) ^ h)
     h = _mix32(_as_u32(head) ^ h)
     h = _mix32(_as_u32(row) ^ h)
-    h = _mix32(_as_u32(col) ^ h)
-    return h
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def col_key(col):
+    """The column's share of the last round's first xor-shift: (h ^ c) ^ ((h ^ c) >> 16) = row_key ^ col_key."""
+    c = _as_u32(col)
+    return c ^ (c >> 16)
+
+
+@triton.jit
+def finish_hash(x):
+    """The rest of the last `_mix32` round, on row_key ^ col_key."""
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x2C1B3C6D, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def gumbel_hash(seed, layer, step, head, row, col):
+    """uint32 hash of broadcastable integer coordinates; equals `gumbel_ref.hash_coords`."""
+    return finish_hash(row_key(seed, layer, step, head, row) ^ col_key(col))
 
 
 @triton.jit
@@ -65,43 +91,49 @@ def _lg2(x):
 
 
 @triton.jit
-def _div(x, y):
-    """x / y to 2 ulp (`div.approx`: one reciprocal and a multiply) for |y| in [1, 2]; exact under the interpreter."""
+def _rcp(x):
+    """1 / x for positive normal float32 (`rcp.approx`: one MUFU op, 1 ulp); exact under the interpreter."""
     if INTERPRET:
-        return x / y
+        return 1.0 / x
     else:
-        return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=f,f,f", [x, y], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _uniform(h):
+    """uint32 hash -> float32 u = (2 (h >> 9) + 1) / 2**24 (`gumbel_ref.uniform_from_hash`), without a conversion:
+    the top 23 bits as the mantissa of a float in [1, 2), minus 1 - 2**-24 (exact)."""
+    f = ((h >> 9) | tl.full(h.shape, 0x3F800000, tl.uint32)).to(tl.float32, bitcast=True)
+    return f - _U_MAX
+
+
+@triton.jit
+def neg_log2_u(u):
+    """-log2(u) > 0 for the hash's float32 u in [2**-24, 1 - 2**-24], to < 7e-7 relative error, one MUFU op.
+
+    u <= 0.78: -lg2(u) (|log2 u| >= 0.358, so lg2's 2**-22 absolute error is < 6.7e-7 relative). u > 0.78: with
+    d = 1 - u (exact), -log2(1 - d) = d * P(d), P the degree-4 relative minimax fit of -log2(1 - d) / d on
+    [0, 0.22] (fit error 3e-7, 4.2e-7 with float32 rounding). The relative error is what matters: it is the
+    Gumbel draw's absolute error, and u comes within 2**-24 of 1, where -log2(u) is ~9e-8.
+    """
+    d = 1.0 - u
+    poly = d * (_P0 + d * (_P1 + d * (_P2 + d * (_P3 + d * _P4))))
+    return tl.where(u > 0.78, poly, -_lg2(u))
 
 
 @triton.jit
 def neg_log_u(u):
-    """-ln(u) for float32 u in [2**-25, 1) to ~4e-7 relative error, in ~15 instructions (libdevice's logf: ~30).
-
-    u <= 0.75: -lg2(u) * ln 2 (|log2 u| >= 0.41, so lg2's 2**-22 absolute error is < 4e-7 relative). u > 0.75:
-    with d = 1 - u (exact) and z = d / (2 - d) < 1/7, -ln(u) = 2 atanh(z) = 2 z (1 + z**2 / 3 + ... + z**8 / 9),
-    the first omitted term below 4e-10 relative. The relative error is what matters: it is the Gumbel draw's
-    absolute error, and u comes within 2**-24 of 1, where -ln(u) is ~6e-8.
-    """
-    return _log2_u(u) * -LN2
+    """-ln(u) by `neg_log2_u` (for tests and callers that want natural units)."""
+    return neg_log2_u(u) * LN2
 
 
-@triton.jit
-def _log2_u(u):
-    """log2(u) (negative) by `neg_log_u`'s two branches; the series' coefficients carry the 1 / ln 2."""
-    d = 1.0 - u
-    z = _div(d, 2.0 - d)
-    w = z * z
-    series = z * (_S0 + w * (_S1 + w * (_S2 + w * (_S3 + w * _S4))))
-    return tl.where(u > 0.75, series, _lg2(u))
-
-
-# -2 / ln 2 / (2k + 1): log2(u) = -2 atanh(z) / ln 2 as a series in z
-_S0 = tl.constexpr(-2.0 / 0.6931471805599453)
-_S1 = tl.constexpr(-2.0 / 0.6931471805599453 / 3.0)
-_S2 = tl.constexpr(-2.0 / 0.6931471805599453 / 5.0)
-_S3 = tl.constexpr(-2.0 / 0.6931471805599453 / 7.0)
-_S4 = tl.constexpr(-2.0 / 0.6931471805599453 / 9.0)
+# -log2(1 - d) / d ~ P(d) on [0, 0.22] (relative minimax, degree 4; P0 ~ 1 / ln 2)
+_P0 = tl.constexpr(1.4426954984664917)
+_P1 = tl.constexpr(0.7212530970573425)
+_P2 = tl.constexpr(0.4842256009578705)
+_P3 = tl.constexpr(0.3205018639564514)
+_P4 = tl.constexpr(0.4761367738246918)
 # g = -ln(-ln u) = G_SHIFT - ln 2 * gumbel_lg2(...): G_SHIFT = -ln(ln 2)
 G_SHIFT = tl.constexpr(0.36651292058166435)
 
@@ -111,10 +143,23 @@ def gumbel_lg2(seed, layer, step, head, row, col):
     """t = lg2(-log2(u)) of the draw `gumbel_noise` makes, so that g = G_SHIFT - ln 2 * t. A kernel that only needs
     g up to a constant (every softmax over the noisy logits: the constant shifts a whole row) adds t * (-ln 2 * c)
     in one multiply-add and saves `gumbel_noise`'s two multiplies."""
-    h = gumbel_hash(seed, layer, step, head, row, col)
-    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), _U_MAX)  # < 1, see gumbel_ref
+    return lg2_from_keys(row_key(seed, layer, step, head, row), col_key(col))
+
+
+@triton.jit
+def lg2_from_keys(rk, ck):
+    """`gumbel_lg2` from the keys (`row_key`, `col_key`), broadcast."""
     # the inner log's relative error becomes g's absolute error; the outer one only needs absolute accuracy
-    return _lg2(-_log2_u(u))
+    return _lg2(neg_log2_u(_uniform(finish_hash(rk ^ ck))))
+
+
+@triton.jit
+def weight_from_keys(rk, ck):
+    """w = 1 / -log2(u) = exp(g) / ln 2 of the draw `gumbel_noise` makes, from the keys: the noise as a weight.
+    At tau = 1 a softmax over noisy logits needs only exp(x + g) = exp(x) * exp(g), and the constant 1 / ln 2
+    cancels in the normalization: one reciprocal instead of the outer log (and no add into the logit, no log in
+    the max)."""
+    return _rcp(neg_log2_u(_uniform(finish_hash(rk ^ ck))))
 
 
 @triton.jit

@@ -4,10 +4,11 @@ The Triton kernels compute the same 32-bit hash in registers, so the torch and T
 noise without storing it. The hash mixes the coordinates in, seed first and col last, each with the `lowbias32`
 finalizer shape (xor-shift, multiply by an odd constant below 2**31 so products fit in int64 here, xor-shift).
 
-    u = min((hash >> 8 + 0.5) / 2**24, 1 - 2**-24) in (0, 1);  g = -log(-log(u))
+    u = (2 (hash >> 9) + 1) / 2**24 in [2**-24, 1 - 2**-24];  g = -log(-log(u))
 
-The clamp matters once in 2**24 draws: (2**24 - 1) + 0.5 rounds to 2**24 in float32, u would be 1 and g = +inf
-(a NaN softmax downstream); it maps that draw to the next value below 1 and changes no other.
+u takes the 2**23 odd multiples of 2**-24, each exactly a float32, never 0 or 1 (so g is always finite), and
+symmetric around 1/2. The kernels build it from the hash's top 23 bits as a float32 in [1, 2) minus (1 - 2**-24),
+with no integer-to-float conversion (a quarter-rate instruction, like the logs).
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def hash_coords(seed, layer, step, head, row, col) -> torch.Tensor:
     return h
 
 
-U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
+U_MAX = 1.0 - 2.0 ** -24  # the largest u (and float32 below 1)
 
 
 def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
-    """int64 hash in [0, 2**32) -> float32 uniform in (0, 1), never 0 or 1 (see the module docstring)."""
-    return (((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)).clamp(max=U_MAX)
+    """int64 hash in [0, 2**32) -> float32 uniform (2 (h >> 9) + 1) / 2**24 in (0, 1), exact (module docstring)."""
+    return ((h >> 9) * 2 + 1).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def gumbel(seed, layer, step, head, row, col) -> torch.Tensor:

@@ -6,11 +6,17 @@ softmax_j((q_i . k_j * scale + g_ij) / tau),   g = 0 for H2O, Gumbel noise keyed
 
 Never holds the T x T matrix, in two passes over (q, k) tiles:
 - pass 1, one program per (b, query head, BLOCK_M rows): online row max m_i and sum l_i over the row's allowed
-  columns (causal, both tokens valid: left padding never counts) -> stats (B, Hq, T, 2) fp32;
+  columns (causal, both tokens valid: left padding never counts) -> the row's log-sum-exp, log2 units, (B, Hq, T)
+  fp32;
 - pass 2, one program per (b, KV head, BLOCK_N columns): for every query head of the group and every row block
-  at or below the diagonal, recompute the logits, p = exp(y - m_i) / l_i, and accumulate the column sums.
+  at or below the diagonal, recompute the logits, p = exp(y - lse_i), and accumulate the column sums.
 Pass 2 recomputes q.k, so the scoring costs about two QK^T products (no P.V), plus the noise hash. For H2O,
-`row_lse` (the attention's own log-sum-exp per row) replaces pass 1.
+`row_lse` (the attention's own log-sum-exp per row) replaces pass 1; for Keyformer at tau = 1 it is pass 1's
+stabilizer (>= every noise-free logit of the row, so exp(x - lse) <= 1): no running max, no rescaling, the sums
+kept per element like pass 2's and reduced once.
+At tau = 1 (the prefill's, by the design) the noise enters as a weight: exp(x + g) = exp(x) * exp(g), so pass 1
+keeps the noise-free row max (any stabilizer gives the same normalizer; exp(g) < 2**25 cannot overflow) and both
+passes draw `gumbel.weight_from_keys` (one reciprocal) instead of adding lg2-based noise into the logit.
 Both passes work in log2 units (exp2, the scale and log2(e) folded into one multiply) and treat interior tiles
 apart: when the batch row's padding is a prefix (left padding, what the cache passes) the tiles strictly below
 the diagonal and inside the sequence need no mask at all, so an element costs a multiply-add, an exp2 and an
@@ -24,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvstream.kernels.gumbel import gumbel_lg2
-from kvstream.kernels.triton_util import LN2 as _LN2
+from kvstream.kernels.gumbel import col_key, lg2_from_keys, row_key, weight_from_keys
 from kvstream.kernels.triton_util import LOG2E as _LOG2E
 from kvstream.kernels.triton_util import LAUNCH, check_device, dot, interpreting
 
@@ -36,14 +41,34 @@ NOISE_CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
-def _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_t, NOISE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _logits2(q, k, off, rk, ck, c_qk, c_t, NOISE: tl.constexpr, WEIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
              UPCAST: tl.constexpr):
-    """(BM, BN) logits in log2 units, unmasked: y * log2(e) = q.k * c_qk (+ g * c_g), y = (q.k * scale + g) / tau,
-    with g up to the constant `gumbel.G_SHIFT` (it shifts every logit alike): t * c_t, c_t = -ln 2 * c_g."""
-    x = dot(q, tl.trans(k), DOT_PREC, UPCAST) * c_qk
-    if NOISE:
-        x += gumbel_lg2(seed, layer, 0, hq, pi[:, None], pj[None, :]) * c_t
+    """(BM, BN) logits in log2 units less the rows' offsets off (BM,), unmasked: y * log2(e) - off = q.k * c_qk
+    - off (+ g * c_g), y = (q.k * scale + g) / tau,
+    with g up to the constant `gumbel.G_SHIFT` (it shifts every logit alike): t * c_t, c_t = -ln 2 * c_g.
+    WEIGHT (noise at tau = 1): the noise is left out of the logits; `_weight` gives it as a factor. rk (BM,) and
+    ck (BN,): the rows' and columns' noise keys (`gumbel.row_key`, `gumbel.col_key`)."""
+    x = tl.fma(dot(q, tl.trans(k), DOT_PREC, UPCAST), c_qk, -off[:, None])
+    if NOISE and not WEIGHT:
+        x += lg2_from_keys(rk[:, None], ck[None, :]) * c_t
     return x
+
+
+@triton.jit
+def _weight(p, rk, ck, WEIGHT: tl.constexpr):
+    """p * exp(g) up to a constant per call (tau = 1), or p as it is."""
+    if WEIGHT:
+        p = p * weight_from_keys(rk[:, None], ck[None, :])
+    return p
+
+
+@triton.jit
+def _add_weighted(acc, p, rk, ck, WEIGHT: tl.constexpr):
+    """acc + `_weight(p)`, one multiply-add an element."""
+    if WEIGHT:
+        return tl.fma(p, weight_from_keys(rk[:, None], ck[None, :]), acc)
+    else:
+        return acc + p
 
 
 @triton.jit
@@ -58,7 +83,8 @@ def _prefill_row_stats(
     sm_scale, inv_tau, layer, Hq, T,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
     GRP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NOISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    NOISE: tl.constexpr, WEIGHT: tl.constexpr, FIXED_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // Hq).to(tl.int64)
@@ -77,9 +103,16 @@ def _prefill_row_stats(
     c_qk = sm_scale * inv_tau * _LOG2E
     c_t = -inv_tau  # -ln 2 * c_g, c_g = log2(e) / tau
     first = tl.load(first_ptr + b)
+    rk = row_key(seed, layer, 0, hq, pi)  # the rows' share of the noise hash, once
     i0 = tl.program_id(1) * BLOCK_M
+    st = stats_ptr + (b * Hq + hq) * T + i
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    m_off = tl.zeros((BLOCK_M,), tl.float32)  # subtracted inside the logits' multiply-add
+    if FIXED_M:  # the stabilizer is given (the plain attention's log-sum-exp, log2 units): no running max
+        m_i = tl.load(st, mask=imask, other=0.0)
+        m_off = m_i
     j_end = tl.minimum(i0 + BLOCK_M, T)  # causal: columns <= the block's last row
     for j0 in range(0, j_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
@@ -88,15 +121,21 @@ def _prefill_row_stats(
         pj = tl.load(pos_ptr + b * T + j, mask=jmask, other=0)
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + j[:, None] * stride_kt + d[None, :], mask=jmask[:, None],
                     other=0.0)
-        y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_t, NOISE, DOT_PREC, UPCAST)
+        ck = col_key(pj)
+        y = _logits2(q, k, m_off, rk, ck, c_qk, c_t, NOISE, WEIGHT, DOT_PREC, UPCAST)
         if (j0 < first) | (j0 + BLOCK_N - 1 > i0) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
             y = tl.where(_allowed(i, j, vi, vj, T), y, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(y, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(y - m_new[:, None]), 1)
-        m_i = m_new
-    st = stats_ptr + ((b * Hq + hq) * T + i) * 2
-    tl.store(st, m_i * _LN2, mask=imask)
-    tl.store(st + 1, l_i, mask=imask)
+        if FIXED_M:  # exp2(y - m) <= 1 (m >= the row's max) times w < 2**24: one multiply-add into the tile
+            acc = _add_weighted(acc, tl.exp2(y), rk, ck, WEIGHT)
+        else:
+            m_new = tl.maximum(m_i, tl.max(y, 1))
+            e = _weight(tl.exp2(y - m_new[:, None]), rk, ck, WEIGHT)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(e, 1)
+            m_i = m_new
+    if FIXED_M:
+        l_i = tl.sum(acc, 1)
+    # log2-sum-exp2 of the row (rows with no allowed column, padding: masked in pass 2 whatever is stored)
+    tl.store(st, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), mask=imask)
 
 
 @triton.jit
@@ -105,7 +144,8 @@ def _prefill_col_sums(
     sm_scale, inv_tau, layer, H, T,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb,
     GRP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NOISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    NOISE: tl.constexpr, WEIGHT: tl.constexpr, FIXED_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
@@ -124,6 +164,7 @@ def _prefill_col_sums(
     c_t = -inv_tau  # -ln 2 * c_g, c_g = log2(e) / tau
     j0 = tl.program_id(1) * BLOCK_N
     pad_cols = j0 < tl.load(first_ptr + b)  # some column of the block may be padding
+    ck = col_key(pj)  # the columns' share of the noise hash, once
     colacc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     i_start = (j0 // BLOCK_M) * BLOCK_M  # causal: rows >= the block's first column
     for g in range(GRP):
@@ -135,17 +176,13 @@ def _prefill_col_sums(
             pi = tl.load(pos_ptr + b * T + i, mask=imask, other=0)
             q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + i[:, None] * stride_qt + d[None, :],
                         mask=imask[:, None], other=0.0)
-            st = stats_ptr + ((b * H * GRP + hq) * T + i) * 2
-            m = tl.load(st, mask=imask, other=0.0)
-            l = tl.load(st + 1, mask=imask, other=1.0)
-            # exp(y - m) / l as one exp2: the row's log-sum-exp m + log(l), in log2 units (rows with no allowed
-            # column: padding, masked below)
-            lse2 = m * _LOG2E + tl.log2(tl.where(l > 0.0, l, 1.0))
-            y = _logits2(q, k, pi, pj, seed, layer, hq, c_qk, c_t, NOISE, DOT_PREC, UPCAST) - lse2[:, None]
+            lse2 = tl.load(stats_ptr + (b * H * GRP + hq) * T + i, mask=imask, other=0.0)  # log2 units, pass 1
+            rk = row_key(seed, layer, 0, hq, pi)
+            y = _logits2(q, k, lse2, rk, ck, c_qk, c_t, NOISE, WEIGHT, DOT_PREC, UPCAST)
             if pad_cols | (i0 < j0 + BLOCK_N - 1) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
-                colacc += tl.where(_allowed(i, j, vi, vj, T), tl.exp2(y), 0.0)
+                colacc += tl.where(_allowed(i, j, vi, vj, T), _weight(tl.exp2(y), rk, ck, WEIGHT), 0.0)
             else:
-                colacc += tl.exp2(y)
+                colacc = _add_weighted(colacc, tl.exp2(y), rk, ck, WEIGHT)
     tl.store(out_ptr + (b * H + h) * T + j, tl.sum(colacc, 0), mask=jmask)
 
 
@@ -166,8 +203,9 @@ def prefill_scores(
     Per key token: the column sum over causal valid query rows (and the query heads sharing its KV head) of
     softmax((q.k * scale + g) / tau); g Gumbel noise from seed (B,) int64 when noise=True. `chunk` is accepted
     for signature parity with the reference; the kernel tiles by its own block sizes and never holds T x T.
-    row_lse (B, Hq, T) float32, H2O only: the rows' log-sum-exp from the attention that already ran (e.g. the
-    flash kernel's); pass 1 is skipped and the scoring is one QK^T pass.
+    row_lse (B, Hq, T) float32, tau 1 only: the rows' log-sum-exp of the plain logits from the attention that
+    already ran (e.g. the flash kernel's). H2O: it is the normalizer, pass 1 is skipped and the scoring is one
+    QK^T pass. Keyformer: pass 1's stabilizer (see the module docstring); the scores do not depend on it.
     """
     name = "prefill_scores"
     check_device(name, q)
@@ -186,8 +224,8 @@ def prefill_scores(
         got = None if seed is None else tuple(seed.shape)
         raise ValueError(f"{name}: noise=True needs seed (B,)={B} int64, got {got}")
     if row_lse is not None:
-        if noise or tau != 1.0:
-            raise ValueError(f"{name}: row_lse is the plain attention's normalizer; it needs noise=False, tau=1")
+        if tau != 1.0:
+            raise ValueError(f"{name}: row_lse is the plain attention's log-sum-exp; it needs tau=1, got {tau}")
         if tuple(row_lse.shape) != (B, Hq, T) or row_lse.device != q.device:
             raise ValueError(f"{name}: row_lse must be (B, Hq, T)={(B, Hq, T)} on {q.device}, "
                              f"got {tuple(row_lse.shape)} on {row_lse.device}")
@@ -203,19 +241,19 @@ def prefill_scores(
     prefix = (valid == (torch.arange(T, device=q.device) >= first[:, None])).all(-1)
     first = torch.where(prefix, first, T).to(torch.int32).contiguous()
     if row_lse is None:
-        stats = torch.empty(B, Hq, T, 2, dtype=torch.float32, device=q.device)
-    else:  # (m, l) = (lse, 1): exp(y - m) / l is the row's softmax
-        lse = row_lse.float().nan_to_num(neginf=0.0)  # rows with nothing allowed (padding): masked anyway
-        stats = torch.stack((lse, torch.ones_like(lse)), dim=-1)
+        stats = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    else:  # the attention's own log-sum-exp, in log2 units; rows with nothing allowed (padding): masked anyway
+        stats = (row_lse.float() * _LOG2E.value).nan_to_num(neginf=0.0).contiguous()
     seed_t = seed if noise else pos
     cfg = NOISE_CONFIG if noise else CONFIG
     cap = max(16, triton.next_power_of_2(T))
     BM, BN = min(cfg["block_m"], cap), min(cfg["block_n"], cap)
-    common = dict(GRP=Hq // H, D=D, BLOCK_M=BM, BLOCK_N=BN, NOISE=bool(noise),
+    common = dict(GRP=Hq // H, D=D, BLOCK_M=BM, BLOCK_N=BN, NOISE=bool(noise), WEIGHT=bool(noise) and tau == 1.0,
+                  FIXED_M=bool(noise) and row_lse is not None,
                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH)
     strides = (*q.stride()[:3], *k.stride()[:3], v8.stride(0))
-    if row_lse is None:
+    if row_lse is None or noise:
         _prefill_row_stats[(B * Hq, triton.cdiv(T, BM))](
             q, k, v8, pos, first, seed_t, stats, float(scale), 1.0 / float(tau), int(layer), Hq, T, *strides, **common)
     _prefill_col_sums[(B * H, triton.cdiv(T, BN))](

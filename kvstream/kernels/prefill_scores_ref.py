@@ -27,11 +27,14 @@ def prefill_scores_ref(
 ) -> torch.Tensor:
     """q (B, Hq, T, D), k (B, H, T, D), valid (B, T) bool (left-padded tokens False) -> (B, H, T) float32.
 
-    row_lse (B, Hq, T) float32, H2O only (noise False, tau 1): each row's log-sum-exp of its allowed logits, as
-    the attention computed it; then the softmax is exp(x - row_lse) (what the Triton kernel does with it).
+    row_lse (B, Hq, T) float32, tau 1 only: each row's log-sum-exp of its allowed plain logits, as the attention
+    computed it. H2O (noise False): the softmax is exp(x - row_lse) (what the Triton kernel does with it).
+    Keyformer: the Triton kernel's stabilizer only, which changes no score; ignored here.
     """
-    if row_lse is not None and (noise or tau != 1.0):
-        raise ValueError("prefill_scores: row_lse is the plain attention's normalizer; it needs noise=False, tau=1")
+    if row_lse is not None and tau != 1.0:
+        raise ValueError(f"prefill_scores: row_lse is the plain attention's log-sum-exp; it needs tau=1, got {tau}")
+    if noise:
+        row_lse = None
     B, Hq, T, D = q.shape
     H = k.shape[1]
     grp = Hq // H

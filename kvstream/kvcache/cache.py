@@ -161,8 +161,9 @@ class CompressedCache(Cache):
             self.backend = self._resolve_backend(key.device)
             # no mask: unpadded rows (the engine's admissions), whose lengths the host knows without a device read
             self.plan = self._plan_for([T] * B, key.device, None) if attention_mask is None else self._make_plan(valid)
-        # H2O on an unpadded batch: the fused attention SDPA would run anyway, asked for its row log-sum-exp, which
-        # is exactly the scores' normalizer: the scoring is then one QK^T pass instead of two
+        # a scored policy at tau 1 on an unpadded batch: the fused attention SDPA would run anyway, asked for its row
+        # log-sum-exp. H2O: exactly the scores' normalizer, the scoring is then one QK^T pass instead of two.
+        # Keyformer: the first pass's stabilizer (no running max)
         res = attention_with_lse(query, key, value, scaling) if self._lse_prefill(module, query, T) else None
         if res is not None:
             out, lse = res
@@ -251,8 +252,8 @@ class CompressedCache(Cache):
         return out
 
     def _lse_prefill(self, module, query, T: int) -> bool:
-        """Whether this prefill can take H2O's row normalizer from the attention (see `attention_with_lse`)."""
-        return (self.backend == "triton" and self.policy.scored and not self.policy.noisy and self.cfg.tau_init == 1.0
+        """Whether this prefill can take the rows' log-sum-exp from the attention (see `attention_with_lse`)."""
+        return (self.backend == "triton" and self.policy.scored and self.cfg.tau_init == 1.0
                 and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and min(self.plan.n) == T
                 and (attention_window(module) or T) >= T and query.shape[-1] % 8 == 0
                 and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)

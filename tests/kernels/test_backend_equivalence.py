@@ -41,10 +41,11 @@ def test_triton_backend_matches_torch_backend(name, device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's fused attention kernels run on CUDA only")
-def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
-    """H2O with the Triton backend on an unpadded bf16 batch takes its prefill normalizer from the fused attention
-    (one scoring pass); it then generates what the torch backend generates. Padded batches and Keyformer do not.
-    Both kernels that can give the LSE (cuDNN on Hopper, the flash kernel) match SDPA and the reference."""
+def test_scored_prefill_takes_the_attention_lse(monkeypatch):
+    """H2O and Keyformer (tau 1) with the Triton backend on an unpadded bf16 batch take the rows' log-sum-exp from
+    the fused attention (H2O: its normalizer, one scoring pass; Keyformer: the first pass's stabilizer); they then
+    generate what the torch backend generates. Padded batches do not. Both kernels that can give the LSE (cuDNN on
+    Hopper, the flash kernel) match SDPA, and the scores with it the reference, with and without noise."""
     import kvstream.kvcache.cache as cache_mod
     from kvstream.kernels.prefill_scores import prefill_scores
     from kvstream.kernels.prefill_scores_ref import prefill_scores_ref
@@ -53,7 +54,8 @@ def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
     real = cache_mod.attention_with_lse
     monkeypatch.setattr(cache_mod, "attention_with_lse", lambda *a: calls.append(1) or real(*a))
     model = build_model("llama", hidden=128, heads=4, kv_heads=2, layers=2).to("cuda", torch.bfloat16)  # head_dim 32
-    for lengths, name, uses in (([40, 40], "h2o", True), (LENGTHS, "h2o", False), ([40, 40], "keyformer+kivi2", False)):
+    for lengths, name, uses in (([40, 40], "h2o", True), (LENGTHS, "h2o", False), ([40, 40], "keyformer+kivi2", True),
+                                (LENGTHS, "keyformer+kivi2", False)):
         ids, mask = padded_batch(lengths, seed=torch.seed() % 2**31)
         ids, mask = ids.cuda(), mask.cuda()
         runs = {}
@@ -80,6 +82,10 @@ def test_h2o_prefill_takes_the_attention_lse(monkeypatch):
         assert torch.allclose(out.float(), sdpa.transpose(1, 2).float(), atol=1e-2, rtol=1e-2), f"cudnn={cudnn}"
         got = prefill_scores(q, k, valid, 0.125, row_lse=lse)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-2, f"cudnn={cudnn}"
+        seed = torch.tensor([5, 6], device="cuda")
+        kf = prefill_scores(q, k, valid, 0.125, 1.0, True, seed, layer=2, row_lse=lse)
+        kf_ref = prefill_scores_ref(q, k, valid, 0.125, 1.0, True, seed, layer=2)
+        assert ((kf - kf_ref).norm() / kf_ref.norm()).item() < 1e-2, f"keyformer, cudnn={cudnn}"
     # cuDNN turns a call down: the flash kernel takes over (and cuDNN is not asked again), unless flash SDP is
     # disabled: then no LSE kernel runs (None) and the cache takes SDPA's path with two scoring passes
     def refuse(*args):

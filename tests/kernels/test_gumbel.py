@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from kvstream.kernels.gumbel import gumbel_triton, neg_log_u
-from kvstream.kernels.gumbel_ref import gumbel, hash_coords
+from kvstream.kernels.gumbel_ref import gumbel, hash_coords, uniform_from_hash
 
 
 def test_equals_reference_on_random_coordinates(device):
@@ -47,12 +47,12 @@ def test_gumbel_distribution(device):
     assert ks < 1.63 / math.sqrt(n), f"KS distance {ks:.4g} rejects Gumbel(0, 1) at the 1% level"
 
 
-def test_finite_where_the_uniform_would_round_to_one(device):
-    """Hashes with hash >> 8 == 2**24 - 1 (one draw in 2**24; these columns were found by search) made u round to
-    1.0 in float32 and g = +inf, which turns a noisy softmax into NaN; both draws now give the largest finite value
-    and their neighbours are untouched."""
+def test_the_largest_hash_gives_the_largest_finite_draw(device):
+    """Hashes with hash >> 9 == 2**23 - 1 (one draw in 2**23; these columns were found by search) give u = 1 - 2**-24,
+    the largest u, and the largest finite g (the uniform never reaches 1, where g = +inf would turn a noisy softmax
+    into NaN); their neighbour is an ordinary draw."""
     col = torch.tensor([3735224, 46234235, 3735225])
-    assert torch.all((hash_coords(7, 1, 3, 2, 5, col[:2]) >> 8) == 2**24 - 1)
+    assert torch.all((hash_coords(7, 1, 3, 2, 5, col[:2]) >> 9) == 2**23 - 1)
     ref = gumbel(7, 1, 3, 2, 5, col)
     out = gumbel_triton(7, 1, 3, 2, 5, col.to(device)).cpu()
     top = -math.log(-math.log(1.0 - 2.0 ** -24))  # 16.64...
@@ -60,6 +60,14 @@ def test_finite_where_the_uniform_would_round_to_one(device):
     torch.testing.assert_close(ref[:2], torch.full((2,), top), rtol=1e-6, atol=0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert ref[2] < top - 1e-3
+
+
+def test_uniform_takes_the_odd_multiples_of_two_to_the_minus_24():
+    """uniform_from_hash: exact float32 (2 (h >> 9) + 1) / 2**24 at both ends and between (no clamp, no rounding)."""
+    h = torch.tensor([0, 511, 512, 2**31, 2**32 - 1])
+    u = uniform_from_hash(h)
+    want = torch.tensor([1, 1, 3, 2**23 + 1, 2**24 - 1], dtype=torch.float64) / 2**24
+    assert u.dtype == torch.float32 and torch.equal(u.double(), want)
 
 
 @triton.jit
@@ -70,12 +78,12 @@ def _neg_log_kernel(u_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 def test_inner_log_relative_accuracy(device):
-    """The Gumbel draw's inner -ln(u) (lg2 below 0.75, an atanh series above) against float64 over every float32
+    """The Gumbel draw's inner -ln(u) (lg2 up to 0.78, a polynomial in 1 - u above) against float64 over every float32
     u the hash gives: its relative error is the draw's absolute error, so it must hold down to u = 1 - 2**-24
     (where -ln(u) ~ 6e-8) and on both sides of the switch."""
-    k = torch.cat([torch.arange(0, 2**24, 4099), torch.arange(2**24 - 4096, 2**24),  # near 1
-                   torch.arange(12582912 - 2048, 12582912 + 2048)])  # around u = 0.75 (k = 0.75 * 2**24)
-    u = ((k.double() + 0.5) / 2**24).clamp(max=1 - 2**-24).float()
+    k = torch.cat([torch.arange(0, 2**23, 2053), torch.arange(2**23 - 4096, 2**23),  # near 1
+                   torch.arange(6543114 - 2048, 6543114 + 2048)])  # around u = 0.78 (k = 0.78 * 2**23)
+    u = ((2 * k + 1).double() / 2**24).float()
     out = torch.empty_like(u, device=device)
     _neg_log_kernel[(triton.cdiv(u.numel(), 1024),)](u.to(device), out, u.numel(), BLOCK=1024)
     exact = -torch.log(u.double())

@@ -38,8 +38,8 @@ def test_prefill_scores_match_reference(case, device):
                                rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("noise", [False, True])
-def test_prefill_unmasked_interior_tiles(noise, device, monkeypatch):
+@pytest.mark.parametrize("noise,tau", [(False, 1.0), (True, 1.4), (True, 1.0)])  # tau 1: noise as a weight
+def test_prefill_unmasked_interior_tiles(noise, tau, device, monkeypatch):
     """16 x 16 tiles, so most tiles lie strictly below the diagonal and take the unmasked path: rows with prefix
     padding (those tiles skip the mask), a row with a hole in the middle and a right-padded row (never the
     unmasked path: padding that is not a prefix) all match the reference, two passes and with the LSE."""
@@ -53,15 +53,15 @@ def test_prefill_unmasked_interior_tiles(noise, device, monkeypatch):
     t = torch.arange(T)
     valid = torch.stack([t >= 0, t >= 21, (t < 30) | (t >= 47), t < 60]).to(device)
     seed = torch.randint(0, 2**40, (B,), generator=gen).to(device)
-    tau = 1.4 if noise else 1.0
     out = prefill_scores(q, k, valid, D ** -0.5, tau, noise, seed, layer=1)
     ref = prefill_scores_ref(q, k, valid, D ** -0.5, tau, noise, seed, layer=1)
     assert_close(out, ref, torch.float32, "prefill scores, 16 x 16 tiles")
-    if not noise:
+    if tau == 1.0:  # H2O: the LSE is the normalizer; Keyformer: pass 1's stabilizer
         x = torch.einsum("bhid,bhjd->bhij", q.cpu(), k.cpu().repeat_interleave(grp, 1)) * D ** -0.5
         allowed = torch.ones(T, T).tril().bool()[None] & valid.cpu()[:, None, :] & valid.cpu()[:, :, None]
         lse = x.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1).to(device)
-        assert_close(prefill_scores(q, k, valid, D ** -0.5, row_lse=lse), ref, torch.float32, "with the LSE")
+        with_lse = prefill_scores(q, k, valid, D ** -0.5, tau, noise, seed, layer=1, row_lse=lse)
+        assert_close(with_lse, ref, torch.float32, "with the LSE")
 
 
 @pytest.mark.parametrize("grp", [1, 4])
@@ -82,10 +82,36 @@ def test_prefill_h2o_with_attention_lse(grp, device):
     off = prefill_scores(q, k, valid, D ** -0.5, row_lse=lse + 0.5)
     assert not torch.allclose(off, ref, rtol=1e-2), "the kernel ignored row_lse"
     with pytest.raises(ValueError, match="row_lse"):
-        prefill_scores(q, k, valid, D ** -0.5, noise=True, seed=torch.zeros(B, dtype=torch.int64, device=device),
-                       row_lse=lse)
+        prefill_scores(q, k, valid, D ** -0.5, tau=1.5, noise=True,
+                       seed=torch.zeros(B, dtype=torch.int64, device=device), row_lse=lse)
     with pytest.raises(ValueError, match=r"row_lse must be \(B, Hq, T\)"):
         prefill_scores(q, k, valid, D ** -0.5, row_lse=lse[:, :, :-1])
+
+
+@pytest.mark.parametrize("grp", [1, 4])
+def test_prefill_keyformer_with_the_attention_lse_as_stabilizer(grp, device):
+    """Keyformer at tau 1 with the plain attention's LSE given: pass 1 takes it as its stabilizer instead of a
+    running max; the scores equal the reference's and the kernel's own without it, whatever stabilizer >= the row
+    max is given (lse + 3); one far below the row max overflows pass 1 (so the given LSE is really used)."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, T, D = 2, 2, 75, 64
+    q = (2 * torch.randn(B, H * grp, T, D, generator=gen)).to(device)
+    k = torch.randn(B, H, T, D, generator=gen).to(device)
+    valid = (torch.arange(T).view(1, T) >= torch.tensor([0, 20]).view(B, 1)).to(device)
+    seed = torch.randint(0, 2**40, (B,), generator=gen).to(device)
+    x = torch.einsum("bhid,bhjd->bhij", q.cpu(), k.cpu().repeat_interleave(grp, 1)) * D ** -0.5
+    allowed = torch.ones(T, T).tril().bool()[None] & valid.cpu()[:, None, :] & valid.cpu()[:, :, None]
+    lse = x.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1).to(device)  # -inf on padding rows
+    ref = prefill_scores_ref(q, k, valid, D ** -0.5, 1.0, True, seed, layer=5)
+    plain = prefill_scores(q, k, valid, D ** -0.5, 1.0, True, seed, layer=5)
+    assert_close(prefill_scores_ref(q, k, valid, D ** -0.5, 1.0, True, seed, layer=5, row_lse=lse), ref,
+                 torch.float32, "reference with LSE")
+    assert_close(plain, ref, torch.float32, "kernel, running max")
+    for shift in (0.0, 3.0):
+        got = prefill_scores(q, k, valid, D ** -0.5, 1.0, True, seed, layer=5, row_lse=lse + shift)
+        assert_close(got, ref, torch.float32, f"kernel with LSE + {shift}")
+    low = prefill_scores(q, k, valid, D ** -0.5, 1.0, True, seed, layer=5, row_lse=lse - 120.0)
+    assert not torch.allclose(low.nan_to_num(-1.0), ref, rtol=1e-2), "the kernel ignored row_lse"
 
 
 def test_prefill_noise_depends_on_seed_and_layer(device):
