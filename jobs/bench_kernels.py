@@ -291,14 +291,16 @@ def bench_prefill(T, H, rows):
     attn = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H < HQ))
     base = dict(batch=1, context=T, q_heads=HQ, kv_heads=H, bytes=0, roofline_ms=float("nan"))
     rows.append({**base, "impl": "sdpa_prefill", "storage": "bf16", "scores": 0, "ms": attn, "vs_sdpa": 1.0})
-    # H2O on an unpadded batch in the cache: the attention asked for its LSE (its cost beyond SDPA's) + one pass
+    # H2O / Keyformer on an unpadded batch in the cache: the attention asked for its LSE (its cost beyond SDPA's) +
+    # one pass (H2O) or two with the LSE as the first pass's stabilizer (Keyformer at tau 1)
     lse_extra = time_ms(lambda: attention_with_lse(q, k, v, D ** -0.5)) - attn
     _, lse = attention_with_lse(q, k, v, D ** -0.5)
     paths = {"h2o": lambda: prefill_scores(q, k, valid, D ** -0.5, 1.0, False, seed),
              "keyformer": lambda: prefill_scores(q, k, valid, D ** -0.5, 1.0, True, seed),
-             "h2o_lse": lambda: prefill_scores(q, k, valid, D ** -0.5, row_lse=lse)}
+             "h2o_lse": lambda: prefill_scores(q, k, valid, D ** -0.5, row_lse=lse),
+             "keyformer_lse": lambda: prefill_scores(q, k, valid, D ** -0.5, 1.0, True, seed, row_lse=lse)}
     defaults = {"h2o": dict(prefill_mod.CONFIG), "keyformer": dict(prefill_mod.NOISE_CONFIG)}
-    defaults["h2o_lse"] = defaults["h2o"]
+    defaults["h2o_lse"], defaults["keyformer_lse"] = defaults["h2o"], defaults["keyformer"]
     times = {}
     for bm, bn, nw in PREFILL_TILES:
         for cfg in (prefill_mod.CONFIG, prefill_mod.NOISE_CONFIG):
@@ -318,7 +320,8 @@ def bench_prefill(T, H, rows):
         print(f"# prefill T={T} H={H} {name}: default tile {tile[name]} {times[name, tile[name]]:.3f} ms, fastest "
               f"{best[1]} {best[0]:.3f} ms", flush=True)
     for name, mode, impl, extra in (("h2o", 1, "prefill_scores", 0.0), ("keyformer", 2, "prefill_scores", 0.0),
-                                    ("h2o_lse", 1, "prefill_scores_lse", lse_extra)):
+                                    ("h2o_lse", 1, "prefill_scores_lse", lse_extra),
+                                    ("keyformer_lse", 2, "prefill_scores_lse", lse_extra)):
         ms = times[name, tile[name]] + extra
         rows.append({**base, "impl": impl, "storage": "bf16", "scores": mode, "ms": ms, "vs_sdpa": attn / ms})
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from kvstream.pipeline.fs import filesystem, join, write_bytes_atomic
 from kvstream.pipeline.interrupt import deferring_sigint
 from kvstream.pipeline.stage import Stage
-from kvstream.pipeline.stats import rouge_scores
+from kvstream.pipeline.stats import ROUGE_KEYS, rouge_scores
 from kvstream.pipeline.writer import ordered
 
 STATS_COLUMNS = ("error", "num_input_tokens", "num_generated_tokens", "truncated", "kv_bytes", "kv_bytes_full",
@@ -47,7 +47,10 @@ def part_name(run: str, ids: list[str], n: int = 0) -> str:
 
 class WriteParts(Stage):
     """Result rows (any columns, `id` and `error` required) -> their part file(s); returns the stats table: one row
-    per result row with STATS_COLUMNS, `_rouge1/2/L` (when `reference_column` is set) and `_file`."""
+    per result row with STATS_COLUMNS, `_rouge1/2/L` (when `reference_column` is set) and `_file`. With a
+    reference column the parts also hold each row's `rouge1`, `rouge2`, `rougeL` (F1 against the reference, null
+    for a failed row or a missing reference): scored here, on the workers, so the output's totals read three
+    numbers a row instead of scoring every text again on the driver."""
 
     name = "write_parts"
     required = ("id", "error")
@@ -84,15 +87,18 @@ class WriteParts(Stage):
     def _process(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
             return pa.table({"_file": pa.array([], pa.string())})
-        rows = ordered(table.drop_columns([c for c in INTERNAL if c in table.column_names]))
-        files = self._write(rows)
-        self._maybe_crash()
         stats = table.select([c for c in STATS_COLUMNS if c in table.column_names])
         if self.ref_col and self.ref_col in table.column_names and "generated_text" in table.column_names:
             scores = [rouge_scores(g, r) if e is None else None for g, r, e in zip(
                 table["generated_text"].to_pylist(), table[self.ref_col].to_pylist(), table["error"].to_pylist())]
-            for k in ("rouge1", "rouge2", "rougeL"):
-                stats = stats.append_column(f"_{k}", pa.array([s and s[k] for s in scores], pa.float64()))
+            for k in ROUGE_KEYS:
+                col = pa.array([s and s[k] for s in scores], pa.float64())
+                stats = stats.append_column(f"_{k}", col)
+                table = table.drop_columns([k]) if k in table.column_names else table  # ours, not a stale input's
+                table = table.append_column(k, col)
+        rows = ordered(table.drop_columns([c for c in INTERNAL if c in table.column_names]))
+        files = self._write(rows)
+        self._maybe_crash()
         return stats.append_column("_file", pa.array(files, pa.string()))
 
     def apply(self, ds):

@@ -66,10 +66,11 @@ class RunStats:
         self.last = self.start
 
     def add(self, table: pa.Table) -> None:
-        """Count one stats table: rows of results (with `generated_text` and the reference column) or the workers'
-        stats rows (`_rouge1/2/L` instead of the texts)."""
+        """Count one stats table: rows of results (with their `rouge1/2/L` columns, else `generated_text` and the
+        reference column) or the workers' stats rows (`_rouge1/2/L` instead of the texts)."""
         now = time.time()
-        scored = "_rouge1" in table.column_names
+        names = table.column_names
+        scored = "_" if "_rouge1" in names else ("" if self.ref_col and "rouge1" in names else None)
         for r in table.to_pylist():
             actor = r.get("_actor") or "?"
             if r["error"] is not None:
@@ -87,8 +88,8 @@ class RunStats:
             a["rows_ok"] += 1
             a["input_tokens"] += r["num_input_tokens"] or 0
             a["output_tokens"] += r["num_generated_tokens"] or 0
-            if scored:
-                score = {k: r[f"_{k}"] for k in ROUGE_KEYS} if r["_rouge1"] is not None else None
+            if scored is not None:
+                score = {k: r[scored + k] for k in ROUGE_KEYS} if r[scored + "rouge1"] is not None else None
             else:
                 score = rouge_scores(r.get("generated_text"), r.get(self.ref_col)) if self.ref_col else None
             if score is not None:

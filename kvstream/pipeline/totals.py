@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvstream.pipeline.fs import filesystem, join, write_bytes_atomic
-from kvstream.pipeline.stats import RunStats
+from kvstream.pipeline.stats import ROUGE_KEYS, RunStats
 from kvstream.pipeline.writer import result_files
 
 log = logging.getLogger("kvstream")
@@ -55,9 +55,12 @@ def output_totals(output: str, reference_column: str | None, s3: dict | None = N
             with fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 names = pf.schema_arrow.names
-                # the texts only where ROUGE needs them: a run without references reads no generated text
-                texts = ("generated_text", reference_column) if reference_column else ()
-                table = pf.read(columns=[c for c in (*STATS_COLUMNS, *texts) if c in names])
+                # ROUGE: the scores the workers wrote beside each row; the texts only for parts without them
+                # (written before the scores were), and nothing of it for a run without references
+                rouge = ()
+                if reference_column:
+                    rouge = ROUGE_KEYS if all(k in names for k in ROUGE_KEYS) else ("generated_text", reference_column)
+                table = pf.read(columns=[c for c in (*STATS_COLUMNS, *rouge) if c in names])
         except Exception as e:
             log.warning("stats: skipping unreadable results file %s (%s)", f, e)
             continue

@@ -21,7 +21,7 @@ from kvstream.pipeline.fs import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger("kvstream")
 RESULT_ORDER = ("generated_text", "num_input_tokens", "num_generated_tokens", "time_taken_llm", "kv_bytes",
-                "kv_bytes_full", "policy", "quant", "truncated", "error")
+                "kv_bytes_full", "policy", "quant", "truncated", "rouge1", "rouge2", "rougeL", "error")
 
 
 def ordered(table: pa.Table) -> pa.Table:

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from kvstream.pipeline import job, load_config, run
@@ -93,3 +94,35 @@ def test_small_generation_blocks_are_written_as_parts_of_rows_per_file(tmp_path,
     files = sorted((tmp_path / "results").glob("*.parquet"))
     assert [pq.read_table(str(f)).num_rows for f in files] == [8] * 5 and len(stats) == 40
     assert sorted(pq.read_table(str(tmp_path / "results"))["id"].to_pylist()) == [f"r{i:02d}" for i in range(40)]
+
+
+def test_parts_carry_each_rows_rouge_and_the_totals_read_it_not_the_texts(tmp_path):
+    """With a reference column the workers write each row's ROUGE beside it (null for a failed row); the output's
+    totals take those numbers (a part's texts changed afterwards change nothing), and score the texts only of a
+    part written without them."""
+    from kvstream.pipeline.stats import rouge_scores
+    from kvstream.pipeline.totals import output_totals
+
+    out = tmp_path / "out"
+    table = pa.table({"id": ["a", "b", "c"], "generated_text": ["the cat sat", "a dog ran off", None],
+                      "ref": ["the cat sat down", "the dog ran", "anything"],
+                      "error": pa.array([None, None, "boom"], pa.string()), "num_generated_tokens": [3, 4, 0],
+                      "num_input_tokens": [9, 9, 9], "kv_bytes": [1, 1, 0], "kv_bytes_full": [2, 2, 0]})
+    WriteParts(str(out / "results"), "20260101T000000-000003", rows_per_file=10, reference_column="ref")(table)
+    (part,) = (out / "results").glob("*.parquet")
+    written = pq.read_table(str(part))
+    assert written.column_names[-4:] == ["rouge1", "rouge2", "rougeL", "error"]
+    for r in written.to_pylist():
+        want = rouge_scores(r["generated_text"], r["ref"]) if r["error"] is None else None
+        assert (r["rouge1"], r["rouge2"], r["rougeL"]) == ((want["rouge1"], want["rouge2"], want["rougeL"])
+                                                         if want else (None, None, None)), r["id"]
+    scored = output_totals(str(out), "ref").rouge()
+    assert scored["rouge_rows"] == 2
+    assert scored["rouge1"] == pytest.approx((written["rouge1"][0].as_py() + written["rouge1"][1].as_py()) / 2)
+    # the texts are not read again: replace them, keep the scores
+    pq.write_table(written.set_column(written.column_names.index("generated_text"), "generated_text",
+                                      pa.array(["zzz", "zzz", None])), str(part))
+    assert output_totals(str(out), "ref").rouge() == scored
+    # a part without score columns (an older output): its texts are scored
+    pq.write_table(written.drop_columns(["rouge1", "rouge2", "rougeL"]), str(part))
+    assert output_totals(str(out), "ref").rouge() == pytest.approx(scored)
