@@ -1,9 +1,10 @@
 """Keyformer's prefill scoring on the GPU: the kernel's time per layer at one prompt (Llama-2-7B shape: 32 heads,
 head_dim 128, bf16), against an earlier version of the kernel loaded from a directory (argv[1], optional: a copy
 of the earlier kvstream/kernels/prefill_scores.py as prefill_scores_old.py beside its gumbel_old.py), in the same
-run; then one prompt's prefill through the engine (built once) per cache config.
-Usage: python bench/engine_h100/prefill_scoring_s14.py [OLD_DIR] [T]"""
-import importlib, sys, time
+run; then one prompt's prefill through the engine (built once) per cache config, by kernel, into PROFILE_MD.
+Usage: python bench/engine_h100/prefill_scoring_s14.py [OLD_DIR|-] [T] [PROFILE_MD]"""
+import importlib
+import sys
 
 import torch
 import triton
@@ -57,29 +58,10 @@ if old_dir:
         print(f"  new vs old {label}: max rel diff {rel:.3g}; column sums {a.sum().item():.1f} vs {b.sum().item():.1f}")
 
 import bench_engine as be  # noqa: E402
-from kvstream import CacheConfig  # noqa: E402
-from kvstream.kvcache.cache import CompressedCache  # noqa: E402
 
+# one prompt's prefill per config, the engine built once, with its GPU time by kernel (bench_engine's profile)
+out = sys.argv[3] if len(sys.argv) > 3 else "prefill_profile_s14.md"
 model = be.build_model("llama2-7b", 32, dev)
 for name in ("full", "full+kivi2", "keyformer0.5+kivi2"):
-    eng = be.kv_engine(model, name)
-    ids = torch.randint(3, 32000, (1, 4096), device=dev)
-
-    def kv():
-        cache = CompressedCache(CacheConfig(**be.CONFIGS[name], max_new_tokens=256), model.config, seeds=[1])
-        return eng.prefill(cache, ids)
-    with torch.inference_mode():
-        for _ in range(2):
-            kv()
-        torch.cuda.synchronize()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        w = time.perf_counter()
-        ev[0].record()
-        for _ in range(5):
-            kv()
-        ev[1].record()
-        torch.cuda.synchronize()
-        print(f"prefill {name:20s} one prompt of 4096: wall {1e3 * (time.perf_counter() - w) / 5:6.1f} ms  "
-              f"gpu-span {ev[0].elapsed_time(ev[1]) / 5:6.1f} ms", flush=True)
-    del eng
+    print(be.profile_prefill(model, name, 4096, out).splitlines()[0], flush=True)
     torch.cuda.empty_cache()

@@ -28,12 +28,7 @@ _U_MAX = tl.constexpr(U_MAX)
 @triton.jit
 def _mix32(x):
     """One round of the lowbias32-shaped finalizer on uint32 (multiplications wrap mod 2**32)."""
-    x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x2C1B3C6D, tl.uint32)
-    x = x ^ (x >> 16)
-    return x
+    return finish_hash(x ^ (x >> 16))
 
 
 @triton.jit
