@@ -1,7 +1,8 @@
 """Keyformer's prefill scoring on the GPU: the kernel's time per layer at one prompt (Llama-2-7B shape: 32 heads,
 head_dim 128, bf16), against an earlier version of the kernel loaded from a directory (argv[1], optional: a copy
 of the earlier kvstream/kernels/prefill_scores.py as prefill_scores_old.py beside its gumbel_old.py), in the same
-run; then one prompt's prefill through the engine (built once) per cache config, by kernel, into PROFILE_MD.
+run; a tile sweep; then one prompt's prefill through the engine (built once) per cache config, by kernel, into
+PROFILE_MD ("-": the kernel timings only).
 Usage: python bench/engine_h100/prefill_scoring_s14.py [OLD_DIR|-] [T] [PROFILE_MD]"""
 import importlib
 import sys
@@ -41,7 +42,9 @@ for name, fn in impls.items():
 import kvstream.kernels.prefill_scores as pmod  # noqa: E402
 
 base = dict(pmod.NOISE_CONFIG)
-for bm, bn, w in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (64, 128, 4)):
+profile_md = sys.argv[3] if len(sys.argv) > 3 else "prefill_profile_s14.md"
+tiles = ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (64, 128, 4)) if profile_md != "-" else ()
+for bm, bn, w in tiles:
     pmod.NOISE_CONFIG.update(block_m=bm, block_n=bn, num_warps=w)
     for label, kw in (("keyformer tau 1", {}), ("keyformer tau 1 + lse", {"row_lse": lse})):
         ms = triton.testing.do_bench(lambda: prefill_scores(q, k, valid, D ** -0.5, 1.0, True, seed, layer=3, **kw),
@@ -59,9 +62,10 @@ if old_dir:
 
 import bench_engine as be  # noqa: E402
 
-# one prompt's prefill per config, the engine built once, with its GPU time by kernel (bench_engine's profile)
-out = sys.argv[3] if len(sys.argv) > 3 else "prefill_profile_s14.md"
-model = be.build_model("llama2-7b", 32, dev)
-for name in ("full", "full+kivi2", "keyformer0.5+kivi2"):
-    print(be.profile_prefill(model, name, 4096, out).splitlines()[0], flush=True)
-    torch.cuda.empty_cache()
+# one prompt's prefill per config, the engine built once, with its GPU time by kernel (bench_engine's profile);
+# PROFILE_MD "-": the kernel timings alone (no tile sweep, no prefill)
+if profile_md != "-":
+    model = be.build_model("llama2-7b", 32, dev)
+    for name in ("full", "full+kivi2", "keyformer0.5+kivi2"):
+        print(be.profile_prefill(model, name, 4096, profile_md).splitlines()[0], flush=True)
+        torch.cuda.empty_cache()
