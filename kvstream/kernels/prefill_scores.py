@@ -15,7 +15,7 @@ Pass 2 recomputes q.k, so the scoring costs about two QK^T products (no P.V), pl
 stabilizer (>= every noise-free logit of the row, so exp(x - lse) <= 1): no running max, no rescaling, the sums
 kept per element like pass 2's and reduced once.
 At tau = 1 (the prefill's, by the design) the noise enters as a weight: exp(x + g) = exp(x) * exp(g), so pass 1
-keeps the noise-free row max (any stabilizer gives the same normalizer; exp(g) < 2**25 cannot overflow) and both
+keeps the noise-free row max (any stabilizer gives the same normalizer; exp(g) < 2**24 cannot overflow) and both
 passes draw `gumbel.weight_from_keys` (one reciprocal) instead of adding lg2-based noise into the logit.
 Both passes work in log2 units (exp2, the scale and log2(e) folded into one multiply) and treat interior tiles
 apart: when the batch row's padding is a prefix (left padding, what the cache passes) the tiles strictly below
