@@ -142,10 +142,16 @@ def gumbel_lg2(seed, layer, step, head, row, col):
 
 
 @triton.jit
+def _neg_log2_u_keys(rk, ck):
+    """-log2(u) of the draw with keys rk (`row_key`) and ck (`col_key`), broadcast."""
+    return neg_log2_u(_uniform(finish_hash(rk ^ ck)))
+
+
+@triton.jit
 def lg2_from_keys(rk, ck):
     """`gumbel_lg2` from the keys (`row_key`, `col_key`), broadcast."""
     # the inner log's relative error becomes g's absolute error; the outer one only needs absolute accuracy
-    return _lg2(neg_log2_u(_uniform(finish_hash(rk ^ ck))))
+    return _lg2(_neg_log2_u_keys(rk, ck))
 
 
 @triton.jit
@@ -154,7 +160,7 @@ def weight_from_keys(rk, ck):
     At tau = 1 a softmax over noisy logits needs only exp(x + g) = exp(x) * exp(g), and the constant 1 / ln 2
     cancels in the normalization: one reciprocal instead of the outer log (and no add into the logit, no log in
     the max)."""
-    return _rcp(neg_log2_u(_uniform(finish_hash(rk ^ ck))))
+    return _rcp(_neg_log2_u_keys(rk, ck))
 
 
 @triton.jit

@@ -178,11 +178,10 @@ def _prefill_col_sums(
                         mask=imask[:, None], other=0.0)
             lse2 = tl.load(stats_ptr + (b * H * GRP + hq) * T + i, mask=imask, other=0.0)  # log2 units, pass 1
             rk = row_key(seed, layer, 0, hq, pi)
-            y = _logits2(q, k, lse2, rk, ck, c_qk, c_t, NOISE, WEIGHT, DOT_PREC, UPCAST)
+            p = tl.exp2(_logits2(q, k, lse2, rk, ck, c_qk, c_t, NOISE, WEIGHT, DOT_PREC, UPCAST))
             if pad_cols | (i0 < j0 + BLOCK_N - 1) | (i0 + BLOCK_M > T):  # padding, diagonal or edge: masked
-                colacc += tl.where(_allowed(i, j, vi, vj, T), _weight(tl.exp2(y), rk, ck, WEIGHT), 0.0)
-            else:
-                colacc = _add_weighted(colacc, tl.exp2(y), rk, ck, WEIGHT)
+                p = tl.where(_allowed(i, j, vi, vj, T), p, 0.0)  # before the weight: 0 * w = 0 (w is finite)
+            colacc = _add_weighted(colacc, p, rk, ck, WEIGHT)
     tl.store(out_ptr + (b * H + h) * T + j, tl.sum(colacc, 0), mask=jmask)
 
 

@@ -70,7 +70,8 @@ class RunStats:
         reference column) or the workers' stats rows (`_rouge1/2/L` instead of the texts)."""
         now = time.time()
         names = table.column_names
-        scored = "_" if "_rouge1" in names else ("" if self.ref_col and "rouge1" in names else None)
+        # where the scores are: the workers' stats columns `_rouge1/2/L`, a part's `rouge1/2/L`, else the texts
+        prefix = "_" if "_rouge1" in names else ("" if self.ref_col and "rouge1" in names else None)
         for r in table.to_pylist():
             actor = r.get("_actor") or "?"
             if r["error"] is not None:
@@ -88,8 +89,8 @@ class RunStats:
             a["rows_ok"] += 1
             a["input_tokens"] += r["num_input_tokens"] or 0
             a["output_tokens"] += r["num_generated_tokens"] or 0
-            if scored is not None:
-                score = {k: r[scored + k] for k in ROUGE_KEYS} if r[scored + "rouge1"] is not None else None
+            if prefix is not None:
+                score = {k: r[prefix + k] for k in ROUGE_KEYS} if r[prefix + "rouge1"] is not None else None
             else:
                 score = rouge_scores(r.get("generated_text"), r.get(self.ref_col)) if self.ref_col else None
             if score is not None:

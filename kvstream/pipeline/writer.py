@@ -18,10 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kvstream.pipeline.fs import filesystem, join, write_bytes_atomic
+from kvstream.pipeline.stats import ROUGE_KEYS
 
 log = logging.getLogger("kvstream")
 RESULT_ORDER = ("generated_text", "num_input_tokens", "num_generated_tokens", "time_taken_llm", "kv_bytes",
-                "kv_bytes_full", "policy", "quant", "truncated", "rouge1", "rouge2", "rougeL", "error")
+                "kv_bytes_full", "policy", "quant", "truncated", *ROUGE_KEYS, "error")
 
 
 def ordered(table: pa.Table) -> pa.Table:
