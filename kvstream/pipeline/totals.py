@@ -40,8 +40,9 @@ def append_invocation(output: str, invocation: dict[str, Any], s3: dict | None =
     for k, v in (invocation.get("rouge") or {}).items():
         flat[k] = v
     rows = read_invocations(output, s3) + [flat]
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every invocation's keys (from_pylist takes the first's)
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), sink)
     write_bytes_atomic(join(output, "stats.parquet"), sink.getvalue(), s3)
     return rows
 

@@ -126,3 +126,16 @@ def test_parts_carry_each_rows_rouge_and_the_totals_read_it_not_the_texts(tmp_pa
     # a part without score columns (an older output): its texts are scored
     pq.write_table(written.drop_columns(["rouge1", "rouge2", "rougeL"]), str(part))
     assert output_totals(str(out), "ref").rouge() == pytest.approx(scored)
+
+
+def test_stats_parquet_keeps_keys_a_later_invocation_adds(tmp_path):
+    """stats.parquet gets one row per invocation; a key only a later one has (e.g. the steady-state rates of a run
+    after an interrupted first one that produced nothing) is kept, null for the earlier rows."""
+    from kvstream.pipeline.totals import append_invocation, read_invocations
+
+    append_invocation(str(tmp_path), {"invocation": "one", "rows": 0, "interrupted": "SIGTERM"})
+    append_invocation(str(tmp_path), {"invocation": "two", "rows": 5, "steady_rows_per_s": 2.5, "interrupted": None,
+                                      "rouge": {"rouge1": 0.25}})
+    rows = read_invocations(str(tmp_path))
+    assert [(r["invocation"], r["rows"], r["steady_rows_per_s"], r["rouge1"]) for r in rows] == [
+        ("one", 0, None, None), ("two", 5, 2.5, 0.25)]
