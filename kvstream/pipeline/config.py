@@ -79,6 +79,7 @@ class RuntimeConf:
     batch_size: Any = "auto"  # rows per generation batch (one engine call): auto = 8 in CPU mode, 256 with GPUs
     sort_window: int = 0  # rows sorted by length together before batching; 0 = 16 x batch_size
     progress_every_s: float = 10.0
+    files_per_wave: int = 0  # 0: one Ray Data execution; N: waves of N input files (driver memory bounded per wave)
     log_level: str = "warning"  # error | warning | info | debug: Ray's, Ray Data's and ROUGE's log lines (logs.py)
 
 
@@ -230,6 +231,7 @@ def validate(cfg: DictConfig) -> None:
     need(isinstance(r.batch_size, int) and not isinstance(r.batch_size, bool) and r.batch_size >= 1,
          "runtime.batch_size", "must be an int >= 1 or auto (8 in CPU mode, 256 with GPUs)")
     need(r.sort_window >= 0, "runtime.sort_window", "must be >= 0")
+    need(r.files_per_wave >= 0, "runtime.files_per_wave", "must be >= 0 (0 = every file in one Ray Data execution)")
     need(r.log_level in LOG_LEVELS, "runtime.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     from kvstream.kvcache.config import setting_problem
 

@@ -6,7 +6,8 @@ pool with one Engine per actor) -> write Parquet parts (on the workers, kvstream
 rows to the driver.
 
 Everything up to the driver's loop is lazy; Ray Data streams batches through it. The driver only counts (stats,
-progress) and, at the end, dedupes ids held twice (writer.compact) and writes the stats. It starts a local Ray
+progress) and, at the end, dedupes ids held twice (writer.compact) and writes the stats. With
+`runtime.files_per_wave` the input files run in waves, one Ray Data execution each (`file_waves`). It starts a local Ray
 unless `runtime.address` or RAY_ADDRESS names a cluster (as `ray job submit` does).
 """
 
@@ -132,6 +133,19 @@ def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done
     return ds.drop_columns(["prompt" if cfg.task == "summarize" else "messages"])  # the request, not a result
 
 
+def file_waves(files: list[str], per_wave: int, limit: int | None) -> list[list[str]]:
+    """The input files in waves of `per_wave` (runtime.files_per_wave), each run as its own Ray Data execution.
+
+    Ray Data keeps a statistics record of every block each operator has produced until the execution ends
+    (ray-project/ray#66016), so one execution's driver memory grows with the rows it streams; between waves it is
+    freed, so the driver holds one wave's. Each wave starts its own actor pool (a model load per actor, seconds
+    against a wave's hours on a GPU). One wave when `per_wave` is 0 or data.limit is set (the limit counts the
+    first rows of the whole input, in one execution)."""
+    if not per_wave or limit is not None or len(files) <= per_wave:
+        return [files]
+    return [files[i:i + per_wave] for i in range(0, len(files), per_wave)]
+
+
 def resolved_yaml(cfg: DictConfig) -> str:
     safe = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for k in ("key", "secret"):
@@ -174,6 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     clean_temp(results, s3)
     interrupted: Interrupted | None = None
     retry: set[str] = set()
+    waves = file_waves(files, cfg.runtime.files_per_wave, cfg.data.limit)
     batches, finished = None, False
     last = time.time()
     try:
@@ -181,17 +196,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             retry = set(done_ids(output, s3, failed=True)) if cfg.output.retry_failed else set()
             if retry:
                 done = [i for i in done if i not in retry]
-            ds = build_dataset(cfg, files, base, spec, done, s3, ids)
             per, batch = cfg.output.rows_per_file, cfg.runtime.batch_size  # parts of whole generation batches
-            ds = WriteParts(results, run_id, per, s3, cfg.data.reference_column, injected_faults(),
-                            bundle_rows=max(1, per // batch) * batch).apply(ds)
-            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-            for table in batches:  # the stats rows of parts the workers have written
-                stats.add(table)
-                if time.time() - last >= cfg.runtime.progress_every_s:
-                    last = time.time()
-                    print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens out, "
-                          f"{stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+            for k, group in enumerate(waves):
+                if len(waves) > 1:
+                    log.info("wave %d of %d: %d input files", k + 1, len(waves), len(group))
+                ds = build_dataset(cfg, group, base, spec, done, s3, ids)
+                ds = WriteParts(results, run_id, per, s3, cfg.data.reference_column, injected_faults(),
+                                bundle_rows=max(1, per // batch) * batch).apply(ds)
+                batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+                for table in batches:  # the stats rows of parts the workers have written
+                    stats.add(table)
+                    if time.time() - last >= cfg.runtime.progress_every_s:
+                        last = time.time()
+                        print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens "
+                              f"out, {stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
+                batches = ds = None  # the wave's Ray Data state (its per-block stats) goes with its dataset
             finished = True
     except Interrupted as e:
         interrupted = e
@@ -211,7 +230,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "task": cfg.task, "model": cfg.model.path, "results": results,
         "files_written": [full_url(f, output) for f in written],
         "cache": f"{c.policy}(budget={c.budget})+{c.quant}" if c.policy != "full" else f"full+{c.quant}",
-        "invocation": run_id, "interrupted": interrupted.args[0] if interrupted else None,
+        "invocation": run_id, "interrupted": interrupted.args[0] if interrupted else None, "waves": len(waves),
     })
     totals = write_stats(output, result, cfg.data.reference_column, s3)
     result.update(output_rows=totals["rows"], output_rows_failed=totals["rows_failed"])

@@ -143,3 +143,35 @@ def test_num_actors_auto():
     assert resolved(["runtime.num_gpus_per_actor=1", "runtime.num_actors=3"], {"GPU": 8}) == 3  # as given
     with pytest.raises(ConfigError, match="num_actors=auto.*has 0 GPUs"):
         resolved(["runtime.num_gpus_per_actor=1"], {"CPU": 2})
+
+
+def test_waves_of_files_write_every_id_once_and_resume(tmp_path, ray_local):
+    """runtime.files_per_wave=1: one Ray Data execution per input file; the repeated-id plan spans the waves (an id
+    of file a repeated in file c is renamed), every id comes out once, and a resume in waves of two skips by id."""
+    from kvstream.pipeline.job import file_waves
+
+    d = tmp_path / "in"
+    for name, lo in (("a", 0), ("b", 5), ("c", 10)):
+        rows = [{"id": f"r{i}", "text": f"Document {i} about waves."} for i in range(lo, lo + 5)]
+        write_jsonl(d / f"{name}.jsonl", rows + ([{"id": "r0", "text": "A repeat of r0."}] if name == "c" else []))
+    over = job_overrides(tmp_path, **{"data.path": str(d), "data.id_column": "id", "data.on_duplicate_id": "suffix",
+                                      "runtime.files_per_wave": 1, "output.rows_per_file": 4})
+    stats = run(load_config("summarize", None, over))
+    expect = sorted([f"r{i}" for i in range(15)] + ["r0#2"])
+    out = tmp_path / "out"
+    assert stats["waves"] == 3 and stats["rows_ok"] == 16
+    assert sorted(r["id"] for r in results(out)) == expect
+    by_id = {r["id"]: r for r in results(out)}
+    assert by_id["r0#2"]["error"] is None and by_id["r12"]["generated_text"] is not None
+
+    part = sorted((out / "results").glob("*.parquet"))[-1]
+    lost = pq.read_table(str(part))["id"].to_pylist()
+    part.unlink()
+    again = run(load_config("summarize", None, over[:-2] + ["runtime.files_per_wave=2", "output.rows_per_file=4"]))
+    assert again["waves"] == 2 and again["rows"] == len(lost) and again["rows_skipped_resume"] == 16 - len(lost)
+    assert sorted(r["id"] for r in results(out)) == expect
+
+    files = [f"f{i}" for i in range(5)]
+    assert file_waves(files, 2, None) == [["f0", "f1"], ["f2", "f3"], ["f4"]]
+    assert file_waves(files, 0, None) == [files] and file_waves(files, 5, None) == [files]
+    assert file_waves(files, 2, 3) == [files]  # data.limit counts the input's first rows in one execution
