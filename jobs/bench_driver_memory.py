@@ -8,7 +8,9 @@ not grow with N. Writes `<out>/driver_memory.csv` and `.md` and prints the table
 
 `--files F --files-per-wave 0 K`: the input as F files, and each N run once as one Ray Data execution and once in
 waves of K files (runtime.files_per_wave), each (N, waves) in a fresh driver process after its own warm-up run, so
-that no run inherits another's freed memory; the table gives each run's growth (after - before).
+that no run inherits another's freed memory; the table gives each run's growth (after - before). `--rows-per-file R`
+instead of --files: files of R rows, so waves of K files are the same size for every N. Writes
+`<out>/driver_memory_waves.csv` and `.md`.
 """
 
 from __future__ import annotations
