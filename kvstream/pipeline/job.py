@@ -110,9 +110,10 @@ def check_fits(cfg: DictConfig, resources: dict) -> None:
                           f"(fractions such as 0.5 are fine)")
 
 
-def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done: list[str], s3: dict,
+def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done_ref, s3: dict,
                   ids: dict | None = None):
-    """The lazy Ray Dataset of result rows (`ids`: the repeated-id plan of kvstream/pipeline/ids.py)."""
+    """The lazy Ray Dataset of result rows (`done_ref`: an ObjectRef of the ids already done, or None; `ids`: the
+    repeated-id plan of kvstream/pipeline/ids.py)."""
     import ray
     import ray.data
 
@@ -127,8 +128,8 @@ def build_dataset(cfg: DictConfig, files: list[str], base: str, spec: dict, done
     ds = ds.repartition(target_num_rows_per_block=window)  # files -> windows: tokenizing runs in parallel
     if cfg.data.limit is not None:
         ds = ds.limit(int(cfg.data.limit))
-    if done:
-        ds = SkipDone(ray.put(done)).apply(ds)
+    if done_ref is not None:
+        ds = SkipDone(done_ref).apply(ds)
     ds = job_processor(cfg, window)(RequestColumn(cfg.task, cfg.prompt.template).apply(ds))
     return ds.drop_columns(["prompt" if cfg.task == "summarize" else "messages"])  # the request, not a result
 
@@ -183,6 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_fingerprint(output, keys, s3)
     write_bytes_atomic(join(output, "config.yaml"), resolved_yaml(cfg).encode(), s3)
     init_ray(cfg)
+    import ray
     stats, run_id = RunStats(cfg.data.reference_column), new_run()
     results = results_dir(absolute(output))  # the workers write here: absolute, as their working directory differs
     clean_temp(results, s3)
@@ -197,12 +199,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if retry:
                 done = [i for i in done if i not in retry]
             per, batch = cfg.output.rows_per_file, cfg.runtime.batch_size  # parts of whole generation batches
+            writer = WriteParts(results, run_id, per, s3, cfg.data.reference_column, injected_faults(),
+                                bundle_rows=max(1, per // batch) * batch)
+            done_ref = ray.put(done) if done else None  # once for every wave
             for k, group in enumerate(waves):
                 if len(waves) > 1:
                     log.info("wave %d of %d: %d input files", k + 1, len(waves), len(group))
-                ds = build_dataset(cfg, group, base, spec, done, s3, ids)
-                ds = WriteParts(results, run_id, per, s3, cfg.data.reference_column, injected_faults(),
-                                bundle_rows=max(1, per // batch) * batch).apply(ds)
+                ds = writer.apply(build_dataset(cfg, group, base, spec, done_ref, s3, ids))
                 batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
                 for table in batches:  # the stats rows of parts the workers have written
                     stats.add(table)

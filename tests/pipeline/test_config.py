@@ -116,3 +116,9 @@ def test_batch_size_auto_follows_the_mode():
     assert load_config("summarize").runtime.batch_size == 8
     assert load_config("summarize", None, ["runtime.num_gpus_per_actor=1"]).runtime.batch_size == 256
     assert load_config("summarize", None, ["runtime.num_gpus_per_actor=1", "runtime.batch_size=64"]).runtime.batch_size == 64
+
+
+def test_files_per_wave_must_not_be_negative():
+    with pytest.raises(ConfigError, match="runtime.files_per_wave=-1: must be >= 0"):
+        load_config("summarize", None, ["runtime.files_per_wave=-1"])
+    assert load_config("summarize", None, ["runtime.files_per_wave=8"]).runtime.files_per_wave == 8

@@ -167,7 +167,7 @@ def test_waves_of_files_write_every_id_once_and_resume(tmp_path, ray_local):
     part = sorted((out / "results").glob("*.parquet"))[-1]
     lost = pq.read_table(str(part))["id"].to_pylist()
     part.unlink()
-    again = run(load_config("summarize", None, over[:-2] + ["runtime.files_per_wave=2", "output.rows_per_file=4"]))
+    again = run(load_config("summarize", None, over + ["runtime.files_per_wave=2"]))
     assert again["waves"] == 2 and again["rows"] == len(lost) and again["rows_skipped_resume"] == 16 - len(lost)
     assert sorted(r["id"] for r in results(out)) == expect
 
