@@ -35,12 +35,15 @@ _TAG = "_kvstream_layer"
 @dataclass
 class _Staging:
     """A chunked prefill's full-precision prompt so far, per layer: keys, values (B, H, T, D), queries
-    (B, Hq, T, D) when the policy scores tokens; None until the layer's first chunk and after its last."""
+    (B, Hq, T, D) when the policy scores tokens; None until the layer's first chunk and after its last. `lse`: the
+    rows' log-sum-exp (B, Hq, T) float32 where every chunk's attention gave it (see `attention_with_lse`), False
+    for a layer where one chunk's did not."""
 
     total: int
     k: list
     v: list
     q: list
+    lse: list
 
 
 class _Layer(CacheLayerMixin):
@@ -203,7 +206,7 @@ class CompressedCache(Cache):
         if not isinstance(prompt_tokens, int) or prompt_tokens < 1:
             raise ValueError(f"begin_chunked_prefill: prompt_tokens={prompt_tokens!r} must be an int >= 1")
         L = self.num_layers
-        self._staging = _Staging(prompt_tokens, [None] * L, [None] * L, [None] * L)
+        self._staging = _Staging(prompt_tokens, [None] * L, [None] * L, [None] * L, [None] * L)
 
     @property
     def prefilling(self) -> bool:
@@ -239,25 +242,43 @@ class CompressedCache(Cache):
             if st.q[layer_idx] is None:
                 st.q[layer_idx] = query.new_empty(B, Hq, st.total, D)
             st.q[layer_idx][:, :, s:e] = query
-        rows = torch.arange(s, e, device=query.device)
-        mask = (torch.arange(e, device=query.device).view(1, e) <= rows.view(c, 1)).view(1, 1, c, e)  # causal
-        out, _ = sdpa_attention_forward(module, query, key, value, mask.expand(B, 1, c, e), dropout=0.0,
-                                        scaling=scaling)
+        # the chunk's rows attend causally to the prompt so far; with their log-sum-exp where the one-shot prefill
+        # would take it (staged per layer, so the last chunk scores the whole prompt in one pass as that does)
+        res = attention_with_lse(query, key, value, scaling) if self._lse_prefill(module, query, e) else None
+        if res is not None:
+            out, lse = res
+            if st.lse[layer_idx] is None:
+                st.lse[layer_idx] = lse.new_empty(B, Hq, st.total)
+            if st.lse[layer_idx] is not False:
+                st.lse[layer_idx][:, :, s:e] = lse
+        else:
+            rows = torch.arange(s, e, device=query.device)
+            mask = (torch.arange(e, device=query.device).view(1, e) <= rows.view(c, 1)).view(1, 1, c, e)  # causal
+            out, _ = sdpa_attention_forward(module, query, key, value, mask.expand(B, 1, c, e), dropout=0.0,
+                                            scaling=scaling)
+            st.lse[layer_idx] = False  # a row without its LSE: the layer scores with the two-pass kernel
         if e == st.total:  # the layer's last chunk: its store, as a one-shot prefill builds it
             valid = torch.ones(B, e, dtype=torch.bool, device=query.device)
-            self._build_store(layer_idx, st.q[layer_idx], key, value, valid, scaling, prefill_fn)
-            st.k[layer_idx] = st.v[layer_idx] = st.q[layer_idx] = None
+            lse = st.lse[layer_idx] if st.lse[layer_idx] is not False else None
+            self._build_store(layer_idx, st.q[layer_idx], key, value, valid, scaling, prefill_fn, lse)
+            st.k[layer_idx] = st.v[layer_idx] = st.q[layer_idx] = st.lse[layer_idx] = None
             if all(layer.store is not None for layer in self.layers):
                 self._staging = None
         return out
 
-    def _lse_prefill(self, module, query, T: int) -> bool:
-        """Whether this prefill can take the rows' log-sum-exp from the attention (see `attention_with_lse`)."""
-        return (self.backend == "triton" and self.policy.scored and self.cfg.tau_init == 1.0
-                and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and min(self.plan.n) == T
-                and (attention_window(module) or T) >= T and query.shape[-1] % 8 == 0
+    def _lse_prefill(self, module, query, e: int) -> bool:
+        """Whether this prefill (or chunk of one) can take its rows' log-sum-exp from the attention (see
+        `attention_with_lse`): query (B, Hq, c, D) attending to the prompt's first e tokens, every row unpadded.
+        On CPU the Triton backend runs only under the interpreter (tests): there the CPU's fused kernel gives it."""
+        if not (self.backend == "triton" and self.policy.scored and self.cfg.tau_init == 1.0
+                and min(self.plan.n) == max(self.plan.n) >= e and (attention_window(module) or e) >= e):
+            return False
+        if query.device.type == "cpu":
+            return query.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        whole = query.shape[2] == e  # cuDNN takes whole prompts only (its causal mask for a chunk: not checked)
+        return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0
                 and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
-                and (torch.backends.cuda.flash_sdp_enabled() or _use_cudnn(query.device)))
+                and (torch.backends.cuda.flash_sdp_enabled() or (whole and _use_cudnn(query.device))))
 
     def _resolve_backend(self, device) -> str:
         bits = self.cfg.bits if self.cfg.format.grouped else None  # fp8 has no groups to constrain
@@ -408,15 +429,24 @@ def _cudnn_attention(query, key, value, scaling: float):
 
 
 def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Causal attention of an unpadded prefill through the fused kernel SDPA uses on this GPU (cuDNN on Hopper,
-    else flash), also returning each row's log-sum-exp: query (B, Hq, T, D), key/value (B, H, T, D) fp16/bf16
-    on CUDA -> (out (B, T, Hq, D) like transformers' SDPA path, lse (B, Hq, T) float32), or None when cuDNN
-    turns the call down and the flash kernel is disabled (torch.backends.cuda.enable_flash_sdp(False))."""
+    """Causal attention of an unpadded prefill, or of one chunk of it, through the fused kernel SDPA uses here
+    (cuDNN on Hopper, else flash; on CPU its flash kernel), also returning each row's log-sum-exp: query
+    (B, Hq, c, D) for the last c of key/value's (B, H, e, D) positions (c == e: a whole prompt; c < e: a chunk,
+    its row i at position e - c + i) -> (out (B, c, Hq, D) like transformers' SDPA path, lse (B, Hq, c) float32),
+    or None when no kernel that gives it may run (on CUDA fp16/bf16: cuDNN turns the call down or takes no chunks,
+    and the flash kernel is disabled, torch.backends.cuda.enable_flash_sdp(False))."""
     B, Hq, T, _ = query.shape
+    e = key.shape[2]
     grp = Hq // key.shape[1]
     if grp > 1:
         key, value = key.repeat_interleave(grp, 1), value.repeat_interleave(grp, 1)
-    if _use_cudnn(query.device):
+    if query.device.type == "cpu":
+        rows = torch.arange(e - T, e).view(T, 1)
+        bias = torch.zeros(T, e, dtype=query.dtype).masked_fill(torch.arange(e).view(1, e) > rows, float("-inf"))
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, T == e, attn_mask=None if T == e else bias.view(1, 1, T, e), scale=scaling)
+        return res[0].transpose(1, 2).contiguous(), res[1].float()
+    if T == e and _use_cudnn(query.device):
         try:
             res = _cudnn_attention(query, key, value, scaling)
             return res[0].transpose(1, 2).contiguous(), res[1].reshape(B, Hq, T).float()
@@ -424,6 +454,8 @@ def attention_with_lse(query, key, value, scaling: float) -> tuple[torch.Tensor,
             _CUDNN_LSE["ok"] = False
     if not torch.backends.cuda.flash_sdp_enabled():
         return None
+    # the flash op's causal mask is aligned to the bottom right where c < e (what torch's own lower-right causal
+    # bias dispatches to it): the chunk's rows see the whole prompt before them
     res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
     return res[0].transpose(1, 2).contiguous(), res[1]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvstream.kvcache import CacheConfig, CompressedCache
+from kvstream.kvcache.models import cache_kwarg
 from tests.kvcache.tiny import build_model, greedy, padded_batch
 
 LENGTHS = [45, 11]  # ragged, left padded
@@ -133,3 +134,70 @@ def test_float16_model_on_the_triton_backend(name):
         assert torch.isfinite(a).all(), f"{name}: non-finite logits at step {step}"
         err = ((a - b).norm() / b.norm()).item()
         assert err < 1e-2, f"{name}: step {step} logits differ by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_chunked_prefill_takes_the_attention_lse(chunk, device, monkeypatch):
+    """A prompt fed in chunks that do not divide it, H2O and Keyformer (tau 1) on the Triton backend: every chunk's
+    attention gives its rows' log-sum-exp, the last chunk scores the whole prompt with it (one pass), and the cache
+    keeps what the one-shot prefill keeps (which takes the LSE too) and what the torch backend's chunks (two passes,
+    no LSE) keep: the same positions, scores within float tolerance, the same last logits. A layer where one
+    chunk's attention cannot give it scores without it (two passes) and keeps the same."""
+    import kvstream.kvcache.cache as cache_mod
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # the fused kernels on CUDA take 16-bit
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    layers, T = 2, 40
+    model = build_model("llama", hidden=128, heads=4, kv_heads=2, layers=layers).to(device, dtype)  # head_dim 32
+    ids = torch.randint(1, 128, (2, T), generator=torch.Generator().manual_seed(chunk)).to(device)
+    calls, lses, refuse = [], [], [None]  # refuse[0]: the index of the attention call that gives no LSE
+    real_attn, real_ops = cache_mod.attention_with_lse, cache_mod.ops
+
+    def spying_attn(*a):
+        calls.append(a[0].shape[2])
+        return None if len(calls) - 1 == refuse[0] else real_attn(*a)
+
+    def spying_ops(backend):
+        decode_fn, prefill_fn = real_ops(backend)
+        return decode_fn, lambda *a, row_lse=None: lses.append(row_lse is not None) or prefill_fn(*a, row_lse=row_lse)
+
+    monkeypatch.setattr(cache_mod, "attention_with_lse", spying_attn)
+    monkeypatch.setattr(cache_mod, "ops", spying_ops)
+
+    def run(name, backend, step, refuse_at=None):
+        calls.clear(), lses.clear()
+        refuse[0] = refuse_at
+        cfg = CacheConfig(**CONFIGS[name], backend=backend, max_new_tokens=NEW, seed=3)
+        cache = CompressedCache(cfg, model.config, seeds=[5, 9])
+        if step < T:
+            cache.begin_chunked_prefill(T)
+        with torch.inference_mode():
+            for s in range(0, T, step):
+                c = ids[:, s:s + step]
+                pos = torch.arange(s, s + c.shape[1], device=device).expand(2, -1)
+                out = model(input_ids=c, position_ids=pos, use_cache=True, **{cache_kwarg(model): cache})
+        model.config._attn_implementation = "sdpa"
+        return cache, out.logits[:, -1].float(), list(calls), list(lses)
+
+    for name in ("h2o", "keyformer+kivi2"):
+        one, one_logits, one_calls, one_lses = run(name, "triton", T)
+        assert one_calls == [T] * layers and one_lses == [True] * layers, (name, one_calls, one_lses)
+        ch, ch_logits, ch_calls, ch_lses = run(name, "triton", chunk)
+        assert ch_calls == [min(chunk, T - s) for s in range(0, T, chunk) for _ in range(layers)], ch_calls
+        assert len(ch_calls) > layers and ch_lses == [True] * layers, "the last chunk scored without the staged LSE"
+        ref, ref_logits, ref_calls, ref_lses = run(name, "torch", chunk)
+        assert ref_calls == [] and ref_lses == [False] * layers
+        for other, logits in ((one, one_logits), (ref, ref_logits)):
+            torch.testing.assert_close(ch_logits, logits, **tol)
+            for i in range(layers):
+                torch.testing.assert_close(ch.layers[i].store.scores.float(), other.layers[i].store.scores.float(),
+                                           **tol)
+                if dtype == torch.float32:
+                    assert ch.kept_positions(i) == other.kept_positions(i), (name, i)
+        # layer 0's second chunk (call `layers`: the calls go chunk by chunk, layer by layer) gives no LSE: that
+        # layer's last chunk scores in two passes, layer 1 still with the LSE, and they keep the same
+        part, part_logits, _, part_lses = run(name, "triton", chunk, refuse_at=layers)
+        assert part_lses == [False, True], part_lses
+        torch.testing.assert_close(part_logits, ch_logits, **tol)
+        for i in range(layers):
+            torch.testing.assert_close(part.layers[i].store.scores.float(), ch.layers[i].store.scores.float(), **tol)
