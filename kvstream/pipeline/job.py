@@ -14,6 +14,8 @@ unless `runtime.address` or RAY_ADDRESS names a cluster (as `ray job submit` doe
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import logging
 import os
 import signal
@@ -155,6 +157,27 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return to_yaml(safe)
 
 
+def release_freed_memory() -> None:
+    """Between waves: collect the finished wave's Python cycles, then hand the heap's free pages back to the system
+    (glibc's `malloc_trim`; nothing where the C library has none). Measured on the 2-core dev box (README, "Waves"):
+    200,000 rows in 20 waves grew the driver 28.0 MiB without it, 16.5 MiB with it."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def driver_rss_mib() -> str:
+    """This process's resident memory in MiB for the log ("?" where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(f"{int(line.split()[1]) / 1024:.0f}" for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return "?"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns this invocation's stats (<output.path>/stats.parquet gets them as a row, stats.json the
     totals over every row of the output; `output_rows` / `output_rows_failed` here)."""
@@ -214,6 +237,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         print(f"[kvstream] {stats.rows} rows ({stats.failed} failed), {stats.output_tokens} tokens "
                               f"out, {stats.output_tokens / (last - stats.start):.1f} tok/s", flush=True)
                 batches = ds = None  # the wave's Ray Data state (its per-block stats) goes with its dataset
+                if len(waves) > 1:
+                    release_freed_memory()
+                    log.info("wave %d of %d done: %d rows so far, driver RSS %s MiB", k + 1, len(waves), stats.rows,
+                             driver_rss_mib())
             finished = True
     except Interrupted as e:
         interrupted = e
