@@ -45,15 +45,18 @@ def reserve_bytes(model_config, max_prompt_tokens: int, num_slots_hint: int, dty
 
 def staging_bytes(cfg: CacheConfig, model_config, prompt_tokens: int, dtype: torch.dtype) -> int:
     """What a chunked admission stages until its last chunk (CompressedCache.begin_chunked_prefill): the whole
-    prompt's keys and values of every layer in the model's dtype, and its queries when the policy scores tokens."""
+    prompt's keys and values of every layer in the model's dtype, and when the policy scores tokens its queries and
+    the rows' log-sum-exp (float32, where the attention gives it)."""
     from kvstream.kvcache.policies import get_policy
 
     mc = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hq = mc.num_attention_heads
     h = mc.num_key_value_heads or hq
     d = getattr(mc, "head_dim", None) or mc.hidden_size // hq
-    heads = 2 * h + (hq if get_policy(cfg).scored else 0)
-    return mc.num_hidden_layers * heads * prompt_tokens * d * (torch.finfo(dtype).bits // 8)
+    scored = get_policy(cfg).scored
+    heads = 2 * h + (hq if scored else 0)
+    lse = hq * 4 if scored else 0
+    return mc.num_hidden_layers * prompt_tokens * (heads * d * (torch.finfo(dtype).bits // 8) + lse)
 
 
 def max_slots(cfg: CacheConfig, model_config, max_prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype,

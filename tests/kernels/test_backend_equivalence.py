@@ -201,3 +201,28 @@ def test_chunked_prefill_takes_the_attention_lse(chunk, device, monkeypatch):
         torch.testing.assert_close(part_logits, ch_logits, **tol)
         for i in range(layers):
             torch.testing.assert_close(part.layers[i].store.scores.float(), ch.layers[i].store.scores.float(), **tol)
+
+
+def test_staging_bytes_is_what_a_chunked_admission_stages(device):
+    """capacity.staging_bytes (what the scheduler sets aside for a chunked admission) equals the bytes the cache
+    stages before its last chunk: keys, values, queries and the rows' log-sum-exp (Triton backend, where the
+    attention gives it), for a scored policy; keys and values for `full`."""
+    from kvstream.kvcache.capacity import staging_bytes
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = build_model("llama", hidden=128, heads=4, kv_heads=2, layers=2).to(device, dtype)
+    T, chunk = 40, 16
+    ids = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(1)).to(device)
+    for name in ("keyformer+kivi2", "full+kivi2"):
+        cfg = CacheConfig(**CONFIGS[name], backend="triton", max_new_tokens=NEW, seed=3)
+        cache = CompressedCache(cfg, model.config)
+        cache.begin_chunked_prefill(T)
+        with torch.inference_mode():
+            for s in range(0, T - chunk, chunk):  # every chunk but the last
+                pos = torch.arange(s, s + chunk, device=device).view(1, -1)
+                model(input_ids=ids[:, s:s + chunk], position_ids=pos, use_cache=True, **{cache_kwarg(model): cache})
+        model.config._attn_implementation = "sdpa"
+        st = cache._staging
+        staged = sum(t.numel() * t.element_size() for part in (st.k, st.v, st.q, st.lse) for t in part
+                     if isinstance(t, torch.Tensor))
+        assert staged == staging_bytes(cfg, model.config, T, dtype), name
