@@ -92,6 +92,19 @@ def check_model(cfg: DictConfig) -> None:
     max_input_tokens(cfg)
 
 
+def check_scoring(cfg: DictConfig) -> None:
+    """data.reference_column scores ROUGE on the workers (rouge-score, a kvstream dependency): checked here, so an
+    environment without it stops before the run instead of failing its first written part."""
+    if not cfg.data.reference_column:
+        return
+    try:
+        import rouge_score  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"data.reference_column={cfg.data.reference_column} scores ROUGE, which needs the "
+                          f"rouge-score package ({e}): install it (`pip install rouge-score`; kvstream's own "
+                          f"install brings it) or leave data.reference_column unset") from None
+
+
 def max_input_tokens(cfg: DictConfig) -> int:
     """The longest prompt the model's context leaves room for beside generate.max_new_tokens."""
     try:

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvstream.pipeline.checks import check_input, check_model, check_output
+from kvstream.pipeline.checks import check_input, check_model, check_output, check_scoring
 from kvstream.pipeline.config import ConfigError, cache_config, keys_help, load_config, to_yaml
 from kvstream.pipeline.demo import DEMO_COLUMNS, materialize
 from kvstream.pipeline.fingerprint import check_same_job, fingerprint, write_fingerprint
@@ -185,6 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output = cfg.output.path
     keys = fingerprint(cfg)  # before demo data is materialized: data.path as the user gave it
     check_model(cfg)
+    check_scoring(cfg)
     check_output(output, s3)
     if cfg.data.path.startswith("demo:"):
         kind = cfg.data.path.split(":", 1)[1]

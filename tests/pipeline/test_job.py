@@ -128,6 +128,22 @@ def test_two_cpu_actors_share_the_rows(tmp_path, ray_local, monkeypatch):
         assert sum(a[key] for a in actors) == stats[total], key
 
 
+def test_a_reference_column_without_rouge_score_stops_before_the_run(tmp_path, monkeypatch):
+    """ROUGE is scored on the workers; an environment without rouge-score gets one clear error naming the key
+    before anything runs (nothing written), not a failed part mid-run. Without a reference column it is not needed."""
+    import sys
+
+    from kvstream.pipeline.checks import check_scoring
+    from kvstream.pipeline.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # `import rouge_score` raises ImportError
+    over = job_overrides(tmp_path, **{"data.reference_column": "summary"})
+    with pytest.raises(ConfigError, match=r"data.reference_column=summary scores ROUGE.*pip install rouge-score"):
+        run(load_config("summarize", str(ROOT / "conf/demo.yaml"), over))
+    assert not (tmp_path / "out").exists()
+    check_scoring(load_config("summarize", None, ["data.reference_column=null"]))
+
+
 def test_num_actors_auto():
     from kvstream.pipeline.config import ConfigError
     from kvstream.pipeline.job import resolve_actors
