@@ -24,13 +24,14 @@ import threading
 import time
 from pathlib import Path
 
+from kvstream.pipeline.job import driver_rss_mib
+
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    rss = driver_rss_mib()  # what the job logs after each wave
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    return rss
 
 
 class Sampler(threading.Thread):

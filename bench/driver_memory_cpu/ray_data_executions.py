@@ -1,26 +1,17 @@
-"""Where the per-wave remainder of the jobs' driver growth lives, without kvstream: plain Ray core tasks against
-plain Ray Data executions, each repeated 30 times in one driver after 3 warm-ups, with `gc.collect()` and glibc's
-`malloc_trim` after each (what the jobs do between waves). Prints and writes the driver's RSS growth after each.
+"""Where the per-wave remainder of the jobs' driver growth lives, without kvstream's pipeline: plain Ray core tasks
+against plain Ray Data executions, each repeated 30 times in one driver after 3 warm-ups, with the jobs' own release
+between waves after each (`release_freed_memory`: gc + glibc's `malloc_trim`). Prints and writes the RSS growth.
 
     python bench/driver_memory_cpu/ray_data_executions.py [OUT_MD]
 """
-import ctypes
-import gc
 import sys
 import time
 
 import ray
 import ray.data
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-
-
-def release() -> None:
-    gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)
+from kvstream.pipeline.job import driver_rss_mib as rss_mib
+from kvstream.pipeline.job import release_freed_memory as release  # the jobs' own, between waves
 
 
 @ray.remote

@@ -169,13 +169,13 @@ def release_freed_memory() -> None:
     trim(0)
 
 
-def driver_rss_mib() -> str:
-    """This process's resident memory in MiB for the log ("?" where /proc is not there)."""
+def driver_rss_mib() -> float | None:
+    """This process's resident memory (VmRSS) in MiB; None where /proc is not there."""
     try:
         with open("/proc/self/status") as f:
-            return next(f"{int(line.split()[1]) / 1024:.0f}" for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
     except (OSError, StopIteration):
-        return "?"
+        return None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -240,8 +240,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 batches = ds = None  # the wave's Ray Data state (its per-block stats) goes with its dataset
                 if len(waves) > 1:
                     release_freed_memory()
+                    rss = driver_rss_mib()
                     log.info("wave %d of %d done: %d rows so far, driver RSS %s MiB", k + 1, len(waves), stats.rows,
-                             driver_rss_mib())
+                             "?" if rss is None else f"{rss:.0f}")
             finished = True
     except Interrupted as e:
         interrupted = e
